@@ -1,0 +1,18 @@
+// Every deeppar op schema lives here, in one TORCH_LIBRARY block; kernels register per device
+// in csrc/cpu/*.cpp and csrc/cuda/*.cu with TORCH_LIBRARY_IMPL.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing deeppar._C only needs to run the static registrations below; the module itself is
+// empty (ops are reached through torch.ops.deeppar).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(deeppar, m) {
+  // Load carried by each physical expert slot: weight[l, phy2log[l, s]] / logcnt[l, phy2log[l, s]].
+  m.def("slot_loads(Tensor weight, Tensor phy2log, Tensor logcnt) -> Tensor");
+}

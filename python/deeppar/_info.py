@@ -1,0 +1,86 @@
+"""What ``deeppar info`` reports."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+
+def collect_info() -> dict[str, Any]:
+    """Versions, native extension state, backends (compiled / usable), and the GPU if any."""
+    import torch
+
+    from deeppar import __version__, _native
+
+    cuda_available = torch.cuda.is_available()
+    triton_ok, triton_reason = _native.triton_status()
+    triton_version = None
+    if triton_ok:
+        import triton
+
+        triton_version = triton.__version__
+    gpus = []
+    if cuda_available:
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append(
+                {
+                    "index": i,
+                    "name": props.name,
+                    "capability": f"{props.major}.{props.minor}",
+                    "memory_gib": round(props.total_memory / 2**30, 1),
+                    "sms": props.multi_processor_count,
+                }
+            )
+    return {
+        "deeppar": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "native": {"loaded": _native.NATIVE_LOADED, "error": _native.NATIVE_ERROR},
+        "backends": {
+            "cpu": {"compiled": _native.has_kernel("slot_loads", "cpu"), "usable": True},
+            "cuda": {
+                "compiled": _native.has_kernel("slot_loads", "cuda"),
+                "usable": _native.has_kernel("slot_loads", "cuda") and cuda_available,
+            },
+            "triton": {
+                "compiled": triton_ok,
+                "version": triton_version,
+                "usable": triton_ok
+                and (cuda_available or os.environ.get("TRITON_INTERPRET") == "1"),
+                "error": triton_reason,
+            },
+        },
+        "cpu_threads": torch.get_num_threads(),
+        "gpus": gpus,
+    }
+
+
+def format_info(data: dict[str, Any]) -> str:
+    """A short human-readable rendering of :func:`collect_info`."""
+    lines = [
+        f"deeppar {data['deeppar']}  (python {data['python']}, torch {data['torch']}, "
+        f"torch CUDA {data['torch_cuda'] or 'none'})",
+    ]
+    native = data["native"]
+    lines.append(
+        "native extension: " + ("loaded" if native["loaded"] else f"not loaded ({native['error']})")
+    )
+    for name, b in data["backends"].items():
+        extra = f" {b['version']}" if b.get("version") else ""
+        lines.append(
+            f"  {name:<7}{extra:<8} compiled: {'yes' if b['compiled'] else 'no':<4}"
+            f" usable: {'yes' if b['usable'] else 'no'}"
+        )
+    lines.append(f"cpu threads: {data['cpu_threads']}")
+    if data["gpus"]:
+        for g in data["gpus"]:
+            lines.append(
+                f"gpu {g['index']}: {g['name']} (sm_{g['capability'].replace('.', '')}, "
+                f"{g['memory_gib']} GiB, {g['sms']} SMs)"
+            )
+    else:
+        lines.append("gpu: none visible")
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""Typed Python wrappers over the native ops (``torch.ops.deeppar.*``).
+
+Each wrapper routes to the native kernel of the input's device when one is registered and to a
+plain PyTorch reference otherwise. ``register_fake`` gives every op a shape function so that
+``torch.compile`` can trace through it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deeppar import _native
+
+if _native.NATIVE_LOADED:
+
+    @torch.library.register_fake("deeppar::slot_loads")
+    def _slot_loads_fake(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor):
+        return weight.new_empty(phy2log.shape)
+
+
+def slot_loads_reference(
+    weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor
+) -> torch.Tensor:
+    """Plain PyTorch ``slot_loads``: the load of each physical slot, ``weight/logcnt`` of its expert."""
+    return torch.gather(weight, 1, phy2log) / torch.gather(logcnt, 1, phy2log).to(weight.dtype)
+
+
+def slot_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
+    """Load carried by each physical expert slot.
+
+    Args:
+        weight: ``[layers, experts]`` float32 expert loads.
+        phy2log: ``[layers, replicas]`` int64, logical expert of each slot.
+        logcnt: ``[layers, experts]`` int64, replica count of each expert.
+    Returns:
+        ``[layers, replicas]`` float32, ``weight[l, e] / logcnt[l, e]`` for the expert ``e`` of
+        each slot.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError("weight must be a 2-D [layers, experts] tensor")
+    if weight.dtype != torch.float32:
+        raise TypeError(f"weight must be float32, got {weight.dtype}")
+    if phy2log.dtype != torch.int64 or phy2log.dim() != 2 or phy2log.shape[0] != weight.shape[0]:
+        raise ValueError("phy2log must be an int64 [layers, replicas] tensor matching weight")
+    if logcnt.dtype != torch.int64 or logcnt.shape != weight.shape:
+        raise ValueError("logcnt must be an int64 tensor shaped like weight")
+    if _native.has_kernel("slot_loads", weight.device.type):
+        return torch.ops.deeppar.slot_loads(weight, phy2log, logcnt)
+    return slot_loads_reference(weight, phy2log, logcnt)
