@@ -3,8 +3,8 @@
 Environment switches:
   DEEPPAR_NO_EXT=1        pure-Python install (no native extension)
   DEEPPAR_NO_CUDA=1       build only the CPU kernels even where CUDA could be built
-  DEEPPAR_CUDA_ARCH=...   CUDA targets as nvcc -gencode arguments' arch list, default "90a"
-                          (e.g. "90a;100a"); sm_90a is Hopper with its architecture-specific features
+  DEEPPAR_CUDA_ARCH=...   CUDA targets, ";"-separated, default "90a" (Hopper with its
+                          architecture-specific features); e.g. "90a;100a"
   MAX_JOBS=N              parallel compile jobs (read by torch's BuildExtension/ninja)
 CUDA sources are compiled only when the installed torch has CUDA (torch.version.cuda) and a CUDA
 toolkit is found; a visible GPU is never required (nor consulted).

@@ -51,7 +51,7 @@ def has_kernel(op: str, device: str) -> bool:
 
 
 def triton_status() -> tuple[bool, str | None]:
-    """(importable, reason if not). Triton kernels run on CUDA, or on CPU under TRITON_INTERPRET=1."""
+    """(importable, reason if not). Triton runs on CUDA, or on CPU under TRITON_INTERPRET=1."""
     try:
         import triton  # noqa: F401
     except Exception as exc:

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # area not present in this build
+            if exc.name and module_name.startswith(exc.name):  # area not in this build
                 continue
             raise
         module.register(sub)

@@ -21,11 +21,17 @@ if _native.NATIVE_LOADED:
 def slot_loads_reference(
     weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor
 ) -> torch.Tensor:
-    """Plain PyTorch ``slot_loads``: the load of each physical slot, ``weight/logcnt`` of its expert."""
+    """Plain PyTorch ``slot_loads``: each physical slot's load, ``weight/logcnt`` of its expert."""
     return torch.gather(weight, 1, phy2log) / torch.gather(logcnt, 1, phy2log).to(weight.dtype)
 
 
-def slot_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
+def slot_loads(
+    weight: torch.Tensor,
+    phy2log: torch.Tensor,
+    logcnt: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Load carried by each physical expert slot.
 
     Args:
@@ -35,6 +41,8 @@ def slot_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor
     Returns:
         ``[layers, replicas]`` float32, ``weight[l, e] / logcnt[l, e]`` for the expert ``e`` of
         each slot.
+        backend: ``None`` (native kernel of the device, else Triton, else reference),
+            ``"native"``, ``"triton"`` or ``"reference"``.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError("weight must be a 2-D [layers, experts] tensor")
@@ -44,6 +52,32 @@ def slot_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor
         raise ValueError("phy2log must be an int64 [layers, replicas] tensor matching weight")
     if logcnt.dtype != torch.int64 or logcnt.shape != weight.shape:
         raise ValueError("logcnt must be an int64 tensor shaped like weight")
-    if _native.has_kernel("slot_loads", weight.device.type):
+    device = weight.device.type
+    if backend is None:
+        if _native.has_kernel("slot_loads", device):
+            backend = "native"
+        elif _native.triton_usable(weight.device):
+            backend = "triton"
+        else:
+            backend = "reference"
+    if backend == "native":
+        if not _native.has_kernel("slot_loads", device):
+            raise ValueError(
+                f"backend='native': no native slot_loads kernel for {device} tensors "
+                f"(native extension: {_native.NATIVE_ERROR or 'loaded without this kernel'})"
+            )
         return torch.ops.deeppar.slot_loads(weight, phy2log, logcnt)
-    return slot_loads_reference(weight, phy2log, logcnt)
+    if backend == "triton":
+        if not _native.triton_usable(weight.device):
+            raise ValueError(
+                "backend='triton': Triton cannot run here (needs a CUDA tensor, or "
+                "TRITON_INTERPRET=1 for CPU tensors)"
+            )
+        from deeppar.kernels.slot_loads import slot_loads_triton
+
+        return slot_loads_triton(weight, phy2log, logcnt)
+    if backend == "reference":
+        return slot_loads_reference(weight, phy2log, logcnt)
+    raise ValueError(
+        f"backend must be None, 'native', 'triton' or 'reference', got {backend!r}"
+    )

@@ -1,0 +1,42 @@
+"""Triton kernel of ``slot_loads``: the load carried by each physical expert slot."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _slot_loads_kernel(
+    weight_ptr,  # [L, E] float32
+    phy2log_ptr,  # [L, R] int64
+    logcnt_ptr,  # [L, E] int64
+    out_ptr,  # [L, R] float32
+    experts,
+    replicas,
+    BLOCK: tl.constexpr,
+):
+    layer = tl.program_id(0)
+    slots = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = slots < replicas
+    expert = tl.load(phy2log_ptr + layer * replicas + slots, mask=mask, other=0)
+    load = tl.load(weight_ptr + layer * experts + expert, mask=mask, other=0.0)
+    count = tl.load(logcnt_ptr + layer * experts + expert, mask=mask, other=1).to(tl.float32)
+    # div_rn: correctly rounded, as the CPU and CUDA kernels divide.
+    tl.store(out_ptr + layer * replicas + slots, tl.div_rn(load, count), mask=mask)
+
+
+def slot_loads_triton(
+    weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor
+) -> torch.Tensor:
+    """``weight[l, e] / logcnt[l, e]`` for the expert ``e`` of each slot (see deeppar.ops)."""
+    weight, phy2log, logcnt = weight.contiguous(), phy2log.contiguous(), logcnt.contiguous()
+    layers, replicas = phy2log.shape
+    out = torch.empty((layers, replicas), dtype=weight.dtype, device=weight.device)
+    if out.numel() == 0:
+        return out
+    block = 128
+    grid = (layers, triton.cdiv(replicas, block))
+    _slot_loads_kernel[grid](weight, phy2log, logcnt, out, weight.shape[1], replicas, BLOCK=block)
+    return out
