@@ -1,0 +1,439 @@
+"""Overlap of communication and computation per device, stream, kernel family and phase.
+
+Definitions (see the profiling spec): busy time is the length of the union of intervals;
+overlap is the time communication and computation kernels run at once on a device; overlap
+ratio = overlap / communication busy; exposed communication = communication busy - overlap;
+span runs from the first GPU activity to the end of the last; idle = span - busy.
+Kernels belong to the innermost ``record_function`` range open on the thread that launched
+them, found through the ``correlation`` id shared by the launch call and the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import intervals as iv
+from .classify import CLASS_CODE, CLASSES, COMM, COMPUTE, MEMORY, Classifier, kernel_family
+from .loader import KIND_KERNEL, KIND_MEMCPY, KIND_MEMSET, KIND_NAMES, RankTrace, load_traces
+
+_C_COMPUTE, _C_COMM, _C_MEMORY = CLASS_CODE[COMPUTE], CLASS_CODE[COMM], CLASS_CODE[MEMORY]
+
+DEVICE_METRICS = ("span_us", "busy_us", "idle_us", "comm_busy_us", "compute_busy_us",
+                  "overlap_us", "overlap_ratio", "exposed_comm_us")
+
+
+@dataclass
+class StreamStats:
+    """One CUDA stream of one device."""
+
+    stream: int
+    busy_us: float
+    count: int  # all activities (kernels, memcpy, memset)
+    kernels: int
+    comm_kernels: int
+    comm_busy_us: float
+    compute_busy_us: float
+    share_of_span: float
+
+
+@dataclass
+class FamilyStats:
+    """Kernels (or copies) grouped by family name, with the rule that classified them."""
+
+    family: str
+    category: str
+    rule: str
+    kind: str
+    count: int
+    total_us: float
+
+
+@dataclass
+class DeviceStats:
+    """The overlap figures of one GPU of one rank."""
+
+    rank: int
+    device: int
+    start_us: float  # first activity, relative to the trace's base time
+    span_us: float
+    busy_us: float
+    idle_us: float
+    comm_busy_us: float
+    compute_busy_us: float
+    memory_busy_us: float
+    overlap_us: float
+    overlap_ratio: float  # overlap / comm busy, 0 when there is no communication
+    exposed_comm_us: float
+    kernels: int
+    comm_kernels: int
+    compute_kernels: int
+    memcpys: int
+    memsets: int
+    streams: list[StreamStats] = field(default_factory=list)
+    families: list[FamilyStats] = field(default_factory=list)
+
+
+@dataclass
+class PhaseStats:
+    """The GPU work one annotation range launched (innermost range at launch time)."""
+
+    name: str
+    rank: int
+    thread: str
+    cpu_start_us: float
+    cpu_dur_us: float
+    leaf: bool
+    kernels: int = 0
+    gpu_start_us: float | None = None
+    gpu_end_us: float | None = None
+    busy_us: float = 0.0
+    comm_busy_us: float = 0.0
+    compute_busy_us: float = 0.0
+    overlap_us: float = 0.0  # between this range's own comm and compute
+    hidden_comm_us: float = 0.0  # this range's comm overlapped by any compute of the device
+    exposed_comm_us: float = 0.0  # this range's comm not hidden by any compute
+
+
+@dataclass
+class Attribution:
+    """How many GPU activities could be tied to an annotation range, and why not."""
+
+    activities: int = 0
+    attributed: int = 0
+    via_other_thread: int = 0  # only with fallback: range open on another thread of the process
+    no_launch: int = 0  # no correlation id, or its launch call is not in the trace
+    outside_ranges: int = 0  # launch found, but no range open on its thread at launch time
+    annotation_ranges: int = 0
+
+    @property
+    def unattributed(self) -> int:
+        return self.no_launch + self.outside_ranges
+
+
+@dataclass
+class RankReport:
+    """Everything measured on one trace file."""
+
+    rank: int
+    path: str
+    world_size: int | None
+    events: int
+    devices: list[DeviceStats]
+    phases: list[PhaseStats]  # innermost ranges, in CPU order
+    outer_phases: list[PhaseStats]  # enclosing ranges that launched work directly
+    attribution: Attribution
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.devices)
+
+
+@dataclass
+class TraceReport:
+    """The analysis of one or more ranks, with cross-rank statistics."""
+
+    ranks: list[RankReport]
+    summary: dict[str, dict[str, Any]]
+    worst: dict[str, Any] | None
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (the CLI's ``--json`` output)."""
+        out = {"ranks": [], "summary": self.summary, "worst": self.worst, "notes": self.notes}
+        for r in self.ranks:
+            d = asdict(r)
+            d["attribution"]["unattributed"] = r.attribution.unattributed
+            d["has_gpu"] = r.has_gpu
+            out["ranks"].append(d)
+        out["devices"] = [
+            {k: v for k, v in asdict(d).items() if k not in ("streams", "families")}
+            for r in self.ranks for d in r.devices
+        ]
+        return out
+
+
+# ---------------------------------------------------------------------------- classification
+
+def classify_activities(trace: RankTrace, classifier: Classifier
+                        ) -> tuple[np.ndarray, dict[tuple[int, int], tuple[str, str]]]:
+    """Class code per GPU activity and (category, rule) per (name id, kind)."""
+    n = trace.gpu_name.size
+    if n == 0:
+        return np.empty(0, dtype=np.int8), {}
+    key = trace.gpu_name * 3 + trace.gpu_kind
+    uniq, inverse = np.unique(key, return_inverse=True)
+    table: dict[tuple[int, int], tuple[str, str]] = {}
+    codes = np.empty(uniq.size, dtype=np.int8)
+    for i, k in enumerate(uniq.tolist()):
+        name_id, kind = divmod(k, 3)
+        cat, rule = classifier.classify(trace.names[name_id], KIND_NAMES[kind])
+        table[(name_id, kind)] = (cat, rule)
+        codes[i] = CLASS_CODE[cat]
+    return codes[inverse], table
+
+
+# ------------------------------------------------------------------------------ per device
+
+def _device_stats(trace: RankTrace, sel: np.ndarray, cls: np.ndarray, device: int,
+                  table: dict[tuple[int, int], tuple[str, str]]) -> DeviceStats:
+    s, e = trace.gpu_start[sel], trace.gpu_end[sel]
+    c, kind = cls[sel], trace.gpu_kind[sel]
+    streams, names = trace.gpu_stream[sel], trace.gpu_name[sel]
+    span = float(e.max() - s.min())
+    busy = iv.union_length(s, e)
+    comm = iv.union(s[c == _C_COMM], e[c == _C_COMM])
+    comp = iv.union(s[c == _C_COMPUTE], e[c == _C_COMPUTE])
+    comm_busy, comp_busy = iv.length(*comm), iv.length(*comp)
+    overlap = min(iv.intersection_length(comm, comp), comm_busy, comp_busy)
+    mem_busy = iv.union_length(s[c == _C_MEMORY], e[c == _C_MEMORY])
+
+    stream_stats = []
+    for st in np.unique(streams).tolist():
+        m = streams == st
+        sb = iv.union_length(s[m], e[m])
+        stream_stats.append(StreamStats(
+            stream=int(st), busy_us=sb, count=int(m.sum()),
+            kernels=int((m & (kind == KIND_KERNEL)).sum()),
+            comm_kernels=int((m & (c == _C_COMM)).sum()),
+            comm_busy_us=iv.union_length(s[m & (c == _C_COMM)], e[m & (c == _C_COMM)]),
+            compute_busy_us=iv.union_length(s[m & (c == _C_COMPUTE)], e[m & (c == _C_COMPUTE)]),
+            share_of_span=sb / span if span > 0 else 0.0))
+
+    families: dict[tuple[str, str], FamilyStats] = {}
+    key = names * 3 + kind
+    uniq, inv = np.unique(key, return_inverse=True)
+    counts = np.bincount(inv, minlength=uniq.size)
+    totals = np.bincount(inv, weights=e - s, minlength=uniq.size)
+    for k, cnt, tot in zip(uniq.tolist(), counts.tolist(), totals.tolist()):
+        name_id, kd = divmod(k, 3)
+        cat, rule = table[(name_id, kd)]
+        fam = kernel_family(trace.names[name_id]) if kd == KIND_KERNEL else trace.names[name_id]
+        f = families.get((fam, cat))
+        if f is None:
+            f = families[(fam, cat)] = FamilyStats(fam, cat, rule, KIND_NAMES[kd], 0, 0.0)
+        f.count += cnt
+        f.total_us += tot
+    fam_list = sorted(families.values(), key=lambda f: (-f.total_us, f.family))
+
+    return DeviceStats(
+        rank=trace.rank, device=device, start_us=float(s.min()), span_us=span, busy_us=busy,
+        idle_us=max(span - busy, 0.0), comm_busy_us=comm_busy, compute_busy_us=comp_busy,
+        memory_busy_us=mem_busy, overlap_us=overlap,
+        overlap_ratio=overlap / comm_busy if comm_busy > 0 else 0.0,
+        exposed_comm_us=max(comm_busy - overlap, 0.0),
+        kernels=int((kind == KIND_KERNEL).sum()), comm_kernels=int((c == _C_COMM).sum()),
+        compute_kernels=int((c == _C_COMPUTE).sum()), memcpys=int((kind == KIND_MEMCPY).sum()),
+        memsets=int((kind == KIND_MEMSET).sum()), streams=stream_stats, families=fam_list)
+
+
+# ------------------------------------------------------------------------------ attribution
+
+def _thread_segments(starts: np.ndarray, ends: np.ndarray, idx: np.ndarray, leaf: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Flatten the (nested) ranges of one thread into points where the innermost open range
+    changes: (points, range index or -1 from that point on). Marks ranges with children as
+    not leaf in ``leaf``."""
+    order = idx[np.lexsort((-ends[idx], starts[idx]))]
+    pts: list[float] = []
+    ids: list[int] = []
+
+    def emit(t: float, rid: int) -> None:
+        if pts and t <= pts[-1]:
+            if t == pts[-1]:
+                ids[-1] = rid
+            return
+        pts.append(t)
+        ids.append(rid)
+
+    stack: list[int] = []
+    for a in order.tolist():
+        s = float(starts[a])
+        while stack and ends[stack[-1]] <= s:
+            top = stack.pop()
+            emit(float(ends[top]), stack[-1] if stack else -1)
+        if stack:
+            leaf[stack[-1]] = False
+        stack.append(a)
+        emit(s, a)
+    while stack:
+        top = stack.pop()
+        emit(float(ends[top]), stack[-1] if stack else -1)
+    return np.asarray(pts, dtype=np.float64), np.asarray(ids, dtype=np.int64)
+
+
+def _lookup(seg: tuple[np.ndarray, np.ndarray], t: np.ndarray) -> np.ndarray:
+    pts, ids = seg
+    i = np.searchsorted(pts, t, side="right") - 1
+    return np.where(i >= 0, ids[np.maximum(i, 0)], -1)
+
+
+def attribute(trace: RankTrace, fallback: bool = False
+              ) -> tuple[np.ndarray, np.ndarray, Attribution]:
+    """Annotation range index per GPU activity (-1 if none), leaf flag per range, counts.
+
+    With ``fallback``, activities launched from a thread with no open range (autograd's
+    backward threads, for example) go to the innermost range open at launch time on another
+    annotated thread of the same process.
+    """
+    n = trace.gpu_start.size
+    owner = np.full(n, -1, dtype=np.int64)
+    n_ann = trace.ann_start.size
+    leaf = np.ones(n_ann, dtype=bool)
+    info = Attribution(activities=n, annotation_ranges=n_ann)
+
+    # launch of each activity through the correlation id
+    order = np.argsort(trace.launch_corr, kind="stable")
+    lc = trace.launch_corr[order]
+    pos = np.searchsorted(lc, trace.gpu_corr)
+    posc = np.minimum(pos, max(lc.size - 1, 0))
+    found = (trace.gpu_corr >= 0) & (pos < lc.size)
+    if lc.size:
+        found &= lc[posc] == trace.gpu_corr
+    else:
+        found[:] = False
+    li = order[posc[found]] if lc.size else np.empty(0, dtype=np.int64)
+    l_ts = trace.launch_ts[li]
+    l_thread = trace.launch_thread[li]
+    info.no_launch = int(n - found.sum())
+
+    segs = {}
+    for th in np.unique(trace.ann_thread).tolist():
+        segs[th] = _thread_segments(trace.ann_start, trace.ann_end,
+                                    np.flatnonzero(trace.ann_thread == th), leaf)
+    got = np.full(li.size, -1, dtype=np.int64)
+    for th, seg in segs.items():
+        m = l_thread == th
+        if m.any():
+            got[m] = _lookup(seg, l_ts[m])
+    if fallback and segs:
+        by_size = sorted(segs, key=lambda th: -int((trace.ann_thread == th).sum()))
+        for th in by_size:
+            pid = trace.threads[th][0]
+            m = (got < 0) & np.array([trace.threads[t][0] == pid for t in l_thread.tolist()],
+                                      dtype=bool)
+            if m.any():
+                alt = _lookup(segs[th], l_ts[m])
+                info.via_other_thread += int((alt >= 0).sum())
+                got[m] = alt
+    owner[np.flatnonzero(found)] = got
+    info.attributed = int((owner >= 0).sum())
+    info.outside_ranges = int(found.sum()) - info.attributed
+    return owner, leaf, info
+
+
+def _phase_stats(trace: RankTrace, owner: np.ndarray, leaf: np.ndarray, cls: np.ndarray,
+                 device_compute: dict[int, tuple[np.ndarray, np.ndarray]]
+                 ) -> tuple[list[PhaseStats], list[PhaseStats]]:
+    """Per annotation range: the figures of the GPU work it launched."""
+    phases: list[PhaseStats] = []
+    outer: list[PhaseStats] = []
+    if trace.ann_start.size == 0:
+        return phases, outer
+    has = owner >= 0
+    order = np.argsort(owner[has], kind="stable")
+    act = np.flatnonzero(has)[order]
+    own = owner[act]
+    bounds = np.searchsorted(own, np.arange(trace.ann_start.size + 1))
+    for a in np.lexsort((trace.ann_thread, trace.ann_start)).tolist():
+        sel = act[bounds[a]:bounds[a + 1]]
+        if not leaf[a] and sel.size == 0:
+            continue
+        pid, tid = trace.threads[int(trace.ann_thread[a])]
+        ph = PhaseStats(name=trace.names[int(trace.ann_name[a])], rank=trace.rank,
+                        thread=f"{pid}/{tid}", cpu_start_us=float(trace.ann_start[a]),
+                        cpu_dur_us=float(trace.ann_end[a] - trace.ann_start[a]),
+                        leaf=bool(leaf[a]), kernels=int(sel.size))
+        if sel.size:
+            s, e, c = trace.gpu_start[sel], trace.gpu_end[sel], cls[sel]
+            ph.gpu_start_us, ph.gpu_end_us = float(s.min()), float(e.max())
+            ph.busy_us = iv.union_length(s, e)
+            dev = trace.gpu_device[sel]
+            for d in np.unique(dev).tolist():
+                md = dev == d
+                comm = iv.union(s[md & (c == _C_COMM)], e[md & (c == _C_COMM)])
+                comp = iv.union(s[md & (c == _C_COMPUTE)], e[md & (c == _C_COMPUTE)])
+                cb = iv.length(*comm)
+                ph.comm_busy_us += cb
+                ph.compute_busy_us += iv.length(*comp)
+                ph.overlap_us += iv.intersection_length(comm, comp)
+                hidden = min(iv.intersection_length(comm, device_compute[d]), cb)
+                ph.hidden_comm_us += hidden
+                ph.exposed_comm_us += cb - hidden
+        (phases if leaf[a] else outer).append(ph)
+    return phases, outer
+
+
+# ------------------------------------------------------------------------------ public API
+
+def analyze_rank(trace: RankTrace, classifier: Classifier | None = None,
+                 phase_fallback: bool = False) -> RankReport:
+    """Measure one loaded trace."""
+    classifier = classifier or Classifier()
+    cls, table = classify_activities(trace, classifier)
+    devices: list[DeviceStats] = []
+    device_compute: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for d in trace.devices:
+        sel = trace.gpu_device == d
+        devices.append(_device_stats(trace, sel, cls, d, table))
+        m = sel & (cls == _C_COMPUTE)
+        device_compute[d] = iv.union(trace.gpu_start[m], trace.gpu_end[m])
+    owner, leaf, info = attribute(trace, phase_fallback)
+    phases, outer = _phase_stats(trace, owner, leaf, cls, device_compute)
+    return RankReport(rank=trace.rank, path=trace.path, world_size=trace.world_size,
+                      events=trace.n_events, devices=devices, phases=phases,
+                      outer_phases=outer, attribution=info)
+
+
+def _summary(ranks: list[RankReport]) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    devs = [d for r in ranks for d in r.devices]
+    if not devs:
+        return {}, None
+    summary: dict[str, dict[str, Any]] = {}
+    for m in DEVICE_METRICS:
+        vals = np.array([getattr(d, m) for d in devs], dtype=np.float64)
+        lo, hi = int(np.argmin(vals)), int(np.argmax(vals))
+        summary[m] = {"min": float(vals[lo]), "median": float(np.median(vals)),
+                      "max": float(vals[hi]), "min_rank": devs[lo].rank,
+                      "max_rank": devs[hi].rank}
+    w = max(devs, key=lambda d: (d.exposed_comm_us, -d.overlap_ratio))
+    worst = {"rank": w.rank, "device": w.device, "exposed_comm_us": w.exposed_comm_us,
+             "overlap_ratio": w.overlap_ratio, "criterion": "most exposed communication"}
+    return summary, worst
+
+
+def analyze(traces: list[RankTrace], classifier: Classifier | None = None,
+            phase_fallback: bool = False) -> TraceReport:
+    """Measure loaded traces (one per rank) and summarise across ranks."""
+    classifier = classifier or Classifier()
+    ranks = [analyze_rank(t, classifier, phase_fallback) for t in traces]
+    summary, worst = _summary(ranks)
+    notes: list[str] = []
+    for r in ranks:
+        name = os.path.basename(r.path)
+        if not r.has_gpu:
+            notes.append(f"rank {r.rank} ({name}): no GPU activity (kernels, memcpy, memset) in "
+                         "the trace, e.g. a CPU-only profile; GPU figures are not available")
+        a = r.attribution
+        if r.has_gpu and a.annotation_ranges and a.outside_ranges and not phase_fallback:
+            notes.append(f"rank {r.rank} ({name}): {a.outside_ranges} GPU activities were "
+                         "launched outside any annotation range on their thread (e.g. from "
+                         "autograd's backward thread); --phase-fallback attributes them to the "
+                         "range open on another thread of the process")
+    return TraceReport(ranks=ranks, summary=summary, worst=worst, notes=notes)
+
+
+def analyze_files(paths: list[str] | tuple[str, ...] | str, comm_patterns: tuple[str, ...] = (),
+                  compute_patterns: tuple[str, ...] = (), phase_fallback: bool = False
+                  ) -> TraceReport:
+    """Load trace files (or directories of them) and analyze them."""
+    classifier = Classifier.with_patterns(comm_patterns, compute_patterns)
+    return analyze(load_traces(paths), classifier, phase_fallback)
+
+
+__all__ = ["Attribution", "DeviceStats", "FamilyStats", "PhaseStats", "RankReport",
+           "StreamStats", "TraceReport", "analyze", "analyze_files", "analyze_rank",
+           "attribute", "classify_activities", "CLASSES"]
