@@ -110,7 +110,7 @@ def kernel_family(name: str) -> str:
     s = s.strip()
     if s.endswith("device_kernel") and name.count("<"):  # cutlass wrapper: name the kernel
         inner = name[name.index("<", name.index("device_kernel")) + 1:]
-        s = f"{s}<{kernel_family(inner.split('::Params')[0].rstrip('>'))}>"
+        s = f"{s}<{kernel_family(inner.split('::Params')[0]).rstrip('>')}>"
     if len(s) > 80:
         s = s[:77] + "..."
     return s or name[:80]

@@ -52,7 +52,8 @@ def covered_before(seg_starts: np.ndarray, seg_ends: np.ndarray, x: np.ndarray) 
     return np.where(i >= 0, cum[np.maximum(i, 0)] + inside, 0.0)
 
 
-def intersection_length(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+def intersection_length(a: tuple[np.ndarray, np.ndarray],
+                        b: tuple[np.ndarray, np.ndarray]) -> float:
     """Length of the intersection of two unions given as disjoint sorted segments."""
     if a[0].size == 0 or b[0].size == 0:
         return 0.0
