@@ -31,8 +31,10 @@ _LAZY: dict[str, str] = {
     "to_chrome_trace": ".export",
     "draw": ".draw",
     # ---- runtime exports (owned by the runtime engineer: they may add lines here) ----
-    # "DualPipe": ".runtime",
-    # "DualPipeV": ".runtime",
+    "DualPipe": ".runtime",
+    "DualPipeV": ".runtime",
+    "PipelineRuntime": ".runtime",
+    "defer_weight_grads": ".weight_grad",
     # ---- end of runtime exports ----
 }
 

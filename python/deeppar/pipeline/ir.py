@@ -53,11 +53,11 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """Kind of an action (``Overlap.kind`` is the string ``"FB"``)."""
 
     F = "F"  # forward

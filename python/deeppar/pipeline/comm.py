@@ -1,0 +1,297 @@
+"""Point-to-point messages between pipeline ranks (batched ``isend``/``irecv``).
+
+A *message* is the list of tensors one stage hands to its neighbour for one micro-batch: the
+activations (a stage's outputs) or the gradients w.r.t. them. Messages between an ordered pair of
+ranks form a *channel*; both sides know the whole schedule, so both know the order in which the
+sender posts the channel's messages, and the receiver always posts its receives in that same
+order. That makes matching independent of tags (NCCL ignores tags) and of when the receiver needs
+each message, so no order of posting can pair the wrong tensors or deadlock on a mismatch.
+
+Shapes come either from a fixed list given per instance (``shapes``/``dtype``, the convention of
+DeepSeek's ``set_p2p_tensor_shapes``: every message carries those tensors) or from a small int64
+header sent before each message (shape, dtype, requires-grad and presence of every tensor), so
+stages may return several tensors of any shapes and dtypes, some without gradient.
+
+Sends are queued after the compute that produces them and issued with the next batch of receives
+(one ``batch_isend_irecv``), as DeepSeek does; a rank then waits only for the receives its next
+compute needs. Send works are kept (their tensors alive) until they complete or the step ends.
+
+gloo (CPU): ``batch_isend_irecv`` issues each op as its own asynchronous ``isend``/``irecv`` and
+returns one work per op; sends complete without waiting for the receiver's compute, and matching
+is in posting order per (peer, tag). NCCL: the batch is one NCCL group, and waiting on any of its
+works waits for the whole group; the same code runs with CUDA tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+MAX_DIMS = 8
+_FIELDS = 4 + MAX_DIMS  # present, requires_grad, dtype code, ndim, dims...
+
+_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+)
+_DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a receiver needs to allocate one tensor of a message."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+
+def encode_header(tensors: Sequence[torch.Tensor | None], max_tensors: int,
+                  device: torch.device) -> torch.Tensor:
+    """Header of a message: count, then per tensor (present, requires_grad, dtype, ndim, dims)."""
+    if len(tensors) > max_tensors:
+        raise ValueError(f"a stage boundary carries {len(tensors)} tensors, more than "
+                         f"max_tensors={max_tensors}; raise max_tensors")
+    h = [0] * (1 + max_tensors * _FIELDS)
+    h[0] = len(tensors)
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        if t.dim() > MAX_DIMS:
+            raise ValueError(f"tensor {i} of a message has {t.dim()} dims, at most {MAX_DIMS} "
+                             "are supported")
+        if t.dtype not in _DTYPE_CODE:
+            raise TypeError(f"tensor {i} of a message has unsupported dtype {t.dtype}")
+        base = 1 + i * _FIELDS
+        h[base:base + 4] = [1, int(t.requires_grad), _DTYPE_CODE[t.dtype], t.dim()]
+        h[base + 4:base + 4 + t.dim()] = list(t.shape)
+    return torch.tensor(h, dtype=torch.int64, device=device)
+
+
+def decode_header(header: torch.Tensor) -> list[TensorMeta | None]:
+    """Inverse of :func:`encode_header`."""
+    h = header.tolist()
+    out: list[TensorMeta | None] = []
+    for i in range(h[0]):
+        base = 1 + i * _FIELDS
+        present, rg, code, ndim = h[base:base + 4]
+        if not present:
+            out.append(None)
+            continue
+        shape = tuple(h[base + 4:base + 4 + ndim])
+        out.append(TensorMeta(shape, _DTYPES[code], bool(rg)))
+    return out
+
+
+@dataclass
+class _Incoming:
+    """Receive state of one message."""
+
+    src: int
+    tensors: list[torch.Tensor | None] | None = None
+    works: list = field(default_factory=list)
+    requires_grad: list[bool] = field(default_factory=list)
+    done: bool = False
+
+
+class P2PComm:
+    """Channel-ordered batched P2P for one pipeline step.
+
+    ``group_ranks`` maps pipeline rank -> rank in ``group``. ``plan[(src, dst)]`` is the ordered
+    list of message keys ``src`` sends to ``dst`` in this step (both sides compute it from the
+    schedule). ``fixed`` (per message kind) gives fixed tensor shapes instead of headers.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, group_ranks: Sequence[int], me: int,
+                 device: torch.device, plan: dict[tuple[int, int], list[Hashable]],
+                 fixed: dict[str, list[TensorMeta]] | None = None, max_tensors: int = 16) -> None:
+        self.group = group
+        self.global_ranks = [dist.get_global_rank(group, g) if group is not None else g
+                             for g in group_ranks]
+        self.me = me
+        self.device = device
+        self.fixed = fixed
+        self.max_tensors = max_tensors
+        # receiver side: for each src, its ordered keys and how far we have posted
+        self._in_order: dict[int, list[Hashable]] = {}
+        self._in_pos: dict[int, int] = {}
+        self._incoming: dict[Hashable, _Incoming] = {}
+        for (src, dst), keys in plan.items():
+            if dst == me:
+                self._in_order[src] = list(keys)
+                self._in_pos[src] = 0
+        self._out_order = {dst: list(keys) for (src, dst), keys in plan.items() if src == me}
+        self._out_pos = {dst: 0 for dst in self._out_order}
+        self._pending_ops: list[dist.P2POp] = []
+        self._send_works: list = []
+        self._keep: list[torch.Tensor] = []
+        self.bytes_sent = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _peer(self, rank: int) -> int:
+        return self.global_ranks[rank]
+
+    def _op(self, fn, tensor: torch.Tensor, rank: int) -> dist.P2POp:
+        return dist.P2POp(fn, tensor, self._peer(rank), self.group)
+
+    def _issue(self, ops: list[dist.P2POp]) -> list:
+        if not ops:
+            return []
+        works = dist.batch_isend_irecv(ops)
+        return list(works) if works is not None else []
+
+    @staticmethod
+    def _kind(key: Hashable) -> str:
+        return key[0] if isinstance(key, tuple) else "activation"  # type: ignore[index]
+
+    # ------------------------------------------------------------------ send side
+    def send(self, key: Hashable, dst: int, tensors: Sequence[torch.Tensor | None]) -> None:
+        """Queue ``tensors`` for ``dst``; issued with the next batch (see :meth:`flush`)."""
+        expected = self._out_order.get(dst, [])
+        pos = self._out_pos.get(dst, 0)
+        if pos >= len(expected) or expected[pos] != key:
+            raise RuntimeError(f"rank {self.me}: send {key} to rank {dst} is out of the "
+                               "schedule's channel order")
+        self._out_pos[dst] = pos + 1
+        fixed = self.fixed.get(self._kind(key)) if self.fixed is not None else None
+        if fixed is not None:
+            payload = self._fixed_payload(key, tensors, fixed)
+        else:
+            sendable = [t.detach() if t is not None else None for t in tensors]
+            header = encode_header(tensors, self.max_tensors, self.device)
+            self._pending_ops.append(self._op(dist.isend, header, dst))
+            self._keep.append(header)
+            payload = [t for t in sendable if t is not None]
+        for t in payload:
+            t = t.contiguous()
+            self._keep.append(t)
+            self.bytes_sent += t.numel() * t.element_size()
+            self._pending_ops.append(self._op(dist.isend, t, dst))
+
+    def _fixed_payload(self, key: Hashable, tensors: Sequence[torch.Tensor | None],
+                       fixed: list[TensorMeta]) -> list[torch.Tensor]:
+        if len(tensors) != len(fixed):
+            raise ValueError(f"message {key} has {len(tensors)} tensors but the p2p shapes "
+                             f"given list {len(fixed)}")
+        out = []
+        for t, m in zip(tensors, fixed):
+            if t is None:
+                t = torch.zeros(m.shape, dtype=m.dtype, device=self.device)
+            if tuple(t.shape) != m.shape or t.dtype != m.dtype:
+                raise ValueError(f"message {key}: tensor of shape {tuple(t.shape)} and dtype "
+                                 f"{t.dtype} does not match the p2p shape {m.shape}, {m.dtype}")
+            out.append(t.detach())
+        return out
+
+    def flush(self) -> None:
+        """Issue the queued sends now (without waiting), e.g. before a W so they overlap it."""
+        self._send_works.extend(self._issue(self._pending_ops))
+        self._pending_ops = []
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._send_works and all(w.is_completed() for w in self._send_works):
+            self._send_works = []
+            self._keep = []
+
+    # ------------------------------------------------------------------ receive side
+    def _post_upto(self, key: Hashable, src: int) -> None:
+        """Post the receives of ``src``'s channel up to ``key``, in channel order. With fixed
+        shapes they all go out at once; with headers, each message's payload is posted as soon
+        as its header is in and before the next header, so buffers always match in order."""
+        order = self._in_order.get(src)
+        if order is None or key not in order:
+            raise RuntimeError(f"rank {self.me}: message {key} from rank {src} is not in the "
+                               "schedule's channel order")
+        target = order.index(key)
+        pos = self._in_pos[src]
+        while pos <= target:
+            k = order[pos]
+            inc = _Incoming(src)
+            fixed = self.fixed.get(self._kind(k)) if self.fixed is not None else None
+            if fixed is not None:
+                inc.tensors = [torch.empty(m.shape, dtype=m.dtype, device=self.device)
+                               for m in fixed]
+                inc.requires_grad = [m.requires_grad for m in fixed]
+                first = len(self._pending_ops)
+                self._pending_ops += [self._op(dist.irecv, t, src) for t in inc.tensors]
+                inc.works = list(range(first, first + len(fixed)))
+                self._incoming[k] = inc
+                self._issue_pending([inc])
+            else:
+                header = torch.empty(1 + self.max_tensors * _FIELDS, dtype=torch.int64,
+                                     device=self.device)
+                self._pending_ops.append(self._op(dist.irecv, header, src))
+                inc.works = [len(self._pending_ops) - 1]
+                self._issue_pending([inc])
+                for w in inc.works:
+                    if w is not None:
+                        w.wait()
+                metas = decode_header(header)
+                inc.tensors, inc.works = [], []
+                for m in metas:
+                    if m is None:
+                        inc.tensors.append(None)
+                        continue
+                    t = torch.empty(m.shape, dtype=m.dtype, device=self.device)
+                    inc.tensors.append(t)
+                    self._pending_ops.append(self._op(dist.irecv, t, src))
+                    inc.works.append(len(self._pending_ops) - 1)
+                inc.requires_grad = [m is not None and m.requires_grad for m in metas]
+                self._incoming[k] = inc
+                self._issue_pending([inc])
+            pos += 1
+        self._in_pos[src] = pos
+
+    def _issue_pending(self, incs: list[_Incoming]) -> None:
+        """Issue queued ops; turn the op indices stored in ``incs`` into works."""
+        ops = self._pending_ops
+        self._pending_ops = []
+        works = self._issue(ops)
+        if len(works) != len(ops):  # a backend returning one work for the whole batch
+            works = [works[0] if works else None] * len(ops)
+        recv_idx = {i for inc in incs for i in inc.works if isinstance(i, int)}
+        self._send_works.extend(w for i, w in enumerate(works)
+                                if i not in recv_idx and w is not None)
+        for inc in incs:
+            inc.works = [works[i] if isinstance(i, int) else i for i in inc.works]
+
+    def recv(self, needs: Sequence[tuple[Hashable, int]]) -> list[list[torch.Tensor | None]]:
+        """Post (in channel order) and wait for the messages ``needs`` = [(key, src)], issuing
+        queued sends in the same batch; returns their tensors (``None`` for absent ones).
+        Received tensors get ``requires_grad`` as the sender's tensors had it."""
+        for key, src in needs:
+            if key not in self._incoming:
+                self._post_upto(key, src)
+        if self._pending_ops:
+            self._issue_pending([])
+        out = []
+        for key, _src in needs:
+            inc = self._incoming.pop(key)
+            for w in inc.works:
+                if w is not None:
+                    w.wait()
+            for t, rg in zip(inc.tensors, inc.requires_grad):  # type: ignore[arg-type]
+                if t is not None and rg:
+                    t.requires_grad_(True)
+            inc.done = True
+            out.append(inc.tensors)  # type: ignore[arg-type]
+        self._reap()
+        return out
+
+    def finish(self) -> None:
+        """End of step: issue what is queued, wait for every send, check nothing is left."""
+        self.flush()
+        for w in self._send_works:
+            w.wait()
+        self._send_works = []
+        self._keep = []
+        left = [k for k, i in self._incoming.items() if not i.done]
+        if left:
+            raise RuntimeError(f"rank {self.me}: messages received but never used: {left}")
+
+
+__all__ = ["MAX_DIMS", "P2PComm", "TensorMeta", "decode_header", "encode_header"]

@@ -1,0 +1,56 @@
+"""The overlapped forward-backward hook (DualPipe's ``F&B``) and a backward helper.
+
+A stage class may define ``overlapped_forward_backward`` as a classmethod with DeepSeek's
+signature::
+
+    outputs0, loss0 = cls.overlapped_forward_backward(
+        module0, inputs0, criterion0, labels0,      # forward of one micro-batch
+        module1, loss1, outputs1, output_grads1)    # backward of another
+
+It must run ``module0(*inputs0)`` (and ``criterion0(*outputs0, *labels0)`` when ``criterion0`` is
+not None), and the backward of ``loss1`` (when not None) or of ``outputs1`` with
+``output_grads1``, interleaving the two as it likes. The runtime calls it for every overlapped
+pair when both local stages are of the same class and that class defines the hook; otherwise it
+runs the forward, then the backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+HOOK = "overlapped_forward_backward"
+
+
+def has_overlap_hook(modules: Sequence[nn.Module]) -> bool:
+    """True when all local stages share one class that defines the hook."""
+    types = {type(m) for m in modules}
+    return len(modules) >= 1 and len(types) == 1 and callable(getattr(types.pop(), HOOK, None))
+
+
+def run_backward(tensors: Sequence[torch.Tensor], grad_tensors: Sequence[torch.Tensor]) -> None:
+    """Backward of ``tensors`` with ``grad_tensors``, accumulating into leaves' ``.grad``."""
+    tensors, grad_tensors = list(tensors), list(grad_tensors)
+    if len(tensors) != len(grad_tensors):
+        raise ValueError(f"run_backward: {len(tensors)} tensors but {len(grad_tensors)} grads")
+    if tensors:
+        torch.autograd.backward(tensors, grad_tensors)
+
+
+def run_overlapped(module0: nn.Module, inputs0: Sequence[torch.Tensor],
+                   criterion0: Callable | None, labels0: Sequence[torch.Tensor],
+                   module1: nn.Module, loss1: torch.Tensor | None,
+                   outputs1: Sequence[torch.Tensor], output_grads1: Sequence[torch.Tensor],
+                   ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Call the class hook; normalise its forward outputs to a list."""
+    hook = getattr(type(module0), HOOK)
+    outputs0, loss0 = hook(module0, list(inputs0), criterion0, list(labels0),
+                           module1, loss1, list(outputs1), list(output_grads1))
+    if isinstance(outputs0, torch.Tensor):
+        outputs0 = [outputs0]
+    return list(outputs0), loss0
+
+
+__all__ = ["HOOK", "has_overlap_hook", "run_backward", "run_overlapped"]

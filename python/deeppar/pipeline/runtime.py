@@ -1,0 +1,531 @@
+"""Executes a pipeline schedule (the IR of :mod:`deeppar.pipeline.ir`) on real stages.
+
+The runtime owns no step logic of its own: :func:`deeppar.pipeline.build` gives every rank its
+program, and :meth:`~deeppar.pipeline.ir.Schedule.recvs_before` /
+:meth:`~deeppar.pipeline.ir.Schedule.sends_after` say what each step receives and sends. The
+runtime runs the program top to bottom: receive what the step needs (:mod:`.comm`), compute it
+(``F`` forward, ``B`` full backward, ``I`` backward with the weight gradient deferred to the
+pipeline's :class:`~.weight_grad.WeightGradStore`, ``W`` the deferred part, an ``Overlap`` through
+the stage class's ``overlapped_forward_backward`` hook when it has one), then queue its sends.
+
+:class:`DualPipe` and :class:`DualPipeV` fix the method; :class:`PipelineRuntime` runs any method
+the generators know (``1f1b`` for a baseline, for instance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .comm import P2PComm, TensorMeta
+from .ir import Action, Kind, Overlap, Schedule, Step
+from .overlap import has_overlap_hook, run_backward, run_overlapped
+from .timeline import TimedStep, TimelineRecorder
+from .weight_grad import WeightGradStore, activate, bind_store
+
+Tensors = list[torch.Tensor | None]
+
+
+def _as_list(outputs: Any, what: str) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in outputs):
+        return list(outputs)
+    raise TypeError(f"{what} must return a tensor or a tuple/list of tensors, got "
+                    f"{type(outputs).__name__}")
+
+
+def _split(tensors: Sequence[torch.Tensor | None], n: int, dim: int) -> list[list[Any]]:
+    """Cut each tensor into ``n`` micro-batches along ``dim``: result[m] = tensors of mb m."""
+    parts = [t.tensor_split(n, dim=dim) if t is not None else [None] * n for t in tensors]
+    return [[p[m] for p in parts] for m in range(n)]
+
+
+class PipelineRuntime(nn.Module):
+    """Runs the schedule ``method`` over the ranks of ``process_group``.
+
+    ``modules`` are this rank's stages in slot order (as the schedule's placement says).
+    ``rank_mapping[i]`` is the pipeline rank of group rank ``i`` (identity by default).
+    ``p2p_shapes``/``p2p_dtype`` fix the tensors every message carries (no headers); without
+    them each message carries a small header with its shapes. ``record_timeline`` keeps the
+    per-step times of the last step in :attr:`timeline`.
+    """
+
+    method: str = ""
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        batch_dim: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+        rank_mapping: Sequence[int] | None = None,
+        *,
+        method: str | None = None,
+        p2p_shapes: Sequence[Sequence[int]] | None = None,
+        p2p_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        record_timeline: bool = False,
+        max_tensors: int = 16,
+    ) -> None:
+        super().__init__()
+        if method is not None:
+            self.method = method
+        if not self.method:
+            raise ValueError("method: give the schedule method, e.g. '1f1b'")
+        if isinstance(modules, nn.Module) and not isinstance(modules, (nn.ModuleList,
+                                                                       nn.Sequential)):
+            modules = (modules,)
+        modules = list(modules)
+        if not modules or not all(isinstance(m, nn.Module) for m in modules):
+            raise TypeError("modules must be a tuple of nn.Module (this rank's stages)")
+        if not isinstance(batch_dim, int):
+            raise TypeError(f"batch_dim must be an int, got {type(batch_dim).__name__}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call "
+                               "dist.init_process_group first")
+        self.module = nn.ModuleList(modules)
+        self.batch_dim = batch_dim
+        self.group = process_group
+        self.num_ranks = dist.get_world_size(process_group)
+        group_rank = dist.get_rank(process_group)
+        if rank_mapping is None:
+            rank_mapping = list(range(self.num_ranks))
+        rank_mapping = list(rank_mapping)
+        if sorted(rank_mapping) != list(range(self.num_ranks)):
+            raise ValueError(f"rank_mapping must be a permutation of 0..{self.num_ranks - 1}, "
+                             f"got {rank_mapping}")
+        self.rank = rank_mapping[group_rank]
+        self.group_ranks = [0] * self.num_ranks  # pipeline rank -> group rank
+        for g, p in enumerate(rank_mapping):
+            self.group_ranks[p] = g
+        if device is None:
+            param = next(self.module.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        if dist.get_backend(process_group) == "nccl" and self.device.type != "cuda":
+            raise ValueError("device: the NCCL backend needs the stages on a CUDA device")
+        if (p2p_shapes is None) != (p2p_dtype is None) and p2p_shapes is None:
+            raise ValueError("p2p_dtype is given without p2p_shapes")
+        self.p2p_shapes = [tuple(int(d) for d in s) for s in p2p_shapes] if p2p_shapes else None
+        self.p2p_dtype = p2p_dtype or torch.float32
+        self.max_tensors = max_tensors
+        self.use_overlap_hook = has_overlap_hook(modules) and len(modules) > 1
+        self.weight_grad_store = WeightGradStore()
+        bind_store(modules, self.weight_grad_store)
+        self.record_timeline = record_timeline
+        self.timeline: list[TimedStep] = []
+        self._schedules: dict[int, Schedule] = {}
+        self._plans: dict[tuple[int, bool], dict[tuple[int, int], list]] = {}
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self, num_chunks: int) -> Schedule:
+        """The schedule this runtime executes for ``num_chunks`` micro-batches (cached)."""
+        if num_chunks not in self._schedules:
+            from .schedules import build
+
+            sched = build(self.method, self.num_ranks, num_chunks)
+            mine = sched.stages_of(self.rank)
+            if len(mine) != len(self.module):
+                raise ValueError(f"modules: {self.method} places {len(mine)} stages on each "
+                                 f"rank, got {len(self.module)} modules")
+            self._schedules[num_chunks] = sched
+        return self._schedules[num_chunks]
+
+    @staticmethod
+    def _live(step: Step, forward_only: bool) -> tuple[Action, ...]:
+        """Actions of ``step`` that run (forward-only: the forwards)."""
+        if forward_only:
+            return tuple(a for a in step.actions if a.kind is Kind.F)
+        return step.actions
+
+    def _plan(self, sched: Schedule, forward_only: bool) -> dict[tuple[int, int], list]:
+        """Every channel's messages in the order the sender posts them."""
+        key = (sched.num_chunks, forward_only)
+        if key not in self._plans:
+            plan: dict[tuple[int, int], list] = {}
+            for r in range(sched.num_ranks):
+                for step in sched.steps[r]:
+                    for t in self._transfers(sched, r, step, "send", forward_only):
+                        if not t.local:
+                            plan.setdefault((r, t.peer), []).append(t.key)
+            self._plans[key] = plan
+        return self._plans[key]
+
+    @classmethod
+    def _transfers(cls, sched: Schedule, rank: int, step: Step, op: str, forward_only: bool):
+        live = cls._live(step, forward_only)
+        if not live:
+            return ()
+        part: Step = live[0] if len(live) == 1 else step
+        return sched.recvs_before(rank, part) if op == "recv" else sched.sends_after(rank, part)
+
+    # ------------------------------------------------------------------ validation
+    def _check(self, sched: Schedule | None, inputs: Sequence[Any], labels: Sequence[Any],
+               criterion: Callable | None, forward_only: bool) -> list[str]:
+        problems: list[str] = []
+        given = [x for x in inputs if x is not None]
+        given_labels = [x for x in labels if x is not None]
+        for what, xs in (("inputs", given), ("labels", given_labels)):
+            for x in xs:
+                if not isinstance(x, torch.Tensor):
+                    problems.append(f"{what} must be tensors (or None), got {type(x).__name__}")
+        if sched is None:
+            return problems
+        in_mbs = [m for m in range(sched.num_chunks) if sched.input_rank(m) == self.rank]
+        loss_mbs = [m for m in range(sched.num_chunks) if sched.loss_rank(m) == self.rank]
+        in_ranks = sorted({sched.input_rank(m) for m in range(sched.num_chunks)})
+        loss_ranks = sorted({sched.loss_rank(m) for m in range(sched.num_chunks)})
+        if in_mbs and not given:
+            problems.append(f"inputs: {self.method} takes inputs on rank(s) {in_ranks}; none "
+                            "were given")
+        if not in_mbs and given:
+            problems.append(f"inputs: {self.method} takes inputs on rank(s) {in_ranks} only; "
+                            f"pass no inputs (or None) on rank {self.rank}")
+        if not loss_mbs and given_labels:
+            problems.append(f"labels: {self.method} takes labels on rank(s) {loss_ranks} only")
+        if loss_mbs and not forward_only and criterion is None:
+            problems.append(f"criterion: rank {self.rank} computes the loss of "
+                            f"{len(loss_mbs)} micro-batches and needs a criterion for training")
+        if criterion is not None and not callable(criterion):
+            problems.append(f"criterion must be callable, got {type(criterion).__name__}")
+        for what, xs, n in (("inputs", given, len(in_mbs)), ("labels", given_labels,
+                                                             len(loss_mbs))):
+            for x in xs:
+                if not isinstance(x, torch.Tensor) or not n:
+                    continue
+                if x.dim() <= self.batch_dim:
+                    problems.append(f"{what}: a tensor of shape {tuple(x.shape)} has no batch "
+                                    f"dim {self.batch_dim}")
+                elif x.shape[self.batch_dim] < n:
+                    problems.append(f"{what}: batch size {x.shape[self.batch_dim]} is smaller "
+                                    f"than the {n} micro-batches this rank feeds")
+        return problems
+
+    def _agree(self, problems: list[str], signature: tuple) -> None:
+        """Share every rank's problems (one collective, before any send or receive) and raise
+        the same error on all ranks when any rank has one."""
+        gathered: list[Any] = [None] * self.num_ranks
+        dist.all_gather_object(gathered, (self.rank, problems, signature), group=self.group)
+        sigs = {g[2] for g in gathered}
+        msgs = [f"rank {r}: {p}" for r, ps, _ in sorted(gathered, key=lambda g: g[0])
+                for p in ps]
+        if len(sigs) > 1:
+            msgs.append("ranks disagree on (num_chunks, grad mode): "
+                        + ", ".join(f"rank {r}: {s}" for r, _, s in sorted(gathered,
+                                                                          key=lambda g: g[0])))
+        if msgs:
+            raise ValueError(f"{type(self).__name__}.step: " + "; ".join(msgs))
+
+    # ------------------------------------------------------------------ step
+    def step(
+        self,
+        *inputs: torch.Tensor | None,
+        num_chunks: int = 0,
+        criterion: Callable | None = None,
+        labels: Sequence[torch.Tensor | None] = (),
+        return_outputs: bool = False,
+    ) -> tuple[torch.Tensor | None, Any]:
+        """Run one training step (or, under ``torch.no_grad()``, a forward-only step).
+
+        ``inputs`` are the whole batch of this rank's input micro-batches, cut into
+        micro-batches along ``batch_dim``; ``labels`` those of the micro-batches whose loss this
+        rank computes (``criterion(*outputs, *labels)``). Returns ``(loss, outputs)`` on the
+        ranks that compute losses: the per-micro-batch losses stacked in micro-batch order, and
+        with ``return_outputs`` the last stage's outputs concatenated along ``batch_dim``
+        (a tensor, or a tuple when the stage returns several); ``(None, None)`` elsewhere.
+        """
+        forward_only = not torch.is_grad_enabled()
+        if isinstance(labels, torch.Tensor):
+            labels = (labels,)
+        labels = tuple(labels)
+        problems: list[str] = []
+        sched = None
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int):
+            problems.append(f"num_chunks must be an int, got {type(num_chunks).__name__}")
+        else:
+            try:
+                sched = self.schedule(num_chunks)
+            except ValueError as e:
+                problems.append(f"num_chunks: {e}")
+        problems += self._check(sched, inputs, labels, criterion, forward_only)
+        self._agree(problems, (num_chunks, forward_only))
+        assert sched is not None
+        with activate(self.weight_grad_store):
+            return self._run(sched, inputs, labels, criterion, return_outputs, forward_only)
+
+    def _run(self, sched: Schedule, inputs: Sequence[Any], labels: Sequence[Any],
+             criterion: Callable | None, return_outputs: bool, forward_only: bool):
+        me = self.rank
+        store = self.weight_grad_store
+        store.clear()
+        in_mbs = [m for m in range(sched.num_chunks) if sched.input_rank(m) == me]
+        loss_mbs = [m for m in range(sched.num_chunks) if sched.loss_rank(m) == me]
+        st = _StepState()
+        if in_mbs:
+            for m, xs in zip(in_mbs, _split(list(inputs), len(in_mbs), self.batch_dim)):
+                st.inputs[(sched.entry[m], m)] = [x for x in xs if x is not None]
+        if loss_mbs:
+            lab = [x for x in labels if x is not None]
+            for m, ls in zip(loss_mbs, _split(lab, len(loss_mbs), self.batch_dim)):
+                st.labels[m] = ls
+        st.criterion = criterion
+        st.return_outputs = return_outputs
+        st.forward_only = forward_only
+        slot_of = {s: sched.stages[s].slot for s in sched.stages_of(me)}
+
+        fixed = None
+        if self.p2p_shapes is not None:
+            fixed = {
+                "activation": [TensorMeta(s, self.p2p_dtype, not forward_only)
+                               for s in self.p2p_shapes],
+                "gradient": [TensorMeta(s, self.p2p_dtype, False) for s in self.p2p_shapes],
+            }
+        comm = P2PComm(self.group, self.group_ranks, me, self.device,
+                       self._plan(sched, forward_only), fixed, self.max_tensors)
+        rec = TimelineRecorder(me, self.device) if self.record_timeline else None
+        if rec is not None:
+            rec.start()
+
+        for index, step in enumerate(sched.steps[me]):
+            live = self._live(step, forward_only)
+            if not live:
+                continue
+            # receive what this step needs (queued sends go out in the same batch)
+            needs = [t for t in self._transfers(sched, me, step, "recv", forward_only)]
+            remote = [(t.key, t.peer) for t in needs if not t.local]
+            if remote:
+                for t, tensors in zip([t for t in needs if not t.local], comm.recv(remote)):
+                    st.put_received(t.tensor, t.stage, t.microbatch, tensors)
+            else:
+                comm.flush()
+            began = rec.begin() if rec is not None else None
+            self._compute(sched, live, step, st, slot_of, store)
+            if rec is not None:
+                kind = "FB" if len(live) == 2 else live[0].kind.value
+                rec.end(index, str(step) if len(live) == len(step.actions) else str(live[0]),
+                        kind, began)
+            for t in self._transfers(sched, me, step, "send", forward_only):
+                tensors = st.take_for_send(t.tensor, t.stage, t.microbatch)
+                if t.local:
+                    st.put_local(t.tensor, t.peer_stage, t.microbatch, tensors)
+                else:
+                    comm.send(t.key, t.peer, tensors)
+        comm.finish()
+        if not store.empty():
+            raise RuntimeError(f"rank {me}: deferred weight gradients left after the schedule")
+        if rec is not None:
+            self.timeline = rec.finish()
+
+        loss = outputs = None
+        if loss_mbs:
+            if criterion is not None:
+                loss = torch.stack([st.losses[m].detach() for m in loss_mbs])
+            if return_outputs:
+                per_mb = [st.final_outputs[m] for m in loss_mbs]
+                outputs = tuple(torch.cat([o[i] for o in per_mb], dim=self.batch_dim)
+                                for i in range(len(per_mb[0])))
+                if len(outputs) == 1:
+                    outputs = outputs[0]
+        return loss, outputs
+
+    # ------------------------------------------------------------------ compute
+    def _compute(self, sched: Schedule, live: tuple[Action, ...], step: Step,
+                 st: _StepState, slot_of: dict[int, int], store: WeightGradStore) -> None:
+        if len(live) == 2 and isinstance(step, Overlap):
+            f, b = live
+            if self.use_overlap_hook:
+                self._overlapped(sched, f, b, st, slot_of, store)
+                return
+        for a in live:
+            if a.kind is Kind.F:
+                self._forward(sched, a, st, slot_of)
+            elif a.kind is Kind.W:
+                store.pop((a.stage, a.microbatch))
+            else:
+                self._backward(sched, a, st, store)
+
+    def _forward(self, sched: Schedule, a: Action, st: _StepState,
+                 slot_of: dict[int, int]) -> None:
+        info = sched.stages[a.stage]
+        module = self.module[slot_of[a.stage]]
+        inputs = st.inputs[(a.stage, a.microbatch)]
+        if st.forward_only:
+            del st.inputs[(a.stage, a.microbatch)]
+        outputs = _as_list(module(*inputs), f"stage {info.model_stage}")
+        loss = None
+        if info.is_last and st.criterion is not None:
+            loss = st.criterion(*outputs, *st.labels.get(a.microbatch, []))
+        st.after_forward(a, info.is_last, outputs, loss)
+
+    def _backward(self, sched: Schedule, a: Action, st: _StepState,
+                  store: WeightGradStore) -> None:
+        info = sched.stages[a.stage]
+        store.enabled = a.kind is Kind.I
+        try:
+            if info.is_last:
+                loss = st.losses[a.microbatch]
+                loss.backward()
+            else:
+                outs, grads = st.backward_pairs(a)
+                run_backward(outs, grads)
+        finally:
+            store.enabled = False
+        if a.kind is Kind.I:
+            store.flush((a.stage, a.microbatch))
+        st.after_backward(a, info.is_last)
+
+    def _overlapped(self, sched: Schedule, f: Action, b: Action, st: _StepState,
+                    slot_of: dict[int, int], store: WeightGradStore) -> None:
+        finfo, binfo = sched.stages[f.stage], sched.stages[b.stage]
+        inputs0 = st.inputs[(f.stage, f.microbatch)]
+        if finfo.is_last and st.criterion is not None:
+            criterion0, labels0 = st.criterion, st.labels.get(f.microbatch, [])
+        else:
+            criterion0, labels0 = None, []
+        if binfo.is_last:
+            loss1, outs1, grads1 = st.losses[b.microbatch], [], []
+        else:
+            loss1 = None
+            outs1, grads1 = st.backward_pairs(b)
+        store.enabled = b.kind is Kind.I
+        try:
+            outputs0, loss0 = run_overlapped(
+                self.module[slot_of[f.stage]], inputs0, criterion0, labels0,
+                self.module[slot_of[b.stage]], loss1, outs1, grads1)
+        finally:
+            store.enabled = False
+        if b.kind is Kind.I:
+            store.flush((b.stage, b.microbatch))
+        st.after_forward(f, finfo.is_last, outputs0, loss0)
+        st.after_backward(b, binfo.is_last)
+
+
+class _StepState:
+    """Tensors of one step, keyed by (stage id, micro-batch)."""
+
+    def __init__(self) -> None:
+        self.inputs: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.outputs: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.out_grads: dict[tuple[int, int], Tensors] = {}
+        self.in_grads: dict[tuple[int, int], Tensors] = {}
+        self.labels: dict[int, list[torch.Tensor]] = {}
+        self.losses: dict[int, torch.Tensor] = {}
+        self.final_outputs: dict[int, list[torch.Tensor]] = {}
+        self.criterion: Callable | None = None
+        self.return_outputs = False
+        self.forward_only = False
+
+    def put_received(self, tensor: str, stage: int, mb: int, tensors: Tensors) -> None:
+        if tensor == "activation":
+            self.inputs[(stage, mb)] = tensors  # type: ignore[assignment]
+        else:
+            self.out_grads[(stage, mb)] = tensors
+
+    def put_local(self, tensor: str, stage: int, mb: int, tensors: Tensors) -> None:
+        """In-rank hand-over (DualPipeV's turn): a detached copy that starts a new graph."""
+        if tensor == "activation":
+            self.inputs[(stage, mb)] = [
+                t.detach().requires_grad_(t.requires_grad) for t in tensors  # type: ignore
+            ]
+        else:
+            self.out_grads[(stage, mb)] = tensors
+
+    def take_for_send(self, tensor: str, stage: int, mb: int) -> Tensors:
+        if tensor == "activation":
+            outs = self.outputs[(stage, mb)]
+            if self.forward_only:
+                del self.outputs[(stage, mb)]
+            return outs  # type: ignore[return-value]
+        return self.in_grads.pop((stage, mb))
+
+    def after_forward(self, a: Action, is_last: bool, outputs: list[torch.Tensor],
+                      loss: torch.Tensor | None) -> None:
+        if is_last:
+            if loss is not None:
+                self.losses[a.microbatch] = loss
+            if self.return_outputs:
+                self.final_outputs[a.microbatch] = [o.detach() for o in outputs]
+        else:
+            self.outputs[(a.stage, a.microbatch)] = outputs
+
+    def backward_pairs(self, a: Action) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        outs = self.outputs.pop((a.stage, a.microbatch))
+        grads = self.out_grads.pop((a.stage, a.microbatch))
+        if len(grads) != len(outs):
+            raise RuntimeError(f"{a}: {len(grads)} gradients for {len(outs)} outputs")
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        return [o for o, _ in pairs], [g for _, g in pairs]  # type: ignore[misc]
+
+    def after_backward(self, a: Action, is_last: bool) -> None:
+        if is_last:
+            self.losses[a.microbatch] = self.losses[a.microbatch].detach()
+        inputs = self.inputs.pop((a.stage, a.microbatch))
+        self.in_grads[(a.stage, a.microbatch)] = [
+            t.grad if t.requires_grad else None for t in inputs
+        ]
+
+
+class DualPipe(PipelineRuntime):
+    """DualPipe: rank ``r`` holds ``modules=(S_r, S_(P-1-r))``; inputs on ranks 0 and P-1
+    (rank 0's are the first half of the micro-batches), labels on the opposite end; losses come
+    back where they are computed (rank P-1 for rank 0's inputs and the other way round).
+    After a training step call :meth:`sum_mirrored_grads` to add the two copies' gradients."""
+
+    method = "dualpipe"
+
+    def sum_mirrored_grads(self) -> None:
+        """Add to each stage's gradients those of its other copy (on rank P-1-r); both copies
+        end with the same sum. One exchange with the mirror rank."""
+        sum_mirrored_grads(self)
+
+
+class DualPipeV(PipelineRuntime):
+    """DualPipeV: rank ``r`` holds ``modules=(S_r, S_(2P-1-r))``; inputs, labels and losses all
+    on rank 0; the turn S_(P-1) -> S_P is a local hand-over on the last rank."""
+
+    method = "dualpipev"
+
+
+def sum_mirrored_grads(pipe: PipelineRuntime) -> None:
+    """For DualPipe: ``modules[0]`` on rank r is the same stage as ``modules[1]`` on rank P-1-r.
+    Exchange both slots' gradients with the mirror and add them (missing grads count as 0)."""
+    if len(pipe.module) != 2:
+        raise ValueError("sum_mirrored_grads needs a pipeline with two stages per rank")
+    mirror = pipe.num_ranks - 1 - pipe.rank
+    if mirror == pipe.rank:
+        raise ValueError("sum_mirrored_grads: the middle rank of an odd pipeline has no mirror")
+    params = [[p for p in m.parameters() if p.requires_grad] for m in pipe.module]
+    flat = [torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                       for p in ps]) if ps else torch.zeros(0, device=pipe.device)
+            for ps in params]
+    # the mirror's slot 0 is our slot 1's stage and the other way round
+    mirror_slot0, mirror_slot1 = torch.empty_like(flat[1]), torch.empty_like(flat[0])
+    peer = dist.get_global_rank(pipe.group, pipe.group_ranks[mirror]) \
+        if pipe.group is not None else pipe.group_ranks[mirror]
+    # both sides send slot 0 then slot 1 and receive in that same order
+    ops = [dist.P2POp(dist.isend, flat[0], peer, pipe.group),
+           dist.P2POp(dist.isend, flat[1], peer, pipe.group),
+           dist.P2POp(dist.irecv, mirror_slot0, peer, pipe.group),
+           dist.P2POp(dist.irecv, mirror_slot1, peer, pipe.group)]
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
+    other = {0: mirror_slot1, 1: mirror_slot0}
+    for slot, ps in enumerate(params):
+        if len(other[slot]) != sum(p.numel() for p in ps):
+            raise ValueError("sum_mirrored_grads: the two copies of a stage differ in size")
+        offset = 0
+        for p in ps:
+            n = p.numel()
+            g = other[slot][offset:offset + n].view_as(p)
+            offset += n
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad += g
+
+
+__all__ = ["DualPipe", "DualPipeV", "PipelineRuntime", "sum_mirrored_grads"]
