@@ -15,4 +15,12 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(deeppar, m) {
   // Load carried by each physical expert slot: weight[l, phy2log[l, s]] / logcnt[l, phy2log[l, s]].
   m.def("slot_loads(Tensor weight, Tensor phy2log, Tensor logcnt) -> Tensor");
+  // EPLB planner (specs/eplb.md), hierarchical policy for every row: weight [L, E] float32 ->
+  // (phy2log [L, R], replica rank of each slot [L, R], logcnt [L, E]), all int64.
+  m.def("eplb_rebalance(Tensor weight, int num_replicas, int num_groups, int num_nodes, "
+        "int num_gpus) -> (Tensor, Tensor, Tensor)");
+  // EPLB balanced packing of each row: weight [X, n] -> (pack index [X, n], rank in pack [X, n]).
+  m.def("eplb_pack(Tensor weight, int num_packs) -> (Tensor, Tensor)");
+  // EPLB replication of each row: weight [X, n] -> (phy2log [X, k], rank [X, k], logcnt [X, n]).
+  m.def("eplb_replicate(Tensor weight, int num_phy) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,129 @@
+"""EPLB backends: which exist, which can run on a device, and the planner core of each.
+
+Every backend computes the same thing, the hierarchical policy of the spec for every row, and
+returns ``(phy2log [L, R], phy_rank [L, R], logcnt [L, E])`` (int64, on the input's device);
+they agree bit for bit on every input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from deeppar import _native
+from deeppar.eplb import reference
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+Core = Callable[[torch.Tensor, int, int, int, int], tuple[torch.Tensor, ...]]
+
+if _native.has_kernel("eplb_rebalance", "cpu") or _native.has_kernel("eplb_rebalance", "cuda"):
+
+    @torch.library.register_fake("deeppar::eplb_rebalance")
+    def _rebalance_fake(weight, num_replicas, num_groups, num_nodes, num_gpus):
+        layers, experts = weight.shape
+        slots = weight.new_empty((layers, num_replicas), dtype=torch.int64)
+        return slots, torch.empty_like(slots), weight.new_empty((layers, experts), dtype=torch.int64)
+
+    @torch.library.register_fake("deeppar::eplb_pack")
+    def _pack_fake(weight, num_packs):
+        out = weight.new_empty(weight.shape, dtype=torch.int64)
+        return out, torch.empty_like(out)
+
+    @torch.library.register_fake("deeppar::eplb_replicate")
+    def _replicate_fake(weight, num_phy):
+        slots = weight.new_empty((weight.shape[0], num_phy), dtype=torch.int64)
+        return slots, torch.empty_like(slots), weight.new_empty(weight.shape, dtype=torch.int64)
+
+
+class BackendUnavailable(ValueError):
+    """The requested backend cannot run here (not compiled, no GPU, no triton, ...)."""
+
+
+def _native_reason(device: str) -> str | None:
+    if not _native.NATIVE_LOADED:
+        return f"the native extension deeppar._C is not loaded ({_native.NATIVE_ERROR})"
+    if not _native.has_kernel("eplb_rebalance", device):
+        if device == "cuda":
+            return "deeppar._C was built without CUDA kernels (torch or toolkit without CUDA)"
+        return "deeppar._C has no CPU kernel for eplb_rebalance (rebuild the extension)"
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot plan for a tensor on ``device``; None when it can."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        return _native_reason("cpu")
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"it runs on CUDA tensors and weight is on {device}"
+        return _native_reason("cuda")
+    if backend == "triton":
+        ok, why = _native.triton_status()
+        if not ok:
+            return f"triton cannot be imported ({why})"
+        if not _native.triton_usable(device):
+            if device.type == "cuda":
+                return "no CUDA device is available"
+            return f"triton runs on CUDA tensors (or CPU under TRITON_INTERPRET=1); weight is on {device}"
+        return None
+    raise ValueError(f"backend must be None or one of {', '.join(BACKENDS)}; got {backend!r}")
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The backend to run: ``backend`` itself (checked), or the best one for ``device``."""
+    if backend is not None:
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
+        why = unavailable_reason(backend, device)
+        if why is not None:
+            raise BackendUnavailable(f"EPLB backend {backend!r} is not available: {why}")
+        return backend
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    for name in order:
+        if unavailable_reason(name, device) is None:
+            return name
+    return "reference"
+
+
+def available(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can plan for a tensor on ``device`` now."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if unavailable_reason(b, device) is None]
+
+
+def _on_cpu(fn: Core) -> Core:
+    """Run ``fn`` on a CPU copy of the weight and move its results back."""
+
+    def run(weight: torch.Tensor, *sizes: int) -> tuple[torch.Tensor, ...]:
+        if weight.device.type == "cpu":
+            return fn(weight, *sizes)
+        return tuple(t.to(weight.device) for t in fn(weight.cpu(), *sizes))
+
+    return run
+
+
+def _native_core(weight: torch.Tensor, *sizes: int) -> tuple[torch.Tensor, ...]:
+    return torch.ops.deeppar.eplb_rebalance(weight, *sizes)
+
+
+def _triton_core(weight: torch.Tensor, *sizes: int) -> tuple[torch.Tensor, ...]:
+    from deeppar.kernels.eplb_triton import eplb_rebalance_triton
+
+    return eplb_rebalance_triton(weight, *sizes)
+
+
+def core(backend: str) -> Core:
+    """The planner core of a resolved backend."""
+    if backend == "reference":
+        return _on_cpu(reference.rebalance_hierarchical)
+    if backend == "cpu":
+        return _on_cpu(_native_core)
+    if backend == "cuda":
+        return _native_core
+    if backend == "triton":
+        return _triton_core
+    raise ValueError(f"unknown EPLB backend {backend!r}")

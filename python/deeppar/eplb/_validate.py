@@ -1,0 +1,116 @@
+"""Argument checks of the EPLB planner: clear errors naming the argument and what was expected."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+
+# Counts are held in float32 (weight / count) and int32 inside the kernels.
+MAX_SLOTS = 1 << 24
+
+
+def as_count(value: object, name: str, minimum: int = 1) -> int:
+    """``value`` as a Python int >= ``minimum``; TypeError for non-integers, ValueError if small."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer, got a bool")
+    try:
+        number = operator.index(value)  # int, numpy integers, 0-d integer tensors
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    return number
+
+
+def as_weight(weight: object, name: str = "weight") -> torch.Tensor:
+    """``weight`` as a contiguous float32 2-D tensor on its own device (values not checked)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor [layers, experts], got {type(weight).__name__}"
+        )
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{name} must be 2-D [layers, experts], got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype == torch.bool or weight.is_complex():
+        raise TypeError(f"{name} must hold real or integer loads, got dtype {weight.dtype}")
+    if weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise ValueError(
+            f"{name} needs at least one layer and one expert, got shape {tuple(weight.shape)}"
+        )
+    if weight.shape[1] >= MAX_SLOTS:
+        raise ValueError(f"{name} has too many experts ({weight.shape[1]}), at most {MAX_SLOTS - 1}")
+    return weight.detach().to(torch.float32).contiguous()
+
+
+def bad_values(weight: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: whether some load is negative, NaN or infinite (no host sync)."""
+    return ~(torch.isfinite(weight) & (weight >= 0)).all()
+
+
+def check_values(weight: torch.Tensor, name: str = "weight") -> None:
+    """ValueError if ``weight`` (float32) holds a negative, NaN or infinite load (syncs)."""
+    if bool(bad_values(weight)):
+        if torch.isnan(weight).any():
+            what = "NaN"
+        elif torch.isinf(weight).any():
+            what = "infinite (after conversion to float32)"
+        else:
+            what = "negative"
+        raise ValueError(f"{name} must hold finite non-negative loads; found a {what} value")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A checked planning problem: sizes and the policy that the spec picks for them."""
+
+    layers: int
+    experts: int
+    replicas: int
+    groups: int
+    nodes: int
+    gpus: int
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.groups % self.nodes == 0
+
+    @property
+    def policy(self) -> str:
+        return "hierarchical" if self.hierarchical else "global"
+
+    @property
+    def kernel_args(self) -> tuple[int, int, int, int]:
+        """(replicas, groups, nodes, gpus) of the hierarchical run that implements the policy."""
+        if self.hierarchical:
+            return self.replicas, self.groups, self.nodes, self.gpus
+        return self.replicas, 1, 1, self.gpus
+
+
+def check_problem(
+    weight: torch.Tensor, num_replicas: object, num_groups: object, num_nodes: object,
+    num_gpus: object,
+) -> Problem:
+    """Check the sizes against each other (spec "Signature"); ``weight`` is already 2-D."""
+    layers, experts = weight.shape
+    replicas = as_count(num_replicas, "num_replicas")
+    groups = as_count(num_groups, "num_groups")
+    nodes = as_count(num_nodes, "num_nodes")
+    gpus = as_count(num_gpus, "num_gpus")
+    if experts % groups:
+        raise ValueError(
+            f"the number of experts ({experts}) must be a multiple of num_groups ({groups})"
+        )
+    if gpus % nodes:
+        raise ValueError(f"num_gpus ({gpus}) must be a multiple of num_nodes ({nodes})")
+    if replicas % gpus:
+        raise ValueError(f"num_replicas ({replicas}) must be a multiple of num_gpus ({gpus})")
+    if replicas < experts:
+        raise ValueError(
+            f"num_replicas ({replicas}) must be at least the number of experts ({experts})"
+        )
+    if replicas >= MAX_SLOTS:
+        raise ValueError(f"num_replicas ({replicas}) must be below {MAX_SLOTS}")
+    return Problem(layers, experts, replicas, groups, nodes, gpus)

@@ -1,0 +1,147 @@
+"""``plan()``: the maps of ``rebalance_experts`` together with how good they are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deeppar import _native
+from deeppar.eplb import api, reference
+
+
+def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor,
+              num_gpus: int) -> torch.Tensor:
+    """``[L, P]`` float32 load of each GPU: sum over its slots of expert load / replica count."""
+    w = weight.to(torch.float32)
+    slot = torch.gather(w, 1, phy2log) / torch.gather(logcnt, 1, phy2log).to(torch.float32)
+    return slot.view(slot.shape[0], num_gpus, -1).sum(-1)
+
+
+def identity_loads(weight: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """``[L, P]`` GPU loads with no replication: expert ``e`` on GPU ``e * P // E`` (contiguous,
+    as even as possible), the placement one gets without a load balancer."""
+    w = weight.to(torch.float32)
+    experts = w.shape[1]
+    gpu = torch.arange(experts, device=w.device) * num_gpus // experts
+    out = torch.zeros(w.shape[0], num_gpus, dtype=torch.float32, device=w.device)
+    return out.index_add_(1, gpu, w)
+
+
+def balancedness(loads: torch.Tensor) -> torch.Tensor:
+    """``[L]`` mean / max GPU load per layer (1.0 for an all-zero layer)."""
+    top = loads.max(dim=1).values
+    ratio = loads.mean(dim=1) / top
+    return torch.where(top > 0, ratio, torch.ones_like(ratio))
+
+
+def max_load_lower_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> torch.Tensor:
+    """``[L]`` lower bound on any plan's max GPU load (spec "Quality measure"): the larger of
+    total / P and the largest per-replica load after optimal (greedy) replication to R slots."""
+    w = weight.to(torch.float32).cpu()
+    if _native.has_kernel("eplb_replicate", "cpu"):
+        _, _, count = torch.ops.deeppar.eplb_replicate(w, num_replicas)
+    else:
+        _, _, count = reference.replicate_experts(w, num_replicas)
+    per_replica = (w / count.to(torch.float32)).max(dim=1).values
+    return torch.maximum(w.sum(dim=1) / num_gpus, per_replica)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An EPLB plan and its quality. Tensors are on the input's device; metrics on the CPU."""
+
+    phy2log: torch.Tensor  # [L, R] int64, logical expert of each physical slot
+    log2phy: torch.Tensor  # [L, E, X] int64, slots of each expert, -1 padded
+    logcnt: torch.Tensor  # [L, E] int64, replicas of each expert
+    gpu_load: torch.Tensor  # [L, P] float32, load of each GPU under this plan
+    gpu_load_before: torch.Tensor  # [L, P] float32, identity placement, no replication
+    layer_balancedness: torch.Tensor  # [L] float32, mean / max GPU load
+    balancedness: float  # mean over layers of layer_balancedness
+    balancedness_before: float  # the same for the identity placement
+    balancedness_bound: float  # mean over layers of mean load / lower bound on max load
+    policy: str  # "hierarchical" or "global"
+    backend: str  # backend that computed the maps
+    num_replicas: int
+    num_groups: int
+    num_nodes: int
+    num_gpus: int
+
+    @property
+    def slots_per_gpu(self) -> int:
+        return self.num_replicas // self.num_gpus
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        loads = self.gpu_load
+        layers, experts = self.logcnt.shape
+        return "\n".join([
+            f"EPLB plan: {layers} layers, {experts} experts -> {self.num_replicas} replicas, "
+            f"{self.num_groups} groups, {self.num_nodes} nodes, {self.num_gpus} GPUs",
+            f"policy: {self.policy} (backend: {self.backend})",
+            f"balancedness before (no replication, expert e on GPU e*P//E): "
+            f"{self.balancedness_before:.4f}",
+            f"balancedness after: {self.balancedness:.4f} (upper bound {self.balancedness_bound:.4f})",
+            f"max GPU load: {loads.max(dim=1).values.mean():.4g} "
+            f"(before {self.gpu_load_before.max(dim=1).values.mean():.4g}), "
+            f"mean GPU load: {loads.mean(dim=1).mean():.4g} (averaged over layers)",
+        ])
+
+    def to_dict(self) -> dict:
+        """JSON-ready maps and metrics."""
+        return {
+            "policy": self.policy,
+            "backend": self.backend,
+            "num_replicas": self.num_replicas,
+            "num_groups": self.num_groups,
+            "num_nodes": self.num_nodes,
+            "num_gpus": self.num_gpus,
+            "balancedness": self.balancedness,
+            "balancedness_before": self.balancedness_before,
+            "balancedness_bound": self.balancedness_bound,
+            "phy2log": self.phy2log.tolist(),
+            "log2phy": self.log2phy.tolist(),
+            "logcnt": self.logcnt.tolist(),
+            "gpu_load": self.gpu_load.tolist(),
+        }
+
+
+def plan(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    backend: str | None = None,
+    max_replicas: int | None = None,
+) -> Plan:
+    """Run :func:`rebalance_experts` and measure the plan (see :class:`Plan`)."""
+    phy2log, log2phy, logcnt, problem, name = api.plan_maps(
+        weight, num_replicas, num_groups, num_nodes, num_gpus,
+        backend=backend, max_replicas=max_replicas,
+    )
+    w = weight.detach().to("cpu", torch.float32)
+    after = gpu_loads(w, phy2log.cpu(), logcnt.cpu(), problem.gpus)
+    before = identity_loads(w, problem.gpus)
+    per_layer = balancedness(after)
+    bound = max_load_lower_bound(w, problem.replicas, problem.gpus)
+    mean = w.sum(dim=1) / problem.gpus
+    bound_ratio = torch.where(bound > 0, mean / bound, torch.ones_like(bound))
+    return Plan(
+        phy2log=phy2log,
+        log2phy=log2phy,
+        logcnt=logcnt,
+        gpu_load=after,
+        gpu_load_before=before,
+        layer_balancedness=per_layer,
+        balancedness=float(per_layer.mean()),
+        balancedness_before=float(balancedness(before).mean()),
+        balancedness_bound=float(bound_ratio.mean()),
+        policy=problem.policy,
+        backend=name,
+        num_replicas=problem.replicas,
+        num_groups=problem.groups,
+        num_nodes=problem.nodes,
+        num_gpus=problem.gpus,
+    )
