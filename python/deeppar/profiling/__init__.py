@@ -27,7 +27,7 @@ from .classify import COMM, COMPUTE, DEFAULT_RULES, MEMORY, Classifier, Rule, ke
 from .loader import RankTrace, load_trace, load_traces
 from .report import format_report
 
-_LAZY = {"capture": ".capture", "Capture": ".capture", "write_png": ".timeline",
+_LAZY = {"capture": "._capture", "Capture": "._capture", "write_png": ".timeline",
          "write_html": ".html"}
 
 

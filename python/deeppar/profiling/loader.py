@@ -34,7 +34,7 @@ TRACE_SUFFIXES = (".json", ".json.gz")
 class RankTrace:
     """The parts of one trace file (one rank) that the analysis uses.
 
-    Times are microseconds relative to ``base_us`` (the first kept timestamp), as float64.
+    Times are float64 microseconds relative to ``base_us``, the earliest kept timestamp.
     """
 
     path: str
@@ -170,11 +170,17 @@ def load_trace(path: str | os.PathLike[str], rank: int | None = None) -> RankTra
     world = _int_or(dist.get("world_size"), -1)
     g_start = np.frombuffer(g_ts, dtype=np.float64).copy()
     a_start = np.frombuffer(a_ts, dtype=np.float64).copy()
+    l_start = np.frombuffer(l_ts, dtype=np.float64).copy()
+    # make times relative to the earliest kept event, whatever the order of the file
+    firsts = [float(x.min()) for x in (g_start, a_start, l_start) if x.size]
+    shift = min(firsts) if firsts else 0.0
+    for x in (g_start, a_start, l_start):
+        x -= shift
     return RankTrace(
         path=path,
         rank=rank if rank is not None else max(file_rank, 0),
         world_size=world if world > 0 else None,
-        base_us=float(base or 0),
+        base_us=float(base or 0) + shift,
         names=names.order,
         gpu_start=g_start,
         gpu_end=g_start + np.frombuffer(g_dur, dtype=np.float64),
@@ -184,7 +190,7 @@ def load_trace(path: str | os.PathLike[str], rank: int | None = None) -> RankTra
         gpu_name=np.asarray(g_name, dtype=np.int64),
         gpu_corr=np.frombuffer(g_corr, dtype=np.int64).copy(),
         launch_corr=np.frombuffer(l_corr, dtype=np.int64).copy(),
-        launch_ts=np.frombuffer(l_ts, dtype=np.float64).copy(),
+        launch_ts=l_start,
         launch_thread=np.asarray(l_thread, dtype=np.int64),
         ann_start=a_start,
         ann_end=a_start + np.frombuffer(a_dur, dtype=np.float64),

@@ -1,0 +1,188 @@
+"""Overlap figures on small synthetic traces, computed by hand in the comments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _profiling_helpers import TraceBuilder, write_raw_fractional
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deeppar.profiling import Classifier, analyze_files, load_trace
+from deeppar.profiling import intervals as iv
+
+NCCL = "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)"
+GEMM = "void cutlass::device_kernel<Gemm>(Gemm::Params)"
+
+
+def _basic(tmp_path, shuffle=False, gz=False):
+    b = TraceBuilder()
+    b.kernel(GEMM, 1000, 10, stream=7)  # [0, 10)   compute
+    b.kernel(GEMM, 1020, 10, stream=7)  # [20, 30)  compute
+    b.kernel("rotary_kernel", 1002, 2, stream=8)  # [2, 4) compute, nested inside the first
+    b.kernel(NCCL, 1005, 20, stream=9)  # [5, 25)   communication
+    b.kernel("fill_kernel", 1040, 0, stream=7)  # zero length at 40: counts for span only
+    b.kernel("Memset (Device)", 1035, 1, stream=7, cat="gpu_memset")  # [35, 36)
+    b.cpu_op("aten::mm", 990, 5)
+    name = "t.json.gz" if gz else "t.json"
+    return b.write(tmp_path / name, gz=gz, shuffle=shuffle)
+
+
+@pytest.mark.parametrize("shuffle,gz", [(False, False), (True, False), (True, True)])
+def test_device_figures_by_hand(tmp_path, shuffle, gz):
+    rep = analyze_files(str(_basic(tmp_path, shuffle, gz)))
+    (d,) = rep.ranks[0].devices
+    assert d.span_us == 40  # 0 .. 40 (the zero-length kernel)
+    assert d.busy_us == 31  # [0, 30) + [35, 36)
+    assert d.idle_us == 9
+    assert d.comm_busy_us == 20
+    assert d.compute_busy_us == 20  # [0, 10) + [20, 30); the nested kernel counts once
+    assert d.overlap_us == 10  # [5, 10) + [20, 25)
+    assert d.overlap_ratio == 0.5
+    assert d.exposed_comm_us == 10  # [10, 20)
+    assert d.memory_busy_us == 1
+    assert (d.kernels, d.comm_kernels, d.compute_kernels, d.memsets) == (5, 1, 4, 1)
+    streams = {s.stream: s for s in d.streams}
+    assert streams[7].busy_us == 21 and streams[7].count == 4 and streams[7].kernels == 3
+    assert streams[8].busy_us == 2 and streams[9].busy_us == 20 and streams[9].comm_kernels == 1
+    assert streams[7].share_of_span == pytest.approx(21 / 40)
+    fam = {f.family: f for f in d.families}
+    assert fam["cutlass::device_kernel<Gemm>"].count == 2
+    assert fam["cutlass::device_kernel<Gemm>"].total_us == 20
+    assert fam["ncclDevKernel_AllReduce_Sum_f32_RING_LL"].rule == "nccl"
+
+
+def test_fractional_timestamps_keep_precision(tmp_path):
+    # epoch-sized microsecond clock: float64 parsing would round .125 to a multiple of 0.25
+    p = write_raw_fractional(tmp_path / "f.json", [
+        ("a", "1700000000000000.125", "1.0"),      # [0, 1) relative to the first
+        ("b", "1700000000000002.375", "0.25")])    # [2.25, 2.5)
+    (d,) = analyze_files(str(p)).ranks[0].devices
+    assert d.span_us == 2.5
+    assert d.busy_us == 1.25
+
+
+def _rank(b: TraceBuilder, x: float) -> None:
+    b.kernel(NCCL, 100, 10, stream=9)  # comm [0, 10)
+    b.kernel(GEMM, 100 + x, 10, stream=7)  # compute [x, x + 10): overlap 10 - x
+
+
+def test_ranks_summary_and_worst(tmp_path):
+    for r, x in enumerate((5, 0, 10)):
+        b = TraceBuilder(rank=r, world_size=3)
+        _rank(b, x)
+        b.write(tmp_path / f"rank{r}.json")
+    rep = analyze_files(str(tmp_path))  # a directory of traces
+    assert [r.rank for r in rep.ranks] == [0, 1, 2]
+    exposed = rep.summary["exposed_comm_us"]
+    assert (exposed["min"], exposed["median"], exposed["max"]) == (0, 5, 10)
+    assert exposed["max_rank"] == 2 and exposed["min_rank"] == 1
+    ratio = rep.summary["overlap_ratio"]
+    assert (ratio["min"], ratio["median"], ratio["max"]) == (0, 0.5, 1)
+    assert rep.worst["rank"] == 2
+    assert rep.summary["span_us"]["max"] == 20  # rank 2: [0, 20)
+
+
+def test_ranks_without_distributed_info_are_numbered(tmp_path):
+    paths = []
+    for i in range(2):
+        b = TraceBuilder()
+        _rank(b, 0)
+        paths.append(str(b.write(tmp_path / f"r{i}.json")))
+    rep = analyze_files(paths)
+    assert [r.rank for r in rep.ranks] == [0, 1]
+
+
+def _phased(tmp_path):
+    b = TraceBuilder()
+    b.annotation("step", 0, 100)
+    b.annotation("phaseA", 10, 20)  # [10, 30)
+    b.annotation("phaseB", 40, 20)  # [40, 60), contains "inner": not innermost
+    b.annotation("inner", 45, 5)  # [45, 50)
+    b.launch(1, 15)  # in phaseA
+    b.kernel(GEMM, 200, 10, corr=1)  # runs long after phaseA closed
+    b.launch(2, 47)  # in inner
+    b.kernel(NCCL, 205, 10, stream=9, corr=2)
+    b.launch(3, 35)  # only "step" is open
+    b.kernel(GEMM, 220, 5, corr=3)
+    b.launch(4, 20, tid=2)  # another thread without ranges
+    b.kernel(GEMM, 230, 10, corr=4)
+    b.kernel(GEMM, 300, 1, corr=5)  # launch missing from the trace
+    b.kernel(GEMM, 310, 1)  # no correlation id at all
+    return b.write(tmp_path / "p.json", shuffle=True)
+
+
+def test_phase_attribution_by_correlation(tmp_path):
+    r = analyze_files(str(_phased(tmp_path))).ranks[0]
+    assert [p.name for p in r.phases] == ["phaseA", "inner"]
+    a, inner = r.phases
+    assert a.kernels == 1 and a.compute_busy_us == 10 and a.gpu_start_us == 200
+    assert inner.kernels == 1 and inner.comm_busy_us == 10
+    # its comm [205, 215) is hidden by the device's compute [200, 210): 5 us hidden
+    assert inner.hidden_comm_us == 5 and inner.exposed_comm_us == 5
+    assert [(p.name, p.kernels) for p in r.outer_phases] == [("step", 1)]
+    at = r.attribution
+    assert (at.activities, at.attributed, at.no_launch, at.outside_ranges) == (6, 3, 2, 1)
+    assert at.unattributed == 3
+
+
+def test_phase_fallback_to_other_thread(tmp_path):
+    r = analyze_files(str(_phased(tmp_path)), phase_fallback=True).ranks[0]
+    a = r.phases[0]
+    assert a.name == "phaseA" and a.kernels == 2  # the kernel launched from tid 2 at t=20
+    assert r.attribution.via_other_thread == 1 and r.attribution.outside_ranges == 0
+
+
+def test_empty_gpu_trace_reports_no_gpu(tmp_path):
+    b = TraceBuilder()
+    b.cpu_op("aten::add", 0, 3)
+    rep = analyze_files(str(b.write(tmp_path / "cpu.json")))
+    assert not rep.ranks[0].has_gpu and rep.summary == {} and rep.worst is None
+    assert any("no GPU activity" in n for n in rep.notes)
+
+
+def test_loader_columns(tmp_path):
+    t = load_trace(_basic(tmp_path))
+    assert t.gpu_start.size == 6 and t.devices == [0]
+    assert sorted(t.gpu_stream.tolist()) == [7, 7, 7, 7, 8, 9]
+
+
+def test_user_comm_pattern(tmp_path):
+    p = str(_basic(tmp_path))
+    rep = analyze(p, Classifier.with_patterns(comm=["rotary"]))
+    (d,) = rep.ranks[0].devices
+    assert d.comm_busy_us == 20 + 2 - 0  # [2, 4) lies outside [5, 25): union 22
+    assert d.comm_kernels == 2
+
+
+def analyze(path, classifier):
+    from deeppar.profiling import analyze as _analyze
+    from deeppar.profiling import load_traces
+
+    return _analyze(load_traces(path), classifier)
+
+
+# ------------------------------------------------------------------------- intervals
+
+
+def _grid_len(ivals, lo=0, hi=60):
+    covered = np.zeros(hi - lo, dtype=bool)
+    for s, e in ivals:
+        covered[s:e] = True
+    return covered
+
+
+intervals_st = st.lists(st.tuples(st.integers(0, 50), st.integers(0, 10)), max_size=12).map(
+    lambda xs: [(s, s + d) for s, d in xs])
+
+
+@settings(max_examples=60, deadline=None)
+@given(intervals_st, intervals_st)
+def test_interval_ops_match_brute_force(a, b):
+    ua = iv.union(np.array([s for s, _ in a], float), np.array([e for _, e in a], float))
+    ub = iv.union(np.array([s for s, _ in b], float), np.array([e for _, e in b], float))
+    ga, gb = _grid_len(a), _grid_len(b)
+    assert iv.length(*ua) == ga.sum()
+    assert iv.intersection_length(ua, ub) == (ga & gb).sum()
+    assert iv.length(*iv.subtract(ua, ub)) == (ga & ~gb).sum()
+    assert np.all(ua[0][1:] > ua[1][:-1])  # disjoint, sorted, not touching

@@ -1,0 +1,149 @@
+"""``deeppar trace analyze`` through deeppar.cli.main, error cases, and capture() on CPU."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _profiling_helpers import TraceBuilder
+
+from deeppar.cli import main
+
+DEEPSEEK = Path(__file__).parent / "data" / "deepseek_v3_train_trace.json.gz"
+REPO = Path(__file__).resolve().parents[1]
+KEYS = ("span_us", "busy_us", "idle_us", "comm_busy_us", "compute_busy_us", "overlap_us",
+        "overlap_ratio", "exposed_comm_us")
+
+
+def _small(tmp_path: Path) -> Path:
+    b = TraceBuilder(rank=0, world_size=1)
+    b.kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL(x)", 0, 10, stream=9)
+    b.kernel("my_kernel", 5, 10, stream=7)
+    return b.write(tmp_path / "small.json")
+
+
+def test_json_output(tmp_path, capsys):
+    assert main(["trace", "analyze", str(_small(tmp_path)), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (dev,) = out["devices"]
+    assert all(k in dev for k in KEYS)
+    assert dev["overlap_us"] == 5 and dev["overlap_ratio"] == 0.5 and dev["exposed_comm_us"] == 5
+    assert out["ranks"][0]["devices"][0]["streams"]
+
+
+def test_comm_pattern_option(tmp_path, capsys):
+    main(["trace", "analyze", str(_small(tmp_path)), "--json", "--comm-pattern", "^my_"])
+    (dev,) = json.loads(capsys.readouterr().out)["devices"]
+    assert dev["comm_busy_us"] == 15 and dev["overlap_us"] == 0
+
+
+def test_text_report_and_png(tmp_path, capsys):
+    png = tmp_path / "timeline.png"
+    assert main(["trace", "analyze", str(DEEPSEEK), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "overlap" in out and "exposed comm" in out and "dispatch(F)" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+def test_no_gpu_events(tmp_path, capsys):
+    b = TraceBuilder()
+    b.cpu_op("aten::add", 0, 3)
+    assert main(["trace", "analyze", str(b.write(tmp_path / "cpu.json"))]) == 0
+    assert "no GPU activity" in capsys.readouterr().out
+
+
+def _error(args, capsys) -> str:
+    assert main(args) == 2
+    return capsys.readouterr().err
+
+
+def test_missing_file(tmp_path, capsys):
+    err = _error(["trace", "analyze", str(tmp_path / "nope.json")], capsys)
+    assert "not found" in err and "nope.json" in err
+
+
+def test_not_a_trace(tmp_path, capsys):
+    p = tmp_path / "x.json"
+    p.write_text('{"hello": [1, 2, 3]}')
+    assert "not a Chrome trace" in _error(["trace", "analyze", str(p)], capsys)
+    p.write_text("hello")
+    assert "not a Chrome trace" in _error(["trace", "analyze", str(p)], capsys)
+
+
+def test_truncated_json_and_gzip(tmp_path, capsys):
+    text = json.dumps(TraceBuilder().document() | {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "k", "ts": i, "dur": 1, "pid": 0, "tid": 7,
+         "args": {}} for i in range(200)]})
+    p = tmp_path / "cut.json"
+    p.write_text(text[: len(text) // 2])
+    assert "truncated" in _error(["trace", "analyze", str(p)], capsys)
+    g = tmp_path / "cut.json.gz"
+    data = gzip.compress(text.encode())
+    g.write_bytes(data[: len(data) // 2])
+    assert "truncated" in _error(["trace", "analyze", str(g)], capsys)
+
+
+_NO_TORCH = """
+import argparse, sys
+sys.modules["torch"] = None  # any import of torch now fails
+from deeppar.profiling.cli import register
+parser = argparse.ArgumentParser()
+register(parser.add_subparsers(dest="command"))
+args = parser.parse_args(["trace", "analyze", sys.argv[1], "--json"])
+sys.exit(args.func(args))
+"""
+
+
+def test_profiling_path_needs_no_torch(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "python"))
+    res = subprocess.run([sys.executable, "-c", _NO_TORCH, str(_small(tmp_path))],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["devices"][0]["overlap_us"] == 5
+
+
+def test_trace_command_does_not_import_torch(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "python"))
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "deeppar", "trace", "analyze",
+                          str(_small(tmp_path)), "--json"], capture_output=True, text=True,
+                         env=env, check=True)
+    order = [line.split("|")[-1].strip() for line in res.stderr.splitlines()]
+    assert "numpy" in order and "matplotlib" not in order
+    if "torch" in order:  # name the deeppar module whose import pulled torch in
+        after = [m for m in order[order.index("torch"):] if m.startswith("deeppar")]
+        pytest.fail(f"'deeppar trace' imported torch (through {after[:1]})")
+
+
+def test_capture_cpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    from deeppar.profiling import capture
+
+    model = torch.nn.Linear(4, 4)
+    out = tmp_path / "out" / "trace.json"
+    with capture(out, steps=2, warmup=1, cuda=False) as prof:
+        for _ in range(prof.total_steps):
+            with torch.profiler.record_function("fwd"):
+                loss = model(torch.randn(2, 4)).sum()
+            loss.backward()
+            prof.step()
+    assert out.exists() and prof.report is not None
+    r = prof.report.ranks[0]
+    assert not r.has_gpu and any("no GPU activity" in n for n in prof.report.notes)
+    assert [p.name for p in r.phases] == ["fwd", "fwd"]  # the two active steps
+
+
+def test_capture_too_few_steps(tmp_path):
+    pytest.importorskip("torch")
+    from deeppar.profiling import capture
+
+    with (pytest.raises(ValueError, match="fewer than 3 steps"),
+          capture(tmp_path / "t.json", steps=2, warmup=1, cuda=False)):
+        pass  # still warming up when the block ends: nothing recorded
+    with pytest.raises(ValueError, match="steps"), capture(tmp_path / "t.json", steps=0):
+        pass
