@@ -60,8 +60,9 @@ class WeightGradStore:
         if key is None:
             _, funcs = self.queue.popleft()
         else:
-            for i, (k, funcs) in enumerate(self.queue):
+            for i, (k, group) in enumerate(self.queue):
                 if k == key:
+                    funcs = group
                     del self.queue[i]
                     break
             else:

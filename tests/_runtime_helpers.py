@@ -1,0 +1,370 @@
+"""Helpers for the runtime tests: one spawned gloo group per world size runs many cases in a row
+and reports each case's outcome per rank through a queue; plus the models and the sequential
+reference the pipeline results are compared with."""
+
+from __future__ import annotations
+
+import copy
+import os
+import queue as _queue
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+HIDDEN = 8
+MB = 2  # micro-batch size
+
+# ----------------------------------------------------------------------------- process groups
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, cases: list[str], q) -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=60))
+    except Exception:  # noqa: BLE001
+        q.put((rank, "<init>", traceback.format_exc()))
+        return
+    mod = sys.modules[__name__]
+    for name in cases:
+        try:
+            getattr(mod, name)(rank, world)
+            q.put((rank, name, None))
+        except Exception:  # noqa: BLE001
+            q.put((rank, name, traceback.format_exc()))
+        # keep ranks together between cases, so one case's messages never meet the next's
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001
+            q.put((rank, "<barrier>", traceback.format_exc()))
+            break
+    dist.destroy_process_group()
+
+
+def run_cases(world: int, cases: list[str], timeout: float) -> dict[str, dict[int, str | None]]:
+    """Run ``cases`` (names of functions ``case(rank, world)`` in this module) on one spawned
+    gloo group of ``world`` processes. Returns ``{case: {rank: traceback or None}}``; a case
+    that did not report on some rank before ``timeout`` seconds gets ``"timeout"`` there."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, cases, q), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[str, dict[int, str | None]] = {c: {} for c in cases}
+    expected = world * len(cases)
+    got = 0
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        while got < expected:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                rank, name, err = q.get(timeout=min(left, 5.0))
+            except _queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    break
+                continue
+            results.setdefault(name, {})[rank] = err
+            if name in cases:
+                got += 1
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    for c in cases:
+        for r in range(world):
+            results[c].setdefault(r, "timeout (no report)")
+    return results
+
+
+def failures(results: dict[str, dict[int, str | None]]) -> str:
+    lines = []
+    for case, per_rank in results.items():
+        for r, err in sorted(per_rank.items()):
+            if err is not None:
+                lines.append(f"--- {case} rank {r}:\n{err}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class MLPStage(nn.Module):
+    def __init__(self, d: int = HIDDEN) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class GatedStage(nn.Module):
+    """A different stage type (for mixed-type pipelines)."""
+
+    def __init__(self, d: int = HIDDEN) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, d, bias=False)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * torch.sigmoid(self.gate(x))
+
+
+class MultiStage(nn.Module):
+    """Returns (h, unused, idx): ``unused`` requires grad but the next stage ignores it (its
+    gradient is None), ``idx`` is an integer tensor without gradient."""
+
+    def __init__(self, d: int = HIDDEN) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.side = nn.Linear(d, d)
+        self.emb = nn.Parameter(torch.randn(4, d) * 0.1)
+
+    def forward(self, x: torch.Tensor, unused: torch.Tensor | None = None,
+                idx: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        h = torch.tanh(self.fc(x))
+        if idx is not None:
+            h = h + self.emb[idx]
+        new_idx = (x.detach().abs().sum(-1) * 10).long() % 4
+        return h, self.side(x), new_idx
+
+
+class HookStage(MLPStage):
+    """MLPStage with DeepSeek's overlapped_forward_backward hook (counts its calls)."""
+
+    calls = 0
+
+    @classmethod
+    def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0,
+                                    module1, loss1, outputs1, output_grads1):
+        cls.calls += 1
+        outputs0 = module0(*inputs0)
+        outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
+        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
+        if loss1 is not None:
+            loss1.backward()
+            loss1.detach_()
+        else:
+            torch.autograd.backward(list(outputs1), list(output_grads1))
+        return outputs0, loss0
+
+
+def criterion(y: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(y, label)
+
+
+def multi_criterion(h: torch.Tensor, unused: torch.Tensor, idx: torch.Tensor,
+                    label: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(h, label) + 0.01 * idx.float().mean()
+
+
+def make_model(n: int, kind: str = "mlp", seed: int = 0) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    stages: list[nn.Module] = []
+    for k in range(n):
+        if kind == "mlp":
+            stages.append(MLPStage())
+        elif kind == "mixed":
+            stages.append(MLPStage() if k % 2 == 0 else GatedStage())
+        elif kind == "multi":
+            stages.append(MultiStage())
+        elif kind == "hook":
+            stages.append(HookStage())
+        else:
+            raise ValueError(kind)
+    return stages
+
+
+def make_data(n_chunks: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_chunks * MB, HIDDEN, generator=g)
+    y = torch.randn(n_chunks * MB, HIDDEN, generator=g)
+    return x, y
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference(stages: list[nn.Module], x: torch.Tensor, y: torch.Tensor, n_chunks: int,
+              crit: Callable, train: bool = True):
+    """Run the stages one after another per micro-batch; returns (losses, outputs) per mb and
+    leaves the parameter gradients on ``stages``."""
+    losses, outs = [], []
+    for xm, ym in zip(x.chunk(n_chunks), y.chunk(n_chunks)):
+        with torch.set_grad_enabled(train):
+            h: tuple = (xm,)
+            for s in stages:
+                o = s(*h)
+                h = (o,) if isinstance(o, torch.Tensor) else tuple(o)
+            loss = crit(*h, ym)
+        if train:
+            loss.backward()
+        losses.append(loss.detach())
+        outs.append(tuple(t.detach() for t in h))
+    return losses, outs
+
+
+def cos_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    den = (a * a + b * b).sum().item()
+    if den == 0.0:
+        return 0.0
+    return 1.0 - 2.0 * (a * b).sum().item() / den
+
+
+def assert_grads_match(mine: nn.Module, ref: nn.Module, what: str) -> None:
+    for (name, p), q in zip(mine.named_parameters(), ref.parameters()):
+        if q.grad is None:
+            assert p.grad is None or not p.grad.any(), f"{what}.{name}: expected no gradient"
+            continue
+        assert p.grad is not None, f"{what}.{name}: gradient missing"
+        d = cos_diff(p.grad, q.grad)
+        assert d < 1e-12, f"{what}.{name}: cosine distance {d}"
+
+
+def cat_outputs(outs: list[tuple], mbs: list[int]):
+    cat = tuple(torch.cat([outs[m][i] for m in mbs]) for i in range(len(outs[0])))
+    return cat[0] if len(cat) == 1 else cat
+
+
+def assert_outputs_equal(got, want) -> None:
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and torch.equal(got, want), "outputs differ"
+    else:
+        assert isinstance(got, tuple) and len(got) == len(want), "outputs differ in count"
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), "outputs differ"
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_dualpipe(rank: int, world: int, n_chunks: int, *, kind: str = "mlp",
+                   crit: Callable = criterion, cls=None, transform: Callable | None = None,
+                   train: bool = True, return_outputs: bool = True, **pipe_kw):
+    """One DualPipe step against the sequential reference; returns the pipeline."""
+    if cls is None:
+        from deeppar.pipeline import DualPipe as cls
+    P = world
+    stages = make_model(P, kind)
+    ref = copy.deepcopy(stages)
+    x, y = make_data(n_chunks)
+    losses, outs = reference(ref, x, y, n_chunks, crit, train)
+    local = [copy.deepcopy(stages[rank]), copy.deepcopy(stages[P - 1 - rank])]
+    if transform is not None:
+        local = [transform(m) for m in local]
+    pipe = cls(tuple(local), **pipe_kw)
+    half = n_chunks // 2
+    inp = x[:half * MB] if rank == 0 else x[half * MB:] if rank == P - 1 else None
+    lab = y[half * MB:] if rank == 0 else y[:half * MB] if rank == P - 1 else None
+    with torch.set_grad_enabled(train):
+        loss, out = pipe.step(inp, num_chunks=n_chunks, criterion=crit, labels=(lab,),
+                              return_outputs=return_outputs)
+    mbs = (list(range(half, n_chunks)) if rank == 0 else list(range(half))
+           if rank == P - 1 else None)
+    if mbs is None:
+        assert loss is None and out is None, "a middle rank returned a loss or outputs"
+    else:
+        want = torch.stack([losses[m] for m in mbs])
+        assert torch.equal(loss, want), f"losses differ: {loss} vs {want}"
+        if return_outputs:
+            assert_outputs_equal(out, cat_outputs(outs, mbs))
+        else:
+            assert out is None
+    if train:
+        pipe.sum_mirrored_grads()
+        assert_grads_match(local[0], ref[rank], f"rank{rank}.slot0")
+        assert_grads_match(local[1], ref[P - 1 - rank], f"rank{rank}.slot1")
+    else:
+        assert all(p.grad is None for m in local for p in m.parameters())
+    return pipe
+
+
+def check_dualpipev(rank: int, world: int, n_chunks: int, *, kind: str = "mlp",
+                    crit: Callable = criterion, cls=None, transform: Callable | None = None,
+                    train: bool = True, return_outputs: bool = True, **pipe_kw):
+    """One DualPipeV step against the sequential reference; returns the pipeline."""
+    if cls is None:
+        from deeppar.pipeline import DualPipeV as cls
+    P = world
+    stages = make_model(2 * P, kind)
+    ref = copy.deepcopy(stages)
+    x, y = make_data(n_chunks)
+    losses, outs = reference(ref, x, y, n_chunks, crit, train)
+    local = [copy.deepcopy(stages[rank]), copy.deepcopy(stages[2 * P - 1 - rank])]
+    if transform is not None:
+        local = [transform(m) for m in local]
+    pipe = cls(tuple(local), **pipe_kw)
+    inp, lab = (x, y) if rank == 0 else (None, None)
+    with torch.set_grad_enabled(train):
+        loss, out = pipe.step(inp, num_chunks=n_chunks, criterion=crit, labels=(lab,),
+                              return_outputs=return_outputs)
+    if rank != 0:
+        assert loss is None and out is None, "a rank other than 0 returned a loss or outputs"
+    else:
+        assert torch.equal(loss, torch.stack(losses)), "losses differ"
+        if return_outputs:
+            assert_outputs_equal(out, cat_outputs(outs, list(range(n_chunks))))
+    if train:
+        assert_grads_match(local[0], ref[rank], f"rank{rank}.slot0")
+        assert_grads_match(local[1], ref[2 * P - 1 - rank], f"rank{rank}.slot1")
+    return pipe
+
+
+def expect_error(fn: Callable, *words: str) -> None:
+    try:
+        fn()
+    except ValueError as e:
+        for w in words:
+            assert w in str(e), f"error {e!r} does not mention {w!r}"
+        return
+    raise AssertionError("no ValueError raised")
+
+
+# ----------------------------------------------------------------------------- cases: DualPipe
+
+
+def case_dp_train(rank: int, world: int) -> None:
+    for n in (2 * world, 2 * world + 2, 4 * world):
+        check_dualpipe(rank, world, n)
+
+
+def case_dp_infer(rank: int, world: int) -> None:
+    check_dualpipe(rank, world, 2 * world, train=False)
+    check_dualpipe(rank, world, 2 * world + 2, train=False, return_outputs=False)
+
+
+# ----------------------------------------------------------------------------- cases: DualPipeV
+
+
+def case_dpv_train(rank: int, world: int) -> None:
+    for n in (2 * world, 2 * world + 1, 3 * world + 2):
+        check_dualpipev(rank, world, n)
+
+
+def case_dpv_infer(rank: int, world: int) -> None:
+    check_dualpipev(rank, world, 2 * world + 1, train=False)
