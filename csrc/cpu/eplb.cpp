@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -144,6 +145,14 @@ void replicate_row(const float* w, int32_t n, int32_t k, int32_t* slot_expert, i
   }
 }
 
+// The spec's rules assume finite non-negative loads (a NaN would break the sort's ordering).
+void check_row(const float* w, int64_t n, const char* op) {
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(w[i] >= 0.0f && w[i] <= std::numeric_limits<float>::max(), op,
+                ": weight must hold finite non-negative loads, got ", w[i]);
+  }
+}
+
 struct Shape {
   int32_t experts, replicas, groups, nodes, gpus;
 };
@@ -242,6 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_cpu(
   at::parallel_for(0, layers, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     for (int64_t l = begin; l < end; ++l) {
+      check_row(wp + l * experts, experts, "eplb_rebalance");
       hierarchical_row(wp + l * experts, sh, pp + l * num_replicas, rp + l * num_replicas,
                        cp + l * experts, s);
     }
@@ -265,6 +275,7 @@ std::tuple<at::Tensor, at::Tensor> eplb_pack_cpu(const at::Tensor& weight,  // [
     Scratch s;
     std::vector<int32_t> p(n), r(n);
     for (int64_t x = begin; x < end; ++x) {
+      check_row(wp + x * n, n, "eplb_pack");
       pack_row(wp + x * n, static_cast<int32_t>(n), static_cast<int32_t>(num_packs), p.data(),
                r.data(), s);
       std::copy(p.begin(), p.end(), pp + x * n);
@@ -293,6 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_replicate_cpu(
     Scratch s;
     std::vector<int32_t> e(num_phy), r(num_phy), c(n);
     for (int64_t x = begin; x < end; ++x) {
+      check_row(wp + x * n, n, "eplb_replicate");
       replicate_row(wp + x * n, static_cast<int32_t>(n), static_cast<int32_t>(num_phy), e.data(),
                     r.data(), c.data(), s);
       std::copy(e.begin(), e.end(), pp + x * num_phy);

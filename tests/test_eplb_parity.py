@@ -1,0 +1,177 @@
+"""EPLB backends agree bit for bit with the reference (ties included); ops pass opcheck;
+torch.compile and CUDA graphs work with the sync-free ``max_replicas`` form."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from _eplb_helpers import SHAPES, check_invariants, random_shape, random_weight
+from conftest import HAS_CUDA, TRITON_INTERPRET
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import deeppar.eplb as eplb
+from deeppar import _native
+
+HAS_CPU_KERNEL = _native.has_kernel("eplb_rebalance", "cpu")
+needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="deeppar._C has no CPU EPLB kernel")
+KINDS = ["real", "int", "zero", "sparse", "half"]
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b))
+
+
+def _plan(weight, shape, backend, **kw):
+    _, _, replicas, groups, nodes, gpus = shape
+    return eplb.rebalance_experts(weight, replicas, groups, nodes, gpus, backend=backend, **kw)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpu_matches_reference(shape, kind):
+    weight = random_weight(shape[0], shape[1], kind, seed=SHAPES.index(shape) * 10 + KINDS.index(kind))
+    want = _plan(weight, shape, "reference")
+    got = _plan(weight, shape, "cpu")
+    assert _same(got, want)
+    check_invariants(weight, *got, *shape[2:])
+
+
+@needs_cpu_kernel
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(KINDS))
+def test_cpu_matches_reference_random_shapes(seed, kind):
+    shape = random_shape(random.Random(seed))
+    weight = random_weight(shape[0], shape[1], kind, seed)
+    assert _same(_plan(weight, shape, "cpu"), _plan(weight, shape, "reference"))
+
+
+@needs_cpu_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(st.sampled_from([0.0, 1.0, 0.5, 3.0, 1e-30, 2.0**-126, 3.4e38, 1e7, 1e7 + 1]),
+                 min_size=8, max_size=8),
+        min_size=1, max_size=3,
+    )
+)
+def test_cpu_matches_reference_extreme_values(rows):
+    # Huge loads overflow float32 sums to inf; tiny ones are subnormal after division.
+    weight = torch.tensor(rows, dtype=torch.float32)
+    for shape in [(0, 8, 16, 4, 2, 4), (0, 8, 12, 2, 1, 3), (0, 8, 24, 4, 3, 6)]:
+        assert _same(_plan(weight, shape, "cpu"), _plan(weight, shape, "reference"))
+
+
+@needs_cpu_kernel
+def test_negative_zero_is_zero():
+    weight = torch.tensor([[-0.0, 0.0, 0.0, -0.0, 1.0, 1.0]])
+    shape = (1, 6, 9, 3, 1, 3)
+    assert _same(_plan(weight, shape, "cpu"), _plan(weight.abs(), shape, "reference"))
+
+
+@needs_cpu_kernel
+def test_native_ops_reject_bad_values():
+    with pytest.raises(RuntimeError, match="finite non-negative"):
+        torch.ops.deeppar.eplb_rebalance(torch.full((1, 4), float("nan")), 4, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="multiple of gpus"):
+        torch.ops.deeppar.eplb_rebalance(torch.ones(1, 4), 6, 1, 1, 4)
+
+
+@needs_cpu_kernel
+def test_opcheck():
+    weight = random_weight(3, 16, "real", 0)
+    torch.library.opcheck(torch.ops.deeppar.eplb_rebalance.default, (weight, 24, 4, 2, 8))
+    torch.library.opcheck(torch.ops.deeppar.eplb_pack.default, (weight, 4))
+    torch.library.opcheck(torch.ops.deeppar.eplb_replicate.default, (weight, 20))
+
+
+@needs_cpu_kernel
+def test_torch_compile_fullgraph_with_max_replicas():
+    weight = random_weight(4, 16, "real", 1)
+
+    def fn(w):
+        return eplb.rebalance_experts(w, 24, 4, 2, 8, max_replicas=9)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    assert _same(compiled(weight), fn(weight))
+    with pytest.raises(RuntimeError, match="finite non-negative"):
+        compiled(torch.full((4, 16), float("nan")))
+
+
+# ---------------------------------------------------------------------------- GPU backends
+def _gpu_backends() -> list[str]:
+    return [b for b in ("cuda", "triton") if b in eplb.available("cuda")] if HAS_CUDA else []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES + [(5, 256, 288, 8, 4, 32), (3, 256, 320, 8, 40, 320),
+                                             (4, 128, 144, 1, 2, 16), (2, 512, 1024, 64, 16, 128)])
+def test_gpu_backends_match_cpu(shape, kind):
+    backends = _gpu_backends()
+    if not backends:
+        pytest.skip("no GPU EPLB backend available")
+    weight = random_weight(shape[0], shape[1], kind, seed=7)
+    want = _plan(weight, shape, "cpu" if HAS_CPU_KERNEL else "reference")
+    for backend in backends:
+        got = _plan(weight.cuda(), shape, backend)
+        assert all(t.is_cuda for t in got)
+        assert _same(got, want), backend
+
+
+@pytest.mark.gpu
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(KINDS))
+def test_gpu_backends_match_random_shapes(seed, kind):
+    backends = _gpu_backends()
+    if not backends:
+        pytest.skip("no GPU EPLB backend available")
+    shape = random_shape(random.Random(seed))
+    weight = random_weight(shape[0], shape[1], kind, seed)
+    want = _plan(weight, shape, "reference")
+    for backend in backends:
+        assert _same(_plan(weight.cuda(), shape, backend), want), backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture_with_max_replicas(backend):
+    if backend not in _gpu_backends():
+        pytest.skip(f"{backend} backend not available")
+    weight = random_weight(58, 256, "real", 3).cuda()
+    static = weight.clone()
+    kw = {"backend": backend, "max_replicas": 34}
+    eplb.rebalance_experts(static, 288, 8, 4, 32, **kw)  # warm up (compiles, loads)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = eplb.rebalance_experts(static, 288, 8, 4, 32, **kw)
+    for seed in (4, 5):
+        new = random_weight(58, 256, "real", seed)
+        static.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _same(out, eplb.rebalance_experts(new, 288, 8, 4, 32, max_replicas=34))
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck_and_compile():
+    if "cuda" not in _gpu_backends():
+        pytest.skip("cuda backend not available")
+    weight = random_weight(3, 16, "real", 0).cuda()
+    torch.library.opcheck(torch.ops.deeppar.eplb_rebalance.default, (weight, 24, 4, 2, 8))
+    fn = lambda w: eplb.rebalance_experts(w, 24, 4, 2, 8, max_replicas=9)
+    assert _same(torch.compile(fn, fullgraph=True)(weight), fn(weight.cpu()))
+
+
+# ------------------------------------------------------------- Triton on CPU (interpreter)
+@pytest.mark.triton
+@pytest.mark.skipif(not TRITON_INTERPRET, reason="set DEEPPAR_TRITON_INTERPRET=1 to run Triton on CPU")
+@pytest.mark.parametrize("kind", ["real", "int", "zero"])
+@pytest.mark.parametrize("shape", [(2, 12, 16, 4, 2, 8), (2, 16, 24, 8, 3, 6), (1, 9, 27, 3, 1, 9)])
+def test_triton_interpreted_matches_reference(shape, kind):
+    weight = random_weight(shape[0], shape[1], kind, seed=11)
+    assert _same(_plan(weight, shape, "triton"), _plan(weight, shape, "reference"))
