@@ -48,6 +48,11 @@ def test_text_report_and_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "overlap" in out and "exposed comm" in out and "dispatch(F)" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = tmp_path / "timeline.html"
+    assert main(["trace", "analyze", str(DEEPSEEK), "--html", str(html), "--json"]) == 0
+    json.loads(capsys.readouterr().out)
+    page = html.read_text()
+    assert "<svg" in page and "dispatch(F)" in page and "http" not in page.lower()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
 

@@ -157,7 +157,7 @@ def iter_trace_events(path: str, meta: dict[str, Any]) -> Iterator[dict[str, Any
 def _iter_array(rd: _Reader) -> Iterator[dict[str, Any]]:
     """Yield the object elements of the array whose '[' was just consumed."""
     sep = _SEP.match
-    decode = rd.decoder.raw_decode
+    scan = rd.decoder.scan_once  # the C scanner itself: no Python frame per element
     while True:
         buf = rd.buf
         pos = sep(buf, rd.pos).end()
@@ -171,8 +171,8 @@ def _iter_array(rd: _Reader) -> Iterator[dict[str, Any]]:
             rd.pos = pos + 1
             return
         try:
-            ev, rd.pos = decode(buf, pos)
-        except json.JSONDecodeError:
+            ev, rd.pos = scan(buf, pos)
+        except StopIteration:
             ev = rd.value()  # refills until the element is complete, or raises
         if isinstance(ev, dict):
             yield ev

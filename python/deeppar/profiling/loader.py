@@ -27,6 +27,10 @@ _GPU_CATS = {"kernel": KIND_KERNEL, "Kernel": KIND_KERNEL,
 _LAUNCH_CATS = {"cuda_runtime", "cuda_driver", "Runtime", "Driver"}
 _ANNOTATION_CATS = {"user_annotation"}
 
+_GPU, _LAUNCH, _ANN = 1, 2, 3
+_TARGETS = {**{c: _GPU for c in _GPU_CATS}, **{c: _LAUNCH for c in _LAUNCH_CATS},
+            **{c: _ANN for c in _ANNOTATION_CATS}}
+
 TRACE_SUFFIXES = (".json", ".json.gz")
 
 
@@ -111,18 +115,11 @@ def load_trace(path: str | os.PathLike[str], rank: int | None = None) -> RankTra
     base_dec: Decimal | None = None
     n_events = 0
 
+    targets = _TARGETS.get
     for ev in iter_trace_events(path, meta):
         n_events += 1
-        if ev.get("ph") != "X":
-            continue
-        cat = ev.get("cat")
-        if cat in _GPU_CATS:
-            target = "gpu"
-        elif cat in _LAUNCH_CATS:
-            target = "launch"
-        elif cat in _ANNOTATION_CATS:
-            target = "ann"
-        else:
+        target = targets(ev.get("cat"))  # most events (cpu_op, flows) stop here
+        if target is None or ev.get("ph") != "X":
             continue
         ts = ev.get("ts")
         if ts is None:
@@ -130,7 +127,7 @@ def load_trace(path: str | os.PathLike[str], rank: int | None = None) -> RankTra
         if base is None:
             base = int(Decimal(ts)) if isinstance(ts, str) else int(ts)
             base_dec = Decimal(base)
-        if isinstance(ts, int):
+        if type(ts) is int:
             rel = float(ts - base)
         else:
             try:
@@ -142,18 +139,22 @@ def load_trace(path: str | os.PathLike[str], rank: int | None = None) -> RankTra
         if dur < 0:
             dur = 0.0
         args = ev.get("args")
-        if not isinstance(args, dict):
+        if type(args) is not dict:
             args = {}
-        if target == "gpu":
+        if target == _GPU:
             g_ts.append(rel)
             g_dur.append(dur)
-            g_dev.append(_int_or(args.get("device"), _int_or(ev.get("pid"), 0)))
-            g_stream.append(_int_or(args.get("stream"), _int_or(ev.get("tid"), 0)))
-            g_kind.append(_GPU_CATS[cat])
+            v = args.get("device")
+            g_dev.append(v if type(v) is int else _int_or(v, _int_or(ev.get("pid"), 0)))
+            v = args.get("stream")
+            g_stream.append(v if type(v) is int else _int_or(v, _int_or(ev.get("tid"), 0)))
+            g_kind.append(_GPU_CATS[ev["cat"]])
             g_name.append(names[str(ev.get("name", ""))])
-            g_corr.append(_int_or(args.get("correlation"), -1))
-        elif target == "launch":
-            corr = _int_or(args.get("correlation"), -1)
+            v = args.get("correlation")
+            g_corr.append(v if type(v) is int else _int_or(v, -1))
+        elif target == _LAUNCH:
+            v = args.get("correlation")
+            corr = v if type(v) is int else _int_or(v, -1)
             if corr < 0:
                 continue
             l_corr.append(corr)
