@@ -16,7 +16,9 @@ import deeppar.eplb as eplb
 from deeppar import _native
 
 HAS_CPU_KERNEL = _native.has_kernel("eplb_rebalance", "cpu")
-needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="deeppar._C has no CPU EPLB kernel")
+needs_cpu_kernel = pytest.mark.skipif(
+    not HAS_CPU_KERNEL, reason="deeppar._C has no CPU EPLB kernel"
+)
 KINDS = ["real", "int", "zero", "sparse", "half"]
 
 
@@ -33,7 +35,8 @@ def _plan(weight, shape, backend, **kw):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cpu_matches_reference(shape, kind):
-    weight = random_weight(shape[0], shape[1], kind, seed=SHAPES.index(shape) * 10 + KINDS.index(kind))
+    seed = SHAPES.index(shape) * 10 + KINDS.index(kind)
+    weight = random_weight(shape[0], shape[1], kind, seed=seed)
     want = _plan(weight, shape, "reference")
     got = _plan(weight, shape, "cpu")
     assert _same(got, want)
@@ -169,9 +172,13 @@ def test_cuda_opcheck_and_compile():
 
 # ------------------------------------------------------------- Triton on CPU (interpreter)
 @pytest.mark.triton
-@pytest.mark.skipif(not TRITON_INTERPRET, reason="set DEEPPAR_TRITON_INTERPRET=1 to run Triton on CPU")
+@pytest.mark.skipif(
+    not TRITON_INTERPRET, reason="set DEEPPAR_TRITON_INTERPRET=1 to run Triton on CPU"
+)
 @pytest.mark.parametrize("kind", ["real", "int", "zero"])
-@pytest.mark.parametrize("shape", [(2, 12, 16, 4, 2, 8), (2, 16, 24, 8, 3, 6), (1, 9, 27, 3, 1, 9)])
+@pytest.mark.parametrize(
+    "shape", [(2, 12, 16, 4, 2, 8), (2, 16, 24, 8, 3, 6), (1, 9, 27, 3, 1, 9)]
+)
 def test_triton_interpreted_matches_reference(shape, kind):
     weight = random_weight(shape[0], shape[1], kind, seed=11)
     assert _same(_plan(weight, shape, "triton"), _plan(weight, shape, "reference"))

@@ -24,7 +24,8 @@ if _native.has_kernel("eplb_rebalance", "cpu") or _native.has_kernel("eplb_rebal
     def _rebalance_fake(weight, num_replicas, num_groups, num_nodes, num_gpus):
         layers, experts = weight.shape
         slots = weight.new_empty((layers, num_replicas), dtype=torch.int64)
-        return slots, torch.empty_like(slots), weight.new_empty((layers, experts), dtype=torch.int64)
+        counts = weight.new_empty((layers, experts), dtype=torch.int64)
+        return slots, torch.empty_like(slots), counts
 
     @torch.library.register_fake("deeppar::eplb_pack")
     def _pack_fake(weight, num_packs):
@@ -68,7 +69,10 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         if not _native.triton_usable(device):
             if device.type == "cuda":
                 return "no CUDA device is available"
-            return f"triton runs on CUDA tensors (or CPU under TRITON_INTERPRET=1); weight is on {device}"
+            return (
+                "triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
+                f"weight is on {device}"
+            )
         return None
     raise ValueError(f"backend must be None or one of {', '.join(BACKENDS)}; got {backend!r}")
 

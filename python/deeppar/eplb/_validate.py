@@ -18,7 +18,8 @@ def as_count(value: object, name: str, minimum: int = 1) -> int:
     try:
         number = operator.index(value)  # int, numpy integers, 0-d integer tensors
     except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+        got = f"{type(value).__name__} {value!r}"
+        raise TypeError(f"{name} must be an integer, got {got}") from None
     if number < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {number}")
     return number
@@ -41,7 +42,9 @@ def as_weight(weight: object, name: str = "weight") -> torch.Tensor:
             f"{name} needs at least one layer and one expert, got shape {tuple(weight.shape)}"
         )
     if weight.shape[1] >= MAX_SLOTS:
-        raise ValueError(f"{name} has too many experts ({weight.shape[1]}), at most {MAX_SLOTS - 1}")
+        raise ValueError(
+            f"{name} has too many experts ({weight.shape[1]}), at most {MAX_SLOTS - 1}"
+        )
     return weight.detach().to(torch.float32).contiguous()
 
 

@@ -130,7 +130,8 @@ def rebalance_experts_hierarchical(
     num_nodes: int,
     num_gpus: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hierarchical policy alone: (phy2log ``[L, R]``, replica rank ``[L, R]``, logcnt ``[L, E]``)."""
+    """Hierarchical policy alone: (phy2log ``[L, R]``, replica rank ``[L, R]``,
+    logcnt ``[L, E]``)."""
     w = as_weight(weight)
     problem = check_problem(w, num_physical_experts, num_groups, num_nodes, num_gpus)
     if not problem.hierarchical:

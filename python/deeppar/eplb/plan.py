@@ -81,7 +81,8 @@ class Plan:
             f"policy: {self.policy} (backend: {self.backend})",
             f"balancedness before (no replication, expert e on GPU e*P//E): "
             f"{self.balancedness_before:.4f}",
-            f"balancedness after: {self.balancedness:.4f} (upper bound {self.balancedness_bound:.4f})",
+            f"balancedness after: {self.balancedness:.4f} "
+            f"(upper bound {self.balancedness_bound:.4f})",
             f"max GPU load: {loads.max(dim=1).values.mean():.4g} "
             f"(before {self.gpu_load_before.max(dim=1).values.mean():.4g}), "
             f"mean GPU load: {loads.mean(dim=1).mean():.4g} (averaged over layers)",

@@ -40,7 +40,8 @@ def pack_row(weights: list[np.float32], num_packs: int) -> tuple[list[int], list
 def replicate_row(
     weights: list[np.float32], num_slots: int
 ) -> tuple[list[int], list[int], list[int]]:
-    """Replication of one row: (expert of each slot, replica rank of each slot, count per expert)."""
+    """Replication of one row: (expert of each slot, replica rank of each slot, count per
+    expert)."""
     n = len(weights)
     slot_expert = list(range(n))
     slot_rank = [0] * n
@@ -109,13 +110,19 @@ def _rows(weight: torch.Tensor) -> list[list[np.float32]]:
     return [[F32(x) for x in row] for row in array]
 
 
+def _float32_overflow_ok() -> np.errstate:
+    # Huge loads may sum to inf in float32, exactly as in the kernels: not worth a warning.
+    return np.errstate(over="ignore", under="ignore")
+
+
 def _tensor(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64).to(device)
 
 
 def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched :func:`pack_row`: ``[X, n]`` weights -> (pack index, rank in pack), ``[X, n]``."""
-    packs, ranks = zip(*(pack_row(row, num_packs) for row in _rows(weight)))
+    with _float32_overflow_ok():
+        packs, ranks = zip(*(pack_row(row, num_packs) for row in _rows(weight)))
     return _tensor(list(packs), weight.device), _tensor(list(ranks), weight.device)
 
 
@@ -123,16 +130,19 @@ def replicate_experts(
     weight: torch.Tensor, num_phy: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched :func:`replicate_row`: (phy2log ``[X, num_phy]``, rank, logcnt ``[X, n]``)."""
-    out = [replicate_row(row, num_phy) for row in _rows(weight)]
+    with _float32_overflow_ok():
+        out = [replicate_row(row, num_phy) for row in _rows(weight)]
     return tuple(_tensor([o[i] for o in out], weight.device) for i in range(3))  # type: ignore
 
 
 def rebalance_hierarchical(
     weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batched :func:`hierarchical_row`: (phy2log ``[L, R]``, phy rank ``[L, R]``, logcnt ``[L, E]``)."""
-    out = [
-        hierarchical_row(row, num_replicas, num_groups, num_nodes, num_gpus)
-        for row in _rows(weight)
-    ]
+    """Batched :func:`hierarchical_row`: (phy2log ``[L, R]``, replica rank of each slot
+    ``[L, R]``, logcnt ``[L, E]``)."""
+    with _float32_overflow_ok():
+        out = [
+            hierarchical_row(row, num_replicas, num_groups, num_nodes, num_gpus)
+            for row in _rows(weight)
+        ]
     return tuple(_tensor([o[i] for o in out], weight.device) for i in range(3))  # type: ignore
