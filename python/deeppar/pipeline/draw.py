@@ -102,7 +102,7 @@ def _share(step: Overlap, costs: Any = None) -> float:
     return 1.0 / (1.0 + {Kind.B: 2.0, Kind.I: 1.0}[step.backward.kind])
 
 
-def _legend(ax: Any, schedule: Schedule) -> None:
+def _legend_handles(schedule: Schedule) -> list[Any]:
     from matplotlib.patches import Patch
 
     kinds = sorted({a.kind.value for _, _, a in schedule.all_actions()}, key="FBIW".index)
@@ -115,8 +115,13 @@ def _legend(ax: Any, schedule: Schedule) -> None:
     if any(isinstance(s, Overlap) for p in schedule.steps for s in p):
         handles.append(Patch(facecolor="white", edgecolor="black", linewidth=1.4,
                              label="overlapped F&B pair"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18),
-              ncol=min(4, len(handles)), fontsize=8, frameon=False)
+    return handles
+
+
+def _legend(ax: Any, schedule: Schedule) -> None:
+    handles = _legend_handles(schedule)
+    ax.figure.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)),
+                     fontsize=8, frameon=False)
 
 
 def draw(schedule: Schedule, path: str | Path | None = None, *,
@@ -127,10 +132,12 @@ def draw(schedule: Schedule, path: str | Path | None = None, *,
     plt = _plt()
     res = result or simulate(schedule, costs)
     width = min(60.0, max(8.0, 0.28 * res.makespan + 1.5))
-    height = 1.2 + 0.42 * schedule.num_ranks + 0.6
+    legend_rows = -(-len(_legend_handles(schedule)) // 5)
+    bottom = 0.55 + 0.2 * legend_rows + 0.15
+    height = 0.5 + 0.42 * schedule.num_ranks + bottom
     fig, ax = plt.subplots(figsize=(width, height))
     fig.subplots_adjust(left=0.9 / width, right=1 - 0.2 / width, top=1 - 0.45 / height,
-                        bottom=1.25 / height)
+                        bottom=bottom / height)
     draw_on(ax, schedule, res, title=title, costs=costs)
     if path is not None:
         fig.savefig(path, dpi=dpi)
