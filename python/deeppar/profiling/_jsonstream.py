@@ -172,7 +172,7 @@ def _iter_array(rd: _Reader) -> Iterator[dict[str, Any]]:
             return
         try:
             ev, rd.pos = scan(buf, pos)
-        except StopIteration:
+        except (StopIteration, json.JSONDecodeError):
             ev = rd.value()  # refills until the element is complete, or raises
         if isinstance(ev, dict):
             yield ev
