@@ -368,3 +368,268 @@ def case_dpv_train(rank: int, world: int) -> None:
 
 def case_dpv_infer(rank: int, world: int) -> None:
     check_dualpipev(rank, world, 2 * world + 1, train=False)
+
+
+# ----------------------------------------------------------------------------- DeepSeek style
+
+
+class _LinearFunc(torch.autograd.Function):
+    """DeepSeek's example style: the weight gradient goes through the class-level store."""
+
+    puts = 0
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from deeppar.dualpipe.utils import WeightGradStore
+
+        x, weight = ctx.saved_tensors
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+
+        def grad_weight_fn():
+            weight.grad += grad_out.flatten(0, -2).T @ x.flatten(0, -2)
+
+        if WeightGradStore.enabled:
+            _LinearFunc.puts += 1
+            WeightGradStore.put(grad_weight_fn)
+        else:
+            grad_weight_fn()
+        return grad_out @ weight, None
+
+
+class _MyLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LinearFunc.apply(x, self.weight)
+
+
+class DeepSeekStage(nn.Module):
+    """The stage of DeepSeek's example (custom autograd function + overlap hook)."""
+
+    def __init__(self, d: int = HIDDEN) -> None:
+        super().__init__()
+        self.linear1 = _MyLinear(d, 2 * d, bias=False)
+        self.linear2 = _MyLinear(2 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.gelu(self.linear1(x)))
+
+    @classmethod
+    def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0,
+                                    module1, loss1, outputs1, output_grads1):
+        from deeppar.dualpipe.utils import run_backward
+
+        outputs0 = module0(*inputs0)
+        outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
+        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
+        if loss1 is not None:
+            loss1.backward()
+            loss1.detach_()
+        else:
+            run_backward(outputs1, output_grads1)
+        return outputs0, loss0
+
+
+def _deepseek_style(rank: int, world: int, v: bool) -> None:
+    """DeepSeek's published example, with only its imports changed (and gloo/CPU)."""
+    import deeppar.dualpipe as dp
+    from deeppar.dualpipe import DualPipe, DualPipeV, set_p2p_tensor_dtype, set_p2p_tensor_shapes
+
+    num_chunks = 2 * world + 2
+    set_p2p_tensor_shapes([(MB, HIDDEN)])
+    set_p2p_tensor_dtype(torch.float32)
+    try:
+        torch.manual_seed(233)
+        n_stages = 2 * world if v else world
+        full = nn.Sequential(*[DeepSeekStage() for _ in range(n_stages)])
+        full_x = torch.randn(num_chunks * MB, HIDDEN)
+        full_l = torch.randn(num_chunks * MB, HIDDEN)
+        ref = copy.deepcopy(full)
+        losses, outs = reference(list(ref), full_x, full_l, num_chunks, criterion)
+        other = n_stages - 1 - rank
+        local = nn.Sequential(DeepSeekStage(), DeepSeekStage())
+        local[0].load_state_dict(full[rank].state_dict())
+        local[1].load_state_dict(full[other].state_dict())
+        model = (DualPipeV if v else DualPipe)(local)
+        if v:
+            x, lab = (full_x, full_l) if rank == 0 else (None, None)
+            mbs = list(range(num_chunks)) if rank == 0 else None
+        elif rank == 0:
+            x, lab, mbs = full_x.chunk(2)[0], full_l.chunk(2)[1], list(range(num_chunks // 2,
+                                                                              num_chunks))
+        elif rank == world - 1:
+            x, lab, mbs = full_x.chunk(2)[1], full_l.chunk(2)[0], list(range(num_chunks // 2))
+        else:
+            x = lab = mbs = None
+        hook_calls = _LinearFunc.puts
+        loss, outputs = model.step(x, num_chunks=num_chunks, criterion=criterion, labels=(lab,),
+                                   return_outputs=False)
+        assert _LinearFunc.puts > hook_calls, "no weight gradient was deferred"
+        if mbs is None:
+            assert loss is None
+        else:
+            assert torch.equal(loss, torch.stack([losses[m] for m in mbs]))
+        assert outputs is None
+        if not v:
+            model.sum_mirrored_grads()
+        assert_grads_match(local[0], ref[rank], "slot0")
+        assert_grads_match(local[1], ref[other], "slot1")
+        model.zero_grad()
+        with torch.no_grad():
+            loss, outputs = model.step(x, num_chunks=num_chunks, criterion=criterion,
+                                       labels=(lab,), return_outputs=True)
+        if mbs is None:
+            assert loss is None and outputs is None
+        else:
+            assert torch.equal(loss, torch.stack([losses[m] for m in mbs]))
+            assert torch.equal(outputs, cat_outputs(outs, mbs))
+    finally:
+        dp._P2P.update(shapes=None, dtype=None)
+
+
+# ----------------------------------------------------------------------------- more cases
+
+
+def case_dp_variants(rank: int, world: int) -> None:
+    """Multi-tensor outputs with None gradients, mixed stage types, the overlap hook, fixed
+    per-instance p2p shapes."""
+    n = 2 * world + 2
+    check_dualpipe(rank, world, n, kind="multi", crit=multi_criterion)
+    check_dualpipe(rank, world, n, kind="multi", crit=multi_criterion, train=False)
+    check_dualpipe(rank, world, n, kind="mixed")
+    before = HookStage.calls
+    check_dualpipe(rank, world, n, kind="hook")
+    assert HookStage.calls > before, "the overlapped_forward_backward hook was never called"
+    check_dualpipe(rank, world, n, p2p_shapes=[(MB, HIDDEN)], p2p_dtype=torch.float32)
+
+
+def case_dpv_variants(rank: int, world: int) -> None:
+    n = 2 * world + 1
+    check_dualpipev(rank, world, n, kind="multi", crit=multi_criterion)
+    check_dualpipev(rank, world, n, kind="mixed")
+    before = HookStage.calls
+    check_dualpipev(rank, world, n, kind="hook")
+    assert HookStage.calls > before, "the overlapped_forward_backward hook was never called"
+    check_dualpipev(rank, world, n, p2p_shapes=[(MB, HIDDEN)], p2p_dtype=torch.float32)
+
+
+def _count_deferrable(pipe, n: int) -> int:
+    """Closures a step must defer: 2 Linear layers per stage per I action of this rank."""
+    from deeppar.pipeline import Kind
+
+    sched = pipe.schedule(n)
+    return 2 * sum(1 for a in sched.rank_actions(pipe.rank) if a.kind is Kind.I)
+
+
+def case_zero_bubble(rank: int, world: int, v: bool = False) -> None:
+    """Plain nn.Linear stages made deferrable: W slots do the weight-gradient work."""
+    from deeppar.pipeline import defer_weight_grads
+
+    check = check_dualpipev if v else check_dualpipe
+    n = 2 * world + 2
+    p1 = check(rank, world, n, transform=defer_weight_grads)
+    expected = _count_deferrable(p1, n)
+    assert expected > 0
+    st = p1.weight_grad_store
+    assert st.deferred == expected, f"deferred {st.deferred}, expected {expected}"
+    assert st.executed == st.deferred, "deferred work not run"
+    # a second pipeline in the same process has its own store
+    p2 = check(rank, world, n, kind="mixed", transform=defer_weight_grads)
+    assert p1.weight_grad_store.deferred == expected, "the first pipeline's store was touched"
+    assert p2.weight_grad_store is not p1.weight_grad_store
+    assert p2.weight_grad_store.executed == p2.weight_grad_store.deferred > 0
+
+
+def case_dpv_zero_bubble(rank: int, world: int) -> None:
+    case_zero_bubble(rank, world, v=True)
+
+
+def case_deepseek_dp(rank: int, world: int) -> None:
+    _deepseek_style(rank, world, v=False)
+
+
+def case_deepseek_dpv(rank: int, world: int) -> None:
+    _deepseek_style(rank, world, v=True)
+
+
+def case_timeline(rank: int, world: int, v: bool = False) -> None:
+    from deeppar.pipeline.simulate import simulate
+    from deeppar.pipeline.timeline import measured_costs, to_chrome_trace, to_measured_costs
+
+    n = 2 * world + 2
+    check = check_dualpipev if v else check_dualpipe
+    pipe = check(rank, world, n, record_timeline=True)
+    sched = pipe.schedule(n)
+    assert len(pipe.timeline) == len(sched.steps[rank])
+    assert [t.name for t in pipe.timeline] == [str(s) for s in sched.steps[rank]]
+    assert all(t.end_us >= t.start_us >= 0 for t in pipe.timeline)
+    steps = pipe.gather_timeline()
+    assert len(steps) == sum(len(p) for p in sched.steps)
+    trace = to_chrome_trace(steps)
+    assert len([e for e in trace["traceEvents"] if e["ph"] == "X"]) == len(steps)
+    assert set(measured_costs(steps)) <= {"F", "B", "I", "W", "FB"}
+    sim = simulate(sched, to_measured_costs(steps))
+    assert sim.makespan > 0
+
+
+def case_dpv_timeline(rank: int, world: int) -> None:
+    case_timeline(rank, world, v=True)
+
+
+def _valid_dp_args(rank: int, world: int, n: int):
+    x, y = make_data(n)
+    half = n // 2
+    inp = x[:half * MB] if rank == 0 else x[half * MB:] if rank == world - 1 else None
+    lab = y[half * MB:] if rank == 0 else y[:half * MB] if rank == world - 1 else None
+    return inp, lab
+
+
+def case_dp_errors(rank: int, world: int) -> None:
+    """Bad arguments raise the same ValueError on every rank before any send or receive."""
+    from deeppar.pipeline import DualPipe
+
+    stages = make_model(world)
+    pipe = DualPipe((stages[rank], stages[world - 1 - rank]))
+    n = 2 * world
+    inp, lab = _valid_dp_args(rank, world, n)
+    expect_error(lambda: pipe.step(inp, num_chunks=n + 1, criterion=criterion, labels=(lab,)),
+                 "num_chunks", "even")
+    expect_error(lambda: pipe.step(inp, num_chunks=n - 2, criterion=criterion, labels=(lab,)),
+                 "num_chunks")
+    expect_error(lambda: pipe.step(inp, num_chunks=n, labels=(lab,)), "criterion",
+                 f"rank {world - 1}")
+    if world > 2:  # inputs on a middle rank
+        bad = make_data(n)[0] if rank == 1 else inp
+        expect_error(lambda: pipe.step(bad, num_chunks=n, criterion=criterion, labels=(lab,)),
+                     "inputs", "rank 1")
+    missing = None if rank == 0 else inp
+    expect_error(lambda: pipe.step(missing, num_chunks=n, criterion=criterion, labels=(lab,)),
+                 "inputs", "rank 0")
+    # still in step: a valid step afterwards works
+    pipe.step(inp, num_chunks=n, criterion=criterion, labels=(lab,))
+
+
+def case_dpv_errors(rank: int, world: int) -> None:
+    from deeppar.pipeline import DualPipe, DualPipeV
+
+    stages = make_model(2 * world)
+    pipe = DualPipeV((stages[rank], stages[2 * world - 1 - rank]))
+    n = 2 * world
+    x, y = make_data(n)
+    inp, lab = (x, y) if rank == 0 else (None, None)
+    expect_error(lambda: pipe.step(inp, num_chunks=n - 1, criterion=criterion, labels=(lab,)),
+                 "num_chunks")
+    bad = x if rank == 1 else inp
+    expect_error(lambda: pipe.step(bad, num_chunks=n, criterion=criterion, labels=(lab,)),
+                 "inputs", "rank 1")
+    expect_error(lambda: pipe.step(inp, num_chunks=n, criterion=None, labels=(lab,)),
+                 "criterion", "rank 0")
+    pipe.step(inp, num_chunks=n, criterion=criterion, labels=(lab,))
+    if world % 2 == 1:  # DualPipe needs an even number of ranks
+        dp = DualPipe((stages[rank], stages[world - 1 - rank]))
+        expect_error(lambda: dp.step(None, num_chunks=2 * world, criterion=criterion),
+                     "even")

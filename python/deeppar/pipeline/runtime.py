@@ -163,6 +163,15 @@ class PipelineRuntime(nn.Module):
         part: Step = live[0] if len(live) == 1 else step
         return sched.recvs_before(rank, part) if op == "recv" else sched.sends_after(rank, part)
 
+    def gather_timeline(self) -> list[TimedStep]:
+        """All ranks' timelines of the last step (a collective: call it on every rank).
+        Needs ``record_timeline=True``."""
+        if not self.record_timeline:
+            raise ValueError("gather_timeline needs the pipeline built with record_timeline=True")
+        gathered: list[Any] = [None] * self.num_ranks
+        dist.all_gather_object(gathered, self.timeline, group=self.group)
+        return [s for steps in gathered for s in steps]
+
     # ------------------------------------------------------------------ validation
     def _check(self, sched: Schedule | None, inputs: Sequence[Any], labels: Sequence[Any],
                criterion: Callable | None, forward_only: bool) -> list[str]:

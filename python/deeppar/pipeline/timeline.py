@@ -116,6 +116,15 @@ def bubble(steps: list[TimedStep]) -> dict[str, float]:
             "bubble_fraction": 1.0 - busy / (len(ranks) * makespan) if makespan > 0 else 0.0}
 
 
+def to_measured_costs(steps: list[TimedStep], comm_us: float = 0.0) -> Any:
+    """The simulator's :class:`~deeppar.pipeline.simulate.MeasuredCosts` (microseconds), keyed
+    by ``(rank, index)`` of each measured step, so ``simulate(schedule, costs)`` replays the
+    measured durations with the schedule's dependencies."""
+    from .simulate import MeasuredCosts
+
+    return MeasuredCosts({(s.rank, s.index): s.duration_us for s in steps}, comm=comm_us)
+
+
 def steps_to_dicts(steps: list[TimedStep]) -> list[dict[str, Any]]:
     return [asdict(s) for s in steps]
 
@@ -126,5 +135,6 @@ __all__ = [
     "bubble",
     "measured_costs",
     "steps_to_dicts",
+    "to_measured_costs",
     "to_chrome_trace",
 ]
