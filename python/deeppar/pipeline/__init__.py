@@ -19,6 +19,7 @@ _LAZY: dict[str, str] = {
     "METHODS": ".schedules",
     # validation
     "validate": ".validate",
+    "check": ".validate",
     "ScheduleError": ".validate",
     # simulation
     "simulate": ".simulate",
@@ -26,6 +27,7 @@ _LAZY: dict[str, str] = {
     "MeasuredCosts": ".simulate",
     "SimResult": ".simulate",
     "compare_published": ".simulate",
+    "TimedStep": ".simulate",
     # exports and pictures (matplotlib is imported inside the drawing functions only)
     "to_torch_actions": ".export",
     "to_chrome_trace": ".export",
