@@ -1,0 +1,73 @@
+// CUDA binding of deeppar::eplb_rebalance; the kernel itself is in eplb_kernel.cuh.
+// No host sync: outputs are allocated from the sizes alone, the launch goes on the current
+// stream (safe inside CUDA graph capture).
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "eplb_kernel.cuh"
+
+namespace deeppar {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_cuda(
+    const at::Tensor& weight,  // [L, E] float32, non-negative, finite
+    int64_t num_replicas, int64_t num_groups, int64_t num_nodes, int64_t num_gpus) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
+              "eplb_rebalance: weight must be a float32 [layers, experts] tensor");
+  const int64_t layers = weight.size(0), experts = weight.size(1);
+  TORCH_CHECK(experts >= 1 && experts < (int64_t{1} << 24),
+              "eplb_rebalance: the number of experts must be in [1, 2^24)");
+  TORCH_CHECK(num_groups > 0 && num_nodes > 0 && num_gpus > 0 && num_replicas > 0,
+              "eplb_rebalance: counts must be positive");
+  TORCH_CHECK(experts % num_groups == 0, "eplb_rebalance: experts must be a multiple of groups");
+  TORCH_CHECK(num_groups % num_nodes == 0, "eplb_rebalance: groups must be a multiple of nodes");
+  TORCH_CHECK(num_gpus % num_nodes == 0, "eplb_rebalance: gpus must be a multiple of nodes");
+  TORCH_CHECK(num_replicas % num_gpus == 0, "eplb_rebalance: replicas must be a multiple of gpus");
+  TORCH_CHECK(num_replicas >= experts && num_replicas < (int64_t{1} << 24),
+              "eplb_rebalance: replicas must be in [experts, 2^24)");
+  TORCH_CHECK(layers < (int64_t{1} << 31), "eplb_rebalance: too many layers");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor w = weight.contiguous();
+  const auto opts = w.options().dtype(at::kLong);
+  at::Tensor phy2log = at::empty({layers, num_replicas}, opts);
+  at::Tensor phy_rank = at::empty({layers, num_replicas}, opts);
+  at::Tensor logcnt = at::empty({layers, experts}, opts);
+  if (layers == 0) return {phy2log, phy_rank, logcnt};
+
+  const int e = static_cast<int>(experts), r = static_cast<int>(num_replicas);
+  const int g = static_cast<int>(num_groups), n = static_cast<int>(num_nodes);
+  const int p = static_cast<int>(num_gpus);
+  const int64_t smem = eplb_detail::eplb_smem_bytes(e, r, g, p);
+  const int device = weight.get_device();
+  int max_smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        device));
+  TORCH_CHECK(smem <= max_smem, "eplb_rebalance: this problem needs ", smem,
+              " bytes of shared memory per layer, the GPU offers ", max_smem,
+              "; use the cpu backend");
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(eplb_rebalance_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  // One warp per node (up to 8 warps); warp 0 alone packs the groups.
+  const int threads = 32 * std::min(8, n);
+  eplb_rebalance_kernel<<<static_cast<unsigned>(layers), threads, smem,
+                          at::cuda::getCurrentCUDAStream()>>>(
+      w.const_data_ptr<float>(), phy2log.mutable_data_ptr<int64_t>(),
+      phy_rank.mutable_data_ptr<int64_t>(), logcnt.mutable_data_ptr<int64_t>(), e, r, g, n, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {phy2log, phy_rank, logcnt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deeppar, CUDA, m) { m.impl("eplb_rebalance", &eplb_rebalance_cuda); }
+
+}  // namespace deeppar
