@@ -139,7 +139,9 @@ class _DeferredLinearFn(torch.autograd.Function):
             if b_param is not None and b_param.requires_grad:
                 _accumulate(b_param, g2.sum(0))
 
-        store = layer.weight_grad_store or active_store()
+        store = layer.weight_grad_store
+        if store is None:
+            store = active_store()
         if store is None:
             weight_grad()
         else:

@@ -1,0 +1,140 @@
+"""Single-process parts of the pipeline runtime: the weight-gradient store, the deferrable
+Linear, message headers, the drop-in class-level store."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from deeppar.pipeline.comm import decode_header, encode_header
+from deeppar.pipeline.overlap import has_overlap_hook
+from deeppar.pipeline.weight_grad import (
+    DeferredLinear,
+    WeightGradStore,
+    activate,
+    bind_store,
+    defer_weight_grads,
+)
+
+
+def test_store_fifo_and_keyed_pop() -> None:
+    st = WeightGradStore()
+    ran: list[str] = []
+    st.enabled = True
+    st.put(lambda: ran.append("a"))
+    st.flush("ka")
+    st.put(lambda: ran.append("b"))
+    st.flush("kb")
+    st.enabled = False
+    assert ran == [] and st.deferred == 2 and len(st) == 2
+    st.pop("kb")
+    assert ran == ["b"]
+    st.pop()
+    assert ran == ["b", "a"] and st.executed == 2 and st.empty()
+    with pytest.raises(RuntimeError, match="no deferred"):
+        st.pop()
+    st.put(lambda: ran.append("now"))  # disabled: runs at once
+    assert ran[-1] == "now"
+    with pytest.raises(TypeError):
+        st.put(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_deferred_linear_matches_linear(bias: bool) -> None:
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(5, 7, bias=bias), nn.Tanh(), nn.Linear(7, 3, bias=bias))
+    model = defer_weight_grads(copy.deepcopy(ref))
+    assert all(isinstance(m, DeferredLinear) for m in (model[0], model[2]))
+    x = torch.randn(4, 2, 5, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    ref(x).square().sum().backward()
+    st = WeightGradStore()
+    assert bind_store([model], st) == 2
+    out = model(x2)
+    assert torch.equal(out, ref(x.detach()))  # the forward is the same F.linear
+    st.enabled = True
+    out.square().sum().backward()
+    st.enabled = False
+    st.flush()
+    assert st.deferred == 2
+    assert all(p.grad is None for p in model.parameters())  # deferred: nothing yet
+    torch.testing.assert_close(x2.grad, x.grad)  # the input gradient is there already
+    st.pop()
+    assert st.executed == 2
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_defer_weight_grads_shares_parameters() -> None:
+    lin = nn.Linear(3, 3)
+    new = defer_weight_grads(lin)
+    assert isinstance(new, DeferredLinear) and new.weight is lin.weight and new.bias is lin.bias
+    with pytest.raises(TypeError):
+        defer_weight_grads("not a module")  # type: ignore[arg-type]
+
+
+def test_unbound_deferred_linear_uses_active_store() -> None:
+    layer = defer_weight_grads(nn.Linear(3, 2))
+    st = WeightGradStore()
+    with activate(st):
+        st.enabled = True
+        layer(torch.randn(4, 3)).sum().backward()
+        st.enabled = False
+        st.flush()
+    assert st.deferred == 1 and layer.weight.grad is None
+    st.pop()
+    assert layer.weight.grad is not None
+
+
+def test_header_roundtrip() -> None:
+    a = torch.randn(2, 3, requires_grad=True)
+    b = torch.zeros(4, dtype=torch.int64)
+    h = encode_header([a, None, b], max_tensors=4, device=torch.device("cpu"))
+    metas = decode_header(h)
+    assert metas[1] is None
+    assert metas[0].shape == (2, 3) and metas[0].dtype == torch.float32 and metas[0].requires_grad
+    assert metas[2].shape == (4,) and metas[2].dtype == torch.int64 and not metas[2].requires_grad
+    with pytest.raises(ValueError, match="max_tensors"):
+        encode_header([a] * 5, max_tensors=4, device=torch.device("cpu"))
+
+
+def test_compat_store_outside_a_step() -> None:
+    from deeppar.dualpipe.utils import WeightGradStore as Compat
+
+    assert Compat.enabled is False
+    ran = []
+    Compat.put(lambda: ran.append(1))
+    assert ran == [1] and Compat.funcs_queue.empty()
+    st = WeightGradStore()
+    with activate(st):
+        Compat.enabled = True
+        assert st.enabled and Compat.enabled
+        Compat.put(lambda: ran.append(2))
+        Compat.flush()
+        Compat.enabled = False
+        assert Compat.funcs_queue.qsize() == 1 and ran == [1]
+        Compat.pop()
+    assert ran == [1, 2]
+
+
+def test_overlap_hook_detection() -> None:
+    class A(nn.Module):
+        @classmethod
+        def overlapped_forward_backward(cls, *args):  # pragma: no cover - not called
+            raise NotImplementedError
+
+    assert has_overlap_hook([A(), A()])
+    assert not has_overlap_hook([A(), nn.Linear(1, 1)])
+    assert not has_overlap_hook([nn.Linear(1, 1), nn.Linear(1, 1)])
+
+
+def test_runtime_needs_distributed() -> None:
+    from deeppar.pipeline import DualPipe
+
+    if torch.distributed.is_initialized():  # pragma: no cover
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        DualPipe((nn.Linear(2, 2), nn.Linear(2, 2)))
