@@ -63,8 +63,6 @@ def to_chrome_trace(schedule: Schedule, result: Any | None = None,
                        "args": {"name": f"rank {r}"}})
         events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": r,
                        "args": {"sort_index": r}})
-    flow_id = 0
-    end_of: dict[tuple[str, int, int, int], tuple[int, float]] = {}
     for t in result.timeline:
         step = t.step
         kind = step.kind if isinstance(step, Overlap) else step.kind.value
@@ -75,18 +73,19 @@ def to_chrome_trace(schedule: Schedule, result: Any | None = None,
                      "actions": [str(a) for a in step.actions],
                      "directions": [a.direction for a in step.actions]},
         })
-        for tr in schedule.sends_after(t.rank, step):
-            if not tr.local:
-                end_of[tr.key] = (t.rank, t.end)
+    end_of = {(t.rank, t.index): t.end for t in result.timeline}
+    producer = schedule.producers()
+    flow_id = 0
     for t in result.timeline:
         for tr in schedule.recvs_before(t.rank, t.step):
-            if tr.local or tr.key not in end_of:
+            if tr.local or tr.key not in producer:
                 continue
-            src_rank, src_end = end_of[tr.key]
+            src_rank, src_index = producer[tr.key]
             flow_id += 1
             name = f"{tr.tensor} mb{tr.microbatch}"
             events.append({"name": name, "cat": "p2p", "ph": "s", "id": flow_id, "pid": 0,
-                           "tid": src_rank, "ts": src_end * time_unit_us - 1e-3})
+                           "tid": src_rank,
+                           "ts": end_of[(src_rank, src_index)] * time_unit_us - 1e-3})
             events.append({"name": name, "cat": "p2p", "ph": "f", "bp": "e", "id": flow_id,
                            "pid": 0, "tid": t.rank, "ts": t.start * time_unit_us})
     return {"traceEvents": events, "displayTimeUnit": "ms",

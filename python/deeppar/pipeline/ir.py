@@ -392,6 +392,18 @@ class Schedule:
                                     info.prev, a.microbatch, info.prev_rank == info.rank))
         return tuple(out)
 
+    def producers(self) -> dict[tuple[str, int, int, int], tuple[int, int]]:
+        """``Transfer.key`` of every message -> ``(rank, step index)`` of the step whose
+        :meth:`sends_after` produces it (local hand-overs included)."""
+        return {t.key: (r, i) for r, prog in enumerate(self.steps)
+                for i, st in enumerate(prog) for t in self.sends_after(r, st)}
+
+    def consumers(self) -> dict[tuple[str, int, int, int], tuple[int, int]]:
+        """``Transfer.key`` of every message -> ``(rank, step index)`` of the step whose
+        :meth:`recvs_before` needs it."""
+        return {t.key: (r, i) for r, prog in enumerate(self.steps)
+                for i, st in enumerate(prog) for t in self.recvs_before(r, st)}
+
     # ----------------------------------------------------------------- text and JSON
     def parse_step(self, text: str) -> Step:
         """Inverse of ``str(step)`` for this schedule (``F3@s1``, ``(F3@s1;B1@s6)``)."""

@@ -107,15 +107,16 @@ def _act(stages: tuple[StageInfo, ...], kind: Kind, stage: int, mb: int) -> Acti
 
 
 # ------------------------------------------------------------------------------- 1F1B, ZB-H1
-def _one_f_one_b(P: int, N: int, split: bool, delay: Callable[[int], int] | None,
-                 method: str) -> Schedule:
+def _one_f_one_b(P: int, N: int, split: bool, method: str) -> Schedule:
     stages = _linear_stages(P)
-    progs = [_one_f_one_b_rank(stages, P, N, r, split, delay) for r in range(P)]
+    progs = [_one_f_one_b_rank(stages, P, N, r, split) for r in range(P)]
     return Schedule(method, P, N, stages, tuple(progs), tuple(0 for _ in range(N)))
 
 
-def _one_f_one_b_rank(stages: tuple[StageInfo, ...], P: int, N: int, r: int, split: bool,
-                      delay: Callable[[int], int] | None) -> tuple[Step, ...]:
+def _one_f_one_b_rank(stages: tuple[StageInfo, ...], P: int, N: int, r: int, split: bool
+                      ) -> tuple[Step, ...]:
+    """1F1B on rank ``r``; with ``split`` (ZB-H1) every B is an I and ``W(k)`` follows
+    ``I(k + r)``."""
     prog: list[Step] = []
     warm = min(P - r - 1, N)
     f = b = w = 0
@@ -133,9 +134,8 @@ def _one_f_one_b_rank(stages: tuple[StageInfo, ...], P: int, N: int, r: int, spl
             return
         prog.append(_act(stages, Kind.I, r, b))
         b += 1
-        d = delay(r) if delay else 0
-        # the W of micro-batch b-1-d follows this I
-        while w <= b - 1 - d:
+        # the W of micro-batch (b-1) - r follows this I
+        while w <= b - 1 - r:
             prog.append(_act(stages, Kind.W, r, w))
             w += 1
 
@@ -155,7 +155,7 @@ def _one_f_one_b_rank(stages: tuple[StageInfo, ...], P: int, N: int, r: int, spl
 def build_1f1b(P: int, N: int) -> Schedule:
     """Classic 1F1B (PipeDream-flush). Rank ``r`` runs ``w = min(P-r-1, N)`` warm-up forwards,
     then ``N-w`` pairs ``F, B``, then ``w`` cool-down backwards; micro-batches in order."""
-    s = _one_f_one_b(P, N, split=False, delay=None, method="1f1b")
+    s = _one_f_one_b(P, N, split=False, method="1f1b")
     s.meta["rule"] = "warm-up min(P-r-1,N) F; (N-warm-up) x [F, B]; warm-up x B"
     return s
 
@@ -174,7 +174,7 @@ def build_zb1p(P: int, N: int) -> Schedule:
     first forwards, runs its I's early so gradients reach the upstream ranks sooner; with
     ``F = I = W`` the bubble is ``(P-1)(F + B - 2W)`` as published.
     """
-    s = _one_f_one_b(P, N, split=True, delay=lambda r: r, method="zb1p")
+    s = _one_f_one_b(P, N, split=True, method="zb1p")
     s.meta["rule"] = "1F1B order with B -> I; W(k) right after I(k+r); remaining W's at the end"
     return s
 

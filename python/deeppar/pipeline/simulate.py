@@ -78,10 +78,9 @@ class Costs:
             vals = [v] if isinstance(v, (int, float)) else list(v)
             if any(x < 0 for x in vals):
                 raise ValueError(f"cost {name} must be >= 0, got {v}")
-        bs = [self.B] if isinstance(self.B, (int, float)) else list(self.B)
-        ws = [self.W] if isinstance(self.W, (int, float)) else list(self.W)
-        if len(bs) == len(ws) and any(w > b for b, w in zip(bs, ws)) or (
-                len(bs) == 1 and any(w > bs[0] for w in ws)):
+        n = max(len(v) if not isinstance(v, (int, float)) else 1 for v in (self.B, self.W))
+        if any(_at(self.W, i) > _at(self.B, i)  # type: ignore[operator]
+               for i in range(n)):
             raise ValueError(f"W ({self.W}) cannot exceed B ({self.B}): W is a part of B")
         if self.comm < 0:
             raise ValueError(f"comm must be >= 0, got {self.comm}")
@@ -241,11 +240,7 @@ def simulate(schedule: Schedule, costs: CostModel | Mapping[Any, float] | None =
     model = _as_cost_model(costs)
     s = schedule
     P = s.num_ranks
-    producer: dict[tuple, tuple[int, int]] = {}
-    for r, prog in enumerate(s.steps):
-        for i, st in enumerate(prog):
-            for t in s.sends_after(r, st):
-                producer[t.key] = (r, i)
+    producer = s.producers()
     end: list[list[float]] = [[0.0] * len(p) for p in s.steps]
     start: list[list[float]] = [[0.0] * len(p) for p in s.steps]
     pos = [0] * P

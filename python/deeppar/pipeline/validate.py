@@ -167,14 +167,7 @@ def deadlock(schedule: Schedule, mode: Literal["eager", "rendezvous"] = "eager"
     step that consumes it (receives are posted just before the consuming step).
     """
     s = schedule
-    producer: dict[tuple, tuple[int, int]] = {}  # message key -> (rank, step index)
-    consumer: dict[tuple, tuple[int, int]] = {}
-    for r, prog in enumerate(s.steps):
-        for i, step in enumerate(prog):
-            for t in s.sends_after(r, step):
-                producer[t.key] = (r, i)
-            for t in s.recvs_before(r, step):
-                consumer[t.key] = (r, i)
+    producer, consumer = s.producers(), s.consumers()
     needs: list[list[list[tuple[int, int]]]] = []  # [rank][step] -> producing (rank, step)
     sends_to: list[list[list[tuple[int, int]]]] = []  # [rank][step] -> consuming (rank, step)
     for r, prog in enumerate(s.steps):
