@@ -30,8 +30,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser, with every available area's subcommands."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every available area's subcommands, or only the area ``only``.
+
+    Running one subcommand registers only its own area, so that ``deeppar trace`` does not pay
+    for importing the areas built on torch.
+    """
     from deeppar import __version__
 
     parser = argparse.ArgumentParser(prog="deeppar", description=__doc__.splitlines()[0])
@@ -40,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="versions, compiled and usable backends, GPU")
     p_info.add_argument("--json", action="store_true", help="print a JSON object")
     p_info.set_defaults(func=_cmd_info)
-    for _name, module_name in _AREAS:
+    for name, module_name in _AREAS:
+        if only is not None and name != only:
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -53,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deeppar`` console script."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    only = first if first in {name for name, _ in _AREAS} | {"info"} else None
+    parser = build_parser(only=only)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
