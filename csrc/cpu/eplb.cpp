@@ -21,6 +21,9 @@ namespace {
 // Packings with at most this many packs scan them linearly; more use a heap.
 constexpr int32_t kLinearPacks = 16;
 
+// Slots planned per parallel task (rows are grouped up to this size).
+constexpr int64_t kSlotsPerTask = 32768;
+
 // Reusable per-thread buffers, so that planning a row allocates nothing.
 struct Scratch {
   std::vector<uint64_t> keys;        // items sorted heaviest first: (~float bits, index)
@@ -248,7 +251,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_cpu(
   int64_t* pp = phy2log.mutable_data_ptr<int64_t>();
   int64_t* rp = phy_rank.mutable_data_ptr<int64_t>();
   int64_t* cp = logcnt.mutable_data_ptr<int64_t>();
-  at::parallel_for(0, layers, 1, [&](int64_t begin, int64_t end) {
+  // A layer takes ~4 us per 300 slots: below ~32k slots a second thread costs more than it saves
+  // (and on a busy machine a late thread costs milliseconds), so small batches stay inline.
+  const int64_t grain = std::max<int64_t>(1, kSlotsPerTask / num_replicas);
+  at::parallel_for(0, layers, grain, [&](int64_t begin, int64_t end) {
     Scratch s;
     for (int64_t l = begin; l < end; ++l) {
       check_row(wp + l * experts, experts, "eplb_rebalance");
