@@ -633,3 +633,28 @@ def case_dpv_errors(rank: int, world: int) -> None:
         dp = DualPipe((stages[rank], stages[world - 1 - rank]))
         expect_error(lambda: dp.step(None, num_chunks=2 * world, criterion=criterion),
                      "even")
+
+
+def case_generic_methods(rank: int, world: int) -> None:
+    """The same runtime runs other generated schedules (1F1B, ZB1P, ZBV) correctly."""
+    from deeppar.pipeline import PipelineRuntime, defer_weight_grads
+
+    n = 2 * world
+    x, y = make_data(n)
+    for method in ("1f1b", "zb1p", "zbv"):
+        n_stages = 2 * world if method == "zbv" else world
+        stages = make_model(n_stages)
+        ref = copy.deepcopy(stages)
+        losses, _ = reference(ref, x, y, n, criterion)
+        mine = [rank, 2 * world - 1 - rank] if method == "zbv" else [rank]
+        local = [defer_weight_grads(copy.deepcopy(stages[k])) for k in mine]
+        pipe = PipelineRuntime(local, method=method)
+        first, last = 0, (0 if method == "zbv" else world - 1)
+        loss, _ = pipe.step(x if rank == first else None, num_chunks=n, criterion=criterion,
+                            labels=(y if rank == last else None,))
+        if rank == last:
+            assert torch.equal(loss, torch.stack(losses)), f"{method}: losses differ"
+        else:
+            assert loss is None
+        for m, k in zip(local, mine):
+            assert_grads_match(m, ref[k], f"{method}.stage{k}")
