@@ -212,3 +212,13 @@ def test_row_functions(backend):
         eplb.balanced_packing(w, 5)
     with pytest.raises(ValueError, match="hierarchical"):
         eplb.rebalance_experts_hierarchical(w, 12, 3, 2, 6)
+
+
+def test_log2phy_torch_path_matches_native(monkeypatch):
+    from deeppar.eplb import api
+
+    weight = random_weight(3, 16, "int", 6)
+    phy2log, rank, _ = reference.rebalance_hierarchical(weight, 40, 4, 2, 8)
+    native = api.build_log2phy(phy2log, rank, 16, 3)
+    monkeypatch.setattr(api._native, "has_kernel", lambda op, device: False)
+    assert torch.equal(api.build_log2phy(phy2log, rank, 16, 3), native)

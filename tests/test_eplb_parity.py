@@ -89,6 +89,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.deeppar.eplb_rebalance.default, (weight, 24, 4, 2, 8))
     torch.library.opcheck(torch.ops.deeppar.eplb_pack.default, (weight, 4))
     torch.library.opcheck(torch.ops.deeppar.eplb_replicate.default, (weight, 20))
+    phy2log, rank, _ = torch.ops.deeppar.eplb_rebalance(weight, 24, 4, 2, 8)
+    torch.library.opcheck(torch.ops.deeppar.eplb_log2phy.default, (phy2log, rank, 16, 9))
 
 
 @needs_cpu_kernel

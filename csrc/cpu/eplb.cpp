@@ -321,9 +321,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_replicate_cpu(
   return {phy2log, rank, logcnt};
 }
 
+at::Tensor eplb_log2phy_cpu(const at::Tensor& phy2log,   // [L, R] int64
+                            const at::Tensor& phy_rank,  // [L, R] int64
+                            int64_t num_experts, int64_t width) {
+  TORCH_CHECK(phy2log.dim() == 2 && phy2log.scalar_type() == at::kLong &&
+                  phy_rank.sizes() == phy2log.sizes() && phy_rank.scalar_type() == at::kLong,
+              "eplb_log2phy: phy2log and phy_rank must be int64 [layers, replicas] tensors");
+  TORCH_CHECK(num_experts >= 1 && width >= 0, "eplb_log2phy: bad sizes");
+  const at::Tensor p = phy2log.contiguous(), r = phy_rank.contiguous();
+  const int64_t layers = p.size(0), replicas = p.size(1), row = num_experts * width;
+  at::Tensor out = at::empty({layers, num_experts, width}, p.options());
+  const int64_t* pp = p.const_data_ptr<int64_t>();
+  const int64_t* rp = r.const_data_ptr<int64_t>();
+  int64_t* op = out.mutable_data_ptr<int64_t>();
+  const int64_t grain = std::max<int64_t>(1, kSlotsPerTask * 8 / std::max<int64_t>(row, 1));
+  at::parallel_for(0, layers, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t l = begin; l < end; ++l) {
+      int64_t* o = op + l * row;
+      std::fill(o, o + row, int64_t{-1});
+      for (int64_t s = 0; s < replicas; ++s) {
+        const int64_t e = pp[l * replicas + s], k = rp[l * replicas + s];
+        TORCH_CHECK(e >= 0 && e < num_experts && k >= 0, "eplb_log2phy: invalid slot entry");
+        if (k < width) o[e * width + k] = s;  // replicas beyond width: dropped, caller checks
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(deeppar, CPU, m) {
+  m.impl("eplb_log2phy", &eplb_log2phy_cpu);
   m.impl("eplb_rebalance", &eplb_rebalance_cpu);
   m.impl("eplb_pack", &eplb_pack_cpu);
   m.impl("eplb_replicate", &eplb_replicate_cpu);

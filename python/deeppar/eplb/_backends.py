@@ -32,6 +32,10 @@ if _native.has_kernel("eplb_rebalance", "cpu") or _native.has_kernel("eplb_rebal
         out = weight.new_empty(weight.shape, dtype=torch.int64)
         return out, torch.empty_like(out)
 
+    @torch.library.register_fake("deeppar::eplb_log2phy")
+    def _log2phy_fake(phy2log, phy_rank, num_experts, width):
+        return phy2log.new_empty((phy2log.shape[0], num_experts, width))
+
     @torch.library.register_fake("deeppar::eplb_replicate")
     def _replicate_fake(weight, num_phy):
         slots = weight.new_empty((weight.shape[0], num_phy), dtype=torch.int64)

@@ -35,6 +35,9 @@ def build_log2phy(
 
     Replicas whose rank is ``>= width`` are dropped (callers check for them).
     """
+    if phy2log.device.type == "cpu" and _native.has_kernel("eplb_log2phy", "cpu"):
+        # One pass, no thread-pool round trips (which cost milliseconds on a busy machine).
+        return torch.ops.deeppar.eplb_log2phy(phy2log, phy_rank, num_experts, width)
     layers, replicas = phy2log.shape
     flat = num_experts * width
     index = torch.where(phy_rank < width, phy2log * width + phy_rank, flat)

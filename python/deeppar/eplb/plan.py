@@ -51,6 +51,7 @@ def max_load_lower_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int)
 class Plan:
     """An EPLB plan and its quality. Tensors are on the input's device; metrics on the CPU."""
 
+    weight: torch.Tensor  # [L, E] float32 on the CPU, the loads that were planned for
     phy2log: torch.Tensor  # [L, R] int64, logical expert of each physical slot
     log2phy: torch.Tensor  # [L, E, X] int64, slots of each expert, -1 padded
     logcnt: torch.Tensor  # [L, E] int64, replicas of each expert
@@ -130,6 +131,7 @@ def plan(
     mean = w.sum(dim=1) / problem.gpus
     bound_ratio = torch.where(bound > 0, mean / bound, torch.ones_like(bound))
     return Plan(
+        weight=w,
         phy2log=phy2log,
         log2phy=log2phy,
         logcnt=logcnt,

@@ -1,0 +1,122 @@
+"""``deeppar eplb plan``: plan expert replicas for a load file (or a built-in demo input)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+# DeepSeek-V3 prefill (spec "Sizes that matter"): layers, experts, replicas, groups, nodes, gpus.
+DEMO_SHAPE = (58, 256, 288, 8, 4, 32)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``eplb`` subcommand (with ``plan``) to the ``deeppar`` parser."""
+    eplb = subparsers.add_parser("eplb", help="expert-parallel load balancer")
+    sub = eplb.add_subparsers(dest="eplb_command", metavar="ACTION", required=True)
+    p = sub.add_parser(
+        "plan",
+        help="plan expert replicas and their GPUs from per-expert loads",
+        description="Plan expert replicas (DeepSeek EPLB) for loads [layers, experts] read from "
+        ".pt, .npy or .csv, or for a built-in demo input (--demo).",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--loads", type=Path, metavar="FILE",
+                     help="per-expert loads [layers, experts]: .pt, .npy or .csv")
+    src.add_argument("--demo", action="store_true",
+                     help="seeded skewed loads at the DeepSeek-V3 prefill shape "
+                     "(58 layers, 256 experts; defaults R=288, G=8, N=4, P=32)")
+    p.add_argument("--replicas", type=int, help="physical expert slots per layer (R)")
+    p.add_argument("--groups", type=int, help="expert groups (G)")
+    p.add_argument("--nodes", type=int, help="server nodes (N)")
+    p.add_argument("--gpus", type=int, help="GPUs (P)")
+    p.add_argument("--backend", choices=("reference", "cpu", "cuda", "triton"),
+                   help="planner backend (default: best available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --demo loads")
+    p.add_argument("--out", type=Path, help="write the maps and metrics as JSON")
+    p.add_argument("--png", type=Path, help="draw per-GPU loads (needs matplotlib)")
+    p.set_defaults(func=_cmd_plan)
+
+
+def demo_loads(seed: int = 0):
+    """Synthetic skewed token counts at the DeepSeek-V3 prefill shape: log-normal popularity
+    with a few hot experts per layer."""
+    import torch
+
+    layers, experts = DEMO_SHAPE[:2]
+    g = torch.Generator().manual_seed(seed)
+    loads = torch.exp(torch.randn(layers, experts, generator=g) * 1.2) * 100
+    hot = torch.randint(0, experts, (layers, 4), generator=g)
+    loads.scatter_add_(1, hot, torch.full((layers, 4), 2000.0))
+    return loads.round()
+
+
+def load_weights(path: Path):
+    """Loads ``[layers, experts]`` from .pt (a tensor), .npy or .csv (comma-separated rows)."""
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"loads file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".pt":
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(data, torch.Tensor):
+                raise ValueError(f"expected a tensor, found {type(data).__name__}")
+            return data
+        if suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        elif suffix == ".csv":
+            array = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+        else:
+            raise ValueError("unknown format (use .pt, .npy or .csv)")
+    except (ValueError, OSError, RuntimeError, EOFError) as exc:
+        raise ValueError(f"cannot read loads from {path}: {exc}") from None
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"cannot read loads from {path}: numbers expected, got {array.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary file, so no half-written file is left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import deeppar.eplb as eplb
+
+    if args.demo:
+        weight = demo_loads(args.seed)
+        defaults = dict(zip(("replicas", "groups", "nodes", "gpus"), DEMO_SHAPE[2:]))
+        for key, value in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    else:
+        weight = load_weights(args.loads)
+        missing = [f"--{k}" for k in ("replicas", "groups", "nodes", "gpus")
+                   if getattr(args, k) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} required with --loads")
+    plan = eplb.plan(weight, args.replicas, args.groups, args.nodes, args.gpus,
+                     backend=args.backend)
+    print(plan.summary())
+    if args.out:
+        write_json_atomic(args.out, plan.to_dict())
+        print(f"maps written to {args.out}")
+    if args.png:
+        from deeppar.eplb.plot import draw_plan
+
+        draw_plan(plan, args.png)
+        print(f"picture written to {args.png}")
+    return 0

@@ -1,0 +1,64 @@
+"""``deeppar eplb plan``: files, demo input, JSON and PNG outputs, clean errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from _eplb_helpers import random_weight
+
+import deeppar.eplb as eplb
+from deeppar.cli import main
+
+ARGS = ["--replicas", "16", "--groups", "4", "--nodes", "2", "--gpus", "8"]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npy", ".csv"])
+def test_plan_from_file(tmp_path, capsys, suffix):
+    weight = random_weight(3, 12, "int", 0).float()
+    path = tmp_path / f"loads{suffix}"
+    if suffix == ".pt":
+        torch.save(weight, path)
+    elif suffix == ".npy":
+        np.save(path, weight.numpy())
+    else:
+        np.savetxt(path, weight.numpy(), delimiter=",")
+    out = tmp_path / "plan.json"
+    assert main(["eplb", "plan", "--loads", str(path), *ARGS, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "policy: hierarchical" in text and "balancedness before" in text
+    data = json.loads(out.read_text())
+    phy2log, log2phy, logcnt = eplb.rebalance_experts(weight, 16, 4, 2, 8)
+    assert data["phy2log"] == phy2log.tolist() and data["logcnt"] == logcnt.tolist()
+    assert data["log2phy"] == log2phy.tolist()
+
+
+def test_demo_with_png(tmp_path, capsys):
+    png = tmp_path / "plan.png"
+    assert main(["eplb", "plan", "--demo", "--png", str(png), "--backend", "cpu"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = capsys.readouterr().out
+    assert "58 layers, 256 experts -> 288 replicas" in text
+
+
+def test_missing_and_malformed_files(tmp_path, capsys):
+    assert main(["eplb", "plan", "--loads", str(tmp_path / "nope.csv"), *ARGS]) == 2
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,2,x\n3,4,5\n")
+    assert main(["eplb", "plan", "--loads", str(bad), *ARGS]) == 2
+    assert "cannot read loads" in capsys.readouterr().err
+    odd = tmp_path / "loads.txt"
+    odd.write_text("1,2\n")
+    assert main(["eplb", "plan", "--loads", str(odd), *ARGS]) == 2
+    assert "unknown format" in capsys.readouterr().err
+    vec = tmp_path / "vec.npy"
+    np.save(vec, np.ones(12))
+    assert main(["eplb", "plan", "--loads", str(vec), *ARGS]) == 2
+    assert "2-D" in capsys.readouterr().err
+    good = tmp_path / "good.npy"
+    np.save(good, np.ones((2, 12)))
+    assert main(["eplb", "plan", "--loads", str(good), "--replicas", "16"]) == 2
+    assert "--groups" in capsys.readouterr().err
