@@ -3,16 +3,27 @@
 ``import deeppar.eplb as eplb`` then ``eplb.rebalance_experts(weight, R, G, N, P)``; the exact
 rules (ties included) are in ``specs/eplb.md``. Backends: ``reference`` (plain Python, the
 oracle), ``cpu`` (C++), ``cuda`` (CUDA kernel) and ``triton``; all bit-identical.
+
+Names load on first use, so that ``deeppar.eplb.cli`` (imported by the command-line parser)
+does not import torch.
 """
 
-from deeppar.eplb._backends import BACKENDS, BackendUnavailable, available
-from deeppar.eplb.api import (
-    balanced_packing,
-    rebalance_experts,
-    rebalance_experts_hierarchical,
-    replicate_experts,
-)
-from deeppar.eplb.plan import Plan, plan
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "BACKENDS": "deeppar.eplb._backends",
+    "BackendUnavailable": "deeppar.eplb._backends",
+    "available": "deeppar.eplb._backends",
+    "balanced_packing": "deeppar.eplb.api",
+    "rebalance_experts": "deeppar.eplb.api",
+    "rebalance_experts_hierarchical": "deeppar.eplb.api",
+    "replicate_experts": "deeppar.eplb.api",
+    "Plan": "deeppar.eplb.planning",
+    "plan": "deeppar.eplb.planning",
+}
 
 __all__ = [
     "BACKENDS",
@@ -25,3 +36,26 @@ __all__ = [
     "rebalance_experts_hierarchical",
     "replicate_experts",
 ]
+
+if TYPE_CHECKING:
+    from deeppar.eplb._backends import BACKENDS, BackendUnavailable, available
+    from deeppar.eplb.api import (
+        balanced_packing,
+        rebalance_experts,
+        rebalance_experts_hierarchical,
+        replicate_experts,
+    )
+    from deeppar.eplb.planning import Plan, plan
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deeppar.eplb' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

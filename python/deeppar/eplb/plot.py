@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from deeppar.eplb.plan import Plan
+from deeppar.eplb.planning import Plan
 
 
 def _stacked_bars(ax, plan: Plan, layer: int, weight_per_slot: torch.Tensor) -> None:
