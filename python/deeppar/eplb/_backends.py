@@ -7,6 +7,7 @@ they agree bit for bit on every input.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -67,6 +68,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return f"it runs on CUDA tensors and weight is on {device}"
         return _native_reason("cuda")
     if backend == "triton":
+        if importlib.util.find_spec("deeppar.kernels.eplb_triton") is None:
+            return "the Triton EPLB kernel is not part of this build"
         ok, why = _native.triton_status()
         if not ok:
             return f"triton cannot be imported ({why})"
