@@ -658,3 +658,28 @@ def case_generic_methods(rank: int, world: int) -> None:
             assert loss is None
         for m, k in zip(local, mine):
             assert_grads_match(m, ref[k], f"{method}.stage{k}")
+
+
+def case_shape_cache(rank: int, world: int) -> None:
+    """Shapes travel in headers on the first step only; later steps with the same input shapes
+    send none, and a new batch size brings the headers back. Results stay exact."""
+    from deeppar.pipeline import DualPipeV
+
+    P = world
+    stages = make_model(2 * P)
+    local = [copy.deepcopy(stages[rank]), copy.deepcopy(stages[2 * P - 1 - rank])]
+    pipe = DualPipeV(tuple(local))
+    n = 2 * P
+    for rows, expect_headers in ((n * MB, True), (n * MB, False), (n * MB * 2, True)):
+        x, y = make_data(rows // MB)
+        ref = copy.deepcopy(stages)
+        losses, _ = reference(ref, x, y, n, criterion)
+        for m in local:
+            m.zero_grad(set_to_none=True)
+        loss, _ = pipe.step(x if rank == 0 else None, num_chunks=n, criterion=criterion,
+                            labels=(y if rank == 0 else None,))
+        assert (pipe.last_step_headers > 0) == expect_headers, pipe.last_step_headers
+        if rank == 0:
+            assert torch.equal(loss, torch.stack(losses))
+        assert_grads_match(local[0], ref[rank], "slot0")
+        assert_grads_match(local[1], ref[2 * P - 1 - rank], "slot1")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.distributed
 DP_CASES = ["case_dp_train", "case_dp_infer", "case_dp_variants", "case_zero_bubble",
             "case_deepseek_dp", "case_timeline", "case_dp_errors", "case_generic_methods"]
 DPV_CASES = ["case_dpv_train", "case_dpv_infer", "case_dpv_variants", "case_dpv_zero_bubble",
-             "case_deepseek_dpv", "case_dpv_timeline", "case_dpv_errors"]
+             "case_deepseek_dpv", "case_dpv_timeline", "case_dpv_errors", "case_shape_cache"]
 
 GROUPS: dict[int, list[str]] = {
     2: DP_CASES + DPV_CASES,

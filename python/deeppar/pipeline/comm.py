@@ -107,7 +107,8 @@ class P2PComm:
 
     def __init__(self, group: dist.ProcessGroup | None, group_ranks: Sequence[int], me: int,
                  device: torch.device, plan: dict[tuple[int, int], list[Hashable]],
-                 fixed: dict[str, list[TensorMeta]] | None = None, max_tensors: int = 16) -> None:
+                 fixed: dict[str, list[TensorMeta]] | None = None, max_tensors: int = 16,
+                 known: dict[Hashable, list[TensorMeta | None]] | None = None) -> None:
         self.group = group
         self.global_ranks = [dist.get_global_rank(group, g) if group is not None else g
                              for g in group_ranks]
@@ -129,6 +130,9 @@ class P2PComm:
         self._send_works: list = []
         self._keep: list[torch.Tensor] = []
         self.bytes_sent = 0
+        self.known = known
+        self.seen: dict[Hashable, list[TensorMeta | None]] = {}
+        self.headers = 0
 
     # ------------------------------------------------------------------ helpers
     def _peer(self, rank: int) -> int:
@@ -160,11 +164,20 @@ class P2PComm:
         if fixed is not None:
             payload = self._fixed_payload(key, tensors, fixed)
         else:
-            sendable = [t.detach() if t is not None else None for t in tensors]
-            header = encode_header(tensors, self.max_tensors, self.device)
-            self._pending_ops.append(self._op(dist.isend, header, dst))
-            self._keep.append(header)
-            payload = [t for t in sendable if t is not None]
+            metas = [None if t is None else TensorMeta(tuple(t.shape), t.dtype, t.requires_grad)
+                     for t in tensors]
+            if self.known is not None and key in self.known:
+                if metas != self.known[key]:
+                    raise RuntimeError(
+                        f"rank {self.me}: message {key} changed shapes since the last step with "
+                        "the same input shapes; build the pipeline with cache_shapes=False")
+            else:
+                header = encode_header(tensors, self.max_tensors, self.device)
+                self._pending_ops.append(self._op(dist.isend, header, dst))
+                self._keep.append(header)
+                self.headers += 1
+                self.seen[key] = metas
+            payload = [t.detach() for t in tensors if t is not None]
         for t in payload:
             t = t.contiguous()
             self._keep.append(t)
@@ -221,6 +234,10 @@ class P2PComm:
                 inc.works = list(range(first, first + len(fixed)))
                 self._incoming[k] = inc
                 self._issue_pending([inc])
+            elif self.known is not None and k in self.known:
+                self._post_payload(inc, self.known[k], src)
+                self._incoming[k] = inc
+                self._issue_pending([inc])
             else:
                 header = torch.empty(1 + self.max_tensors * _FIELDS, dtype=torch.int64,
                                      device=self.device)
@@ -231,20 +248,25 @@ class P2PComm:
                     if w is not None:
                         w.wait()
                 metas = decode_header(header)
-                inc.tensors, inc.works = [], []
-                for m in metas:
-                    if m is None:
-                        inc.tensors.append(None)
-                        continue
-                    t = torch.empty(m.shape, dtype=m.dtype, device=self.device)
-                    inc.tensors.append(t)
-                    self._pending_ops.append(self._op(dist.irecv, t, src))
-                    inc.works.append(len(self._pending_ops) - 1)
-                inc.requires_grad = [m is not None and m.requires_grad for m in metas]
+                self.headers += 1
+                self.seen[k] = metas
+                self._post_payload(inc, metas, src)
                 self._incoming[k] = inc
                 self._issue_pending([inc])
             pos += 1
         self._in_pos[src] = pos
+
+    def _post_payload(self, inc: _Incoming, metas: list[TensorMeta | None], src: int) -> None:
+        inc.tensors, inc.works = [], []
+        for m in metas:
+            if m is None:
+                inc.tensors.append(None)
+                continue
+            t = torch.empty(m.shape, dtype=m.dtype, device=self.device)
+            inc.tensors.append(t)
+            self._pending_ops.append(self._op(dist.irecv, t, src))
+            inc.works.append(len(self._pending_ops) - 1)
+        inc.requires_grad = [m is not None and m.requires_grad for m in metas]
 
     def _issue_pending(self, incs: list[_Incoming]) -> None:
         """Issue queued ops; turn the op indices stored in ``incs`` into works."""

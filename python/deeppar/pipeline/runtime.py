@@ -51,8 +51,11 @@ class PipelineRuntime(nn.Module):
     ``modules`` are this rank's stages in slot order (as the schedule's placement says).
     ``rank_mapping[i]`` is the pipeline rank of group rank ``i`` (identity by default).
     ``p2p_shapes``/``p2p_dtype`` fix the tensors every message carries (no headers); without
-    them each message carries a small header with its shapes. ``record_timeline`` keeps the
-    per-step times of the last step in :attr:`timeline`.
+    them the first step sends a small header with each message's shapes, and with
+    ``cache_shapes`` later steps whose inputs have the same shapes on every rank reuse them
+    without headers (a stage whose output shapes then change raises an error: set
+    ``cache_shapes=False`` for data-dependent shapes). ``record_timeline`` keeps the per-step
+    times of the last step in :attr:`timeline`.
     """
 
     method: str = ""
@@ -70,6 +73,7 @@ class PipelineRuntime(nn.Module):
         device: torch.device | str | None = None,
         record_timeline: bool = False,
         max_tensors: int = 16,
+        cache_shapes: bool = True,
     ) -> None:
         super().__init__()
         if method is not None:
@@ -108,9 +112,14 @@ class PipelineRuntime(nn.Module):
         self.device = torch.device(device)
         if dist.get_backend(process_group) == "nccl" and self.device.type != "cuda":
             raise ValueError("device: the NCCL backend needs the stages on a CUDA device")
-        if (p2p_shapes is None) != (p2p_dtype is None) and p2p_shapes is None:
+        if p2p_shapes is None and p2p_dtype is not None:
             raise ValueError("p2p_dtype is given without p2p_shapes")
-        self.p2p_shapes = [tuple(int(d) for d in s) for s in p2p_shapes] if p2p_shapes else None
+        if p2p_shapes is not None and (
+                not isinstance(p2p_shapes, (list, tuple)) or not p2p_shapes
+                or not all(isinstance(s, (list, tuple, torch.Size)) for s in p2p_shapes)):
+            raise TypeError("p2p_shapes must be a non-empty list of shapes, e.g. [(mb, hidden)]")
+        self.p2p_shapes = ([tuple(int(d) for d in s) for s in p2p_shapes]
+                           if p2p_shapes is not None else None)
         self.p2p_dtype = p2p_dtype or torch.float32
         self.max_tensors = max_tensors
         self.use_overlap_hook = has_overlap_hook(modules) and len(modules) > 1
@@ -120,6 +129,9 @@ class PipelineRuntime(nn.Module):
         self.timeline: list[TimedStep] = []
         self._schedules: dict[int, Schedule] = {}
         self._plans: dict[tuple[int, bool], dict[tuple[int, int], list]] = {}
+        self.cache_shapes = cache_shapes
+        self._shape_cache: tuple[Any, dict] | None = None
+        self.last_step_headers = 0  # header messages sent + received in the last step
 
     # ------------------------------------------------------------------ schedule
     def schedule(self, num_chunks: int) -> Schedule:
@@ -214,20 +226,22 @@ class PipelineRuntime(nn.Module):
                                     f"than the {n} micro-batches this rank feeds")
         return problems
 
-    def _agree(self, problems: list[str], signature: tuple) -> None:
+    def _agree(self, problems: list[str], signature: tuple, shapes: tuple) -> tuple:
         """Share every rank's problems (one collective, before any send or receive) and raise
-        the same error on all ranks when any rank has one."""
+        the same error on all ranks when any rank has one. Returns all ranks' input shapes."""
         gathered: list[Any] = [None] * self.num_ranks
-        dist.all_gather_object(gathered, (self.rank, problems, signature), group=self.group)
+        dist.all_gather_object(gathered, (self.rank, problems, signature, shapes),
+                               group=self.group)
         sigs = {g[2] for g in gathered}
-        msgs = [f"rank {r}: {p}" for r, ps, _ in sorted(gathered, key=lambda g: g[0])
+        msgs = [f"rank {r}: {p}" for r, ps, *_ in sorted(gathered, key=lambda g: g[0])
                 for p in ps]
         if len(sigs) > 1:
             msgs.append("ranks disagree on (num_chunks, grad mode): "
-                        + ", ".join(f"rank {r}: {s}" for r, _, s in sorted(gathered,
-                                                                          key=lambda g: g[0])))
+                        + ", ".join(f"rank {g[0]}: {g[2]}" for g in sorted(gathered,
+                                                                           key=lambda g: g[0])))
         if msgs:
             raise ValueError(f"{type(self).__name__}.step: " + "; ".join(msgs))
+        return tuple(g[3] for g in sorted(gathered, key=lambda g: g[0]))
 
     # ------------------------------------------------------------------ step
     def step(
@@ -261,13 +275,18 @@ class PipelineRuntime(nn.Module):
             except ValueError as e:
                 problems.append(f"num_chunks: {e}")
         problems += self._check(sched, inputs, labels, criterion, forward_only)
-        self._agree(problems, (num_chunks, forward_only))
+        shapes = tuple((tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else None
+                       for x in inputs)
+        all_shapes = self._agree(problems, (num_chunks, forward_only), shapes)
         assert sched is not None
+        cache_key = (num_chunks, forward_only, all_shapes)
         with activate(self.weight_grad_store):
-            return self._run(sched, inputs, labels, criterion, return_outputs, forward_only)
+            return self._run(sched, inputs, labels, criterion, return_outputs, forward_only,
+                             cache_key)
 
     def _run(self, sched: Schedule, inputs: Sequence[Any], labels: Sequence[Any],
-             criterion: Callable | None, return_outputs: bool, forward_only: bool):
+             criterion: Callable | None, return_outputs: bool, forward_only: bool,
+             cache_key: Any = None):
         me = self.rank
         store = self.weight_grad_store
         store.clear()
@@ -293,8 +312,12 @@ class PipelineRuntime(nn.Module):
                                for s in self.p2p_shapes],
                 "gradient": [TensorMeta(s, self.p2p_dtype, False) for s in self.p2p_shapes],
             }
+        known = None
+        if self.cache_shapes and self._shape_cache is not None \
+                and self._shape_cache[0] == cache_key:
+            known = self._shape_cache[1]
         comm = P2PComm(self.group, self.group_ranks, me, self.device,
-                       self._plan(sched, forward_only), fixed, self.max_tensors)
+                       self._plan(sched, forward_only), fixed, self.max_tensors, known)
         rec = TimelineRecorder(me, self.device) if self.record_timeline else None
         if rec is not None:
             rec.start()
@@ -324,6 +347,9 @@ class PipelineRuntime(nn.Module):
                 else:
                     comm.send(t.key, t.peer, tensors)
         comm.finish()
+        self.last_step_headers = comm.headers
+        if fixed is None and known is None and self.cache_shapes:
+            self._shape_cache = (cache_key, comm.seen)
         if not store.empty():
             raise RuntimeError(f"rank {me}: deferred weight gradients left after the schedule")
         if rec is not None:
