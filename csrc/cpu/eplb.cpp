@@ -15,6 +15,8 @@
 #include <tuple>
 #include <vector>
 
+#include "op_checks.h"
+
 namespace deeppar {
 namespace {
 
@@ -229,16 +231,8 @@ void check_weight(const at::Tensor& weight, const char* op) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_cpu(
     const at::Tensor& weight,  // [L, E] float32, non-negative, finite
     int64_t num_replicas, int64_t num_groups, int64_t num_nodes, int64_t num_gpus) {
-  check_weight(weight, "eplb_rebalance");
+  check_eplb_rebalance_args(weight, num_replicas, num_groups, num_nodes, num_gpus);
   const int64_t layers = weight.size(0), experts = weight.size(1);
-  TORCH_CHECK(num_groups > 0 && num_nodes > 0 && num_gpus > 0 && num_replicas > 0,
-              "eplb_rebalance: counts must be positive");
-  TORCH_CHECK(experts % num_groups == 0, "eplb_rebalance: experts must be a multiple of groups");
-  TORCH_CHECK(num_groups % num_nodes == 0, "eplb_rebalance: groups must be a multiple of nodes");
-  TORCH_CHECK(num_gpus % num_nodes == 0, "eplb_rebalance: gpus must be a multiple of nodes");
-  TORCH_CHECK(num_replicas % num_gpus == 0, "eplb_rebalance: replicas must be a multiple of gpus");
-  TORCH_CHECK(num_replicas >= experts && num_replicas < (int64_t{1} << 24),
-              "eplb_rebalance: replicas must be in [experts, 2^24)");
   const at::Tensor w = weight.contiguous();
   const auto opts = w.options().dtype(at::kLong);
   at::Tensor phy2log = at::empty({layers, num_replicas}, opts);

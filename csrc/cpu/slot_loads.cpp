@@ -5,19 +5,15 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "op_checks.h"
+
 namespace deeppar {
 namespace {
 
 at::Tensor slot_loads_cpu(const at::Tensor& weight,   // [L, E] float32
                           const at::Tensor& phy2log,  // [L, R] int64
                           const at::Tensor& logcnt) { // [L, E] int64
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
-              "slot_loads: weight must be a float32 [layers, experts] tensor");
-  TORCH_CHECK(phy2log.dim() == 2 && phy2log.scalar_type() == at::kLong &&
-                  phy2log.size(0) == weight.size(0),
-              "slot_loads: phy2log must be an int64 [layers, replicas] tensor");
-  TORCH_CHECK(logcnt.sizes() == weight.sizes() && logcnt.scalar_type() == at::kLong,
-              "slot_loads: logcnt must be an int64 tensor shaped like weight");
+  check_slot_loads_args(weight, phy2log, logcnt);
   const at::Tensor w = weight.contiguous(), p = phy2log.contiguous(), c = logcnt.contiguous();
   const int64_t layers = w.size(0), experts = w.size(1), replicas = p.size(1);
   at::Tensor out = at::empty({layers, replicas}, w.options());

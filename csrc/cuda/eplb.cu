@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "eplb_kernel.cuh"
+#include "op_checks.h"
 
 namespace deeppar {
 namespace {
@@ -18,20 +19,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_cuda(
     const at::Tensor& weight,  // [L, E] float32, non-negative, finite
     int64_t num_replicas, int64_t num_groups, int64_t num_nodes, int64_t num_gpus) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
-              "eplb_rebalance: weight must be a float32 [layers, experts] tensor");
+  check_eplb_rebalance_args(weight, num_replicas, num_groups, num_nodes, num_gpus);
   const int64_t layers = weight.size(0), experts = weight.size(1);
-  TORCH_CHECK(experts >= 1 && experts < (int64_t{1} << 24),
-              "eplb_rebalance: the number of experts must be in [1, 2^24)");
-  TORCH_CHECK(num_groups > 0 && num_nodes > 0 && num_gpus > 0 && num_replicas > 0,
-              "eplb_rebalance: counts must be positive");
-  TORCH_CHECK(experts % num_groups == 0, "eplb_rebalance: experts must be a multiple of groups");
-  TORCH_CHECK(num_groups % num_nodes == 0, "eplb_rebalance: groups must be a multiple of nodes");
-  TORCH_CHECK(num_gpus % num_nodes == 0, "eplb_rebalance: gpus must be a multiple of nodes");
-  TORCH_CHECK(num_replicas % num_gpus == 0, "eplb_rebalance: replicas must be a multiple of gpus");
-  TORCH_CHECK(num_replicas >= experts && num_replicas < (int64_t{1} << 24),
-              "eplb_rebalance: replicas must be in [experts, 2^24)");
-  TORCH_CHECK(layers < (int64_t{1} << 31), "eplb_rebalance: too many layers");
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous();
   const auto opts = w.options().dtype(at::kLong);

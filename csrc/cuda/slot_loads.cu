@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "op_checks.h"
+
 #include "slot_loads_kernel.cuh"
 
 namespace deeppar {
@@ -12,13 +14,7 @@ namespace {
 
 at::Tensor slot_loads_cuda(const at::Tensor& weight, const at::Tensor& phy2log,
                            const at::Tensor& logcnt) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
-              "slot_loads: weight must be a float32 [layers, experts] tensor");
-  TORCH_CHECK(phy2log.dim() == 2 && phy2log.scalar_type() == at::kLong &&
-                  phy2log.size(0) == weight.size(0),
-              "slot_loads: phy2log must be an int64 [layers, replicas] tensor");
-  TORCH_CHECK(logcnt.sizes() == weight.sizes() && logcnt.scalar_type() == at::kLong,
-              "slot_loads: logcnt must be an int64 tensor shaped like weight");
+  check_slot_loads_args(weight, phy2log, logcnt);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous(), p = phy2log.contiguous(), c = logcnt.contiguous();
   const int64_t layers = w.size(0), experts = w.size(1), replicas = p.size(1);

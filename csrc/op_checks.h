@@ -1,0 +1,43 @@
+// Argument checks shared by the CPU and CUDA kernels of each op, so both reject the same inputs
+// with the same messages.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace deeppar {
+
+// slot_loads(weight [L, E] float32, phy2log [L, R] int64, logcnt [L, E] int64)
+inline void check_slot_loads_args(const at::Tensor& weight, const at::Tensor& phy2log,
+                                  const at::Tensor& logcnt) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
+              "slot_loads: weight must be a float32 [layers, experts] tensor");
+  TORCH_CHECK(phy2log.dim() == 2 && phy2log.scalar_type() == at::kLong &&
+                  phy2log.size(0) == weight.size(0),
+              "slot_loads: phy2log must be an int64 [layers, replicas] tensor");
+  TORCH_CHECK(logcnt.sizes() == weight.sizes() && logcnt.scalar_type() == at::kLong,
+              "slot_loads: logcnt must be an int64 tensor shaped like weight");
+}
+
+// eplb_rebalance(weight [L, E] float32, R, G, N, P): the spec's divisibility rules, and sizes
+// that fit the kernels' 32-bit (24-bit for float-exact keys) indices.
+inline void check_eplb_rebalance_args(const at::Tensor& weight, int64_t num_replicas,
+                                      int64_t num_groups, int64_t num_nodes, int64_t num_gpus) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
+              "eplb_rebalance: weight must be a float32 [layers, experts] tensor");
+  const int64_t experts = weight.size(1);
+  TORCH_CHECK(experts >= 1 && experts < (int64_t{1} << 24),
+              "eplb_rebalance: the number of experts must be in [1, 2^24)");
+  TORCH_CHECK(num_groups > 0 && num_nodes > 0 && num_gpus > 0 && num_replicas > 0,
+              "eplb_rebalance: counts must be positive");
+  TORCH_CHECK(experts % num_groups == 0, "eplb_rebalance: experts must be a multiple of groups");
+  TORCH_CHECK(num_groups % num_nodes == 0, "eplb_rebalance: groups must be a multiple of nodes");
+  TORCH_CHECK(num_gpus % num_nodes == 0, "eplb_rebalance: gpus must be a multiple of nodes");
+  TORCH_CHECK(num_replicas % num_gpus == 0, "eplb_rebalance: replicas must be a multiple of gpus");
+  TORCH_CHECK(num_replicas >= experts && num_replicas < (int64_t{1} << 24),
+              "eplb_rebalance: replicas must be in [experts, 2^24)");
+  TORCH_CHECK(weight.size(0) < (int64_t{1} << 31), "eplb_rebalance: too many layers");
+}
+
+}  // namespace deeppar
