@@ -22,7 +22,7 @@ _LOW_WATER = 1 << 16  # refill when fewer characters than this are left
 _WS = " \t\r\n"
 _SEP = re.compile(r"[ \t\r\n,]*")
 # top-level keys whose (small) values are kept as metadata
-_META_KEYS = ("schemaVersion", "distributedInfo", "deviceProperties", "traceName",
+META_KEYS = ("schemaVersion", "distributedInfo", "deviceProperties", "traceName",
               "displayTimeUnit", "baseTimeNanoseconds")
 
 
@@ -147,7 +147,7 @@ def iter_trace_events(path: str, meta: dict[str, Any]) -> Iterator[dict[str, Any
                 yield from _iter_array(rd)
             else:
                 val = rd.value()
-                if key in _META_KEYS:
+                if key in META_KEYS:
                     meta[key] = val
         if not seen_events:
             raise ValueError(f"{path}: not a Chrome trace: the JSON object has no "

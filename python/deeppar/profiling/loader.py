@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
+from itertools import chain
 from typing import Any
 
 import numpy as np
 
-from ._jsonstream import iter_trace_events
+from ._jsonstream import META_KEYS, iter_trace_events
 
 KIND_KERNEL, KIND_MEMCPY, KIND_MEMSET = 0, 1, 2
 KIND_NAMES = ("kernel", "memcpy", "memset")
@@ -27,9 +29,11 @@ _GPU_CATS = {"kernel": KIND_KERNEL, "Kernel": KIND_KERNEL,
 _LAUNCH_CATS = {"cuda_runtime", "cuda_driver", "Runtime", "Driver"}
 _ANNOTATION_CATS = {"user_annotation"}
 
-_GPU, _LAUNCH, _ANN = 1, 2, 3
-_TARGETS = {**{c: _GPU for c in _GPU_CATS}, **{c: _LAUNCH for c in _LAUNCH_CATS},
+# what an event is kept as: its GPU kind (0..2), a launch call or an annotation range
+_LAUNCH, _ANN = 3, 4
+_TARGETS = {**_GPU_CATS, **{c: _LAUNCH for c in _LAUNCH_CATS},
             **{c: _ANN for c in _ANNOTATION_CATS}}
+_NAMED = frozenset((KIND_KERNEL, KIND_MEMCPY, KIND_MEMSET, _ANN))  # targets whose name is kept
 
 TRACE_SUFFIXES = (".json", ".json.gz")
 
@@ -97,13 +101,73 @@ def _int_or(value: Any, default: int) -> int:
     return default
 
 
-def load_trace(path: str | os.PathLike[str], rank: int | None = None) -> RankTrace:
+def _record(ev: dict[str, Any]) -> tuple | None:
+    """The fields of a decoded event that the loader uses, or None if it is not kept.
+
+    Same layout as the fast scanner's records: (target, ts, dur, name, pid, tid, device,
+    stream, correlation), values as ``json`` gives them with floats kept as text.
+    """
+    cat = ev.get("cat")
+    target = _TARGETS.get(cat) if type(cat) is str else None
+    if target is None or ev.get("ph") != "X":
+        return None
+    ts = ev.get("ts")
+    if ts is None:
+        return None
+    args = ev.get("args")
+    if type(args) is not dict:
+        args = {}
+    return (target, ts, ev.get("dur", 0), str(ev.get("name", "")), ev.get("pid"),
+            ev.get("tid"), args.get("device"), args.get("stream"), args.get("correlation"))
+
+
+def _slow_records(path: str, meta: dict[str, Any], counts: list[int]) -> Iterator[list[tuple]]:
+    """Records through the text parser (every element decoded by ``json``), in lists."""
+    n = 0
+    batch: list[tuple] = []
+    try:
+        for ev in iter_trace_events(path, meta):
+            n += 1
+            rec = _record(ev)
+            if rec is not None:
+                batch.append(rec)
+                if len(batch) >= 4096:
+                    yield batch
+                    batch = []
+        yield batch
+    finally:
+        counts[0] += n
+
+
+def load_trace(path: str | os.PathLike[str], rank: int | None = None, *,
+               fast: bool = True) -> RankTrace:
     """Read one Chrome-trace file (plain or gzipped) into a :class:`RankTrace`.
 
-    ``rank`` defaults to ``distributedInfo.rank`` in the file, else 0.
+    ``rank`` defaults to ``distributedInfo.rank`` in the file, else 0. ``fast`` uses the
+    bytes-level scanner, which hands over to the text parser (reading the file again) for
+    input it does not expect; ``fast=False`` uses the text parser alone. Both give the
+    same result.
     """
     path = os.fspath(path)
-    meta: dict[str, Any] = {}
+    if fast:
+        from ._fastscan import Unsupported, iter_records
+
+        meta: dict[str, Any] = {}
+        counts = [0]
+        try:
+            records = iter_records(path, meta, _TARGETS, _NAMED, _record, counts,
+                                   META_KEYS)
+            return _collect(path, rank, records, meta, counts)
+        except (Unsupported, OSError):
+            pass
+    meta = {}
+    counts = [0]
+    return _collect(path, rank, _slow_records(path, meta, counts), meta, counts)
+
+
+def _collect(path: str, rank: int | None, batches: Iterator[list[tuple]], meta: dict[str, Any],
+             counts: list[int]) -> RankTrace:
+    """Fill the columns from the records of one file."""
     names = _Interner()
     threads = _Interner()
     g_ts, g_dur = array("d"), array("d")
@@ -112,59 +176,49 @@ def load_trace(path: str | os.PathLike[str], rank: int | None = None) -> RankTra
     l_corr, l_ts, l_thread = array("q"), array("d"), array("l")
     a_ts, a_dur, a_thread, a_name = array("d"), array("d"), array("l"), array("l")
     base: int | None = None
-    base_dec: Decimal | None = None
-    n_events = 0
+    base_dec = Decimal(0)
 
-    targets = _TARGETS.get
-    for ev in iter_trace_events(path, meta):
-        n_events += 1
-        target = targets(ev.get("cat"))  # most events (cpu_op, flows) stop here
-        if target is None or ev.get("ph") != "X":
-            continue
-        ts = ev.get("ts")
-        if ts is None:
-            continue
-        if base is None:
-            base = int(Decimal(ts)) if isinstance(ts, str) else int(ts)
-            base_dec = Decimal(base)
+    for target, ts, dur, name, pid, tid, v_dev, v_stream, v_corr in chain.from_iterable(batches):
         if type(ts) is int:
+            if base is None:
+                base = ts
+                base_dec = Decimal(ts)
             rel = float(ts - base)
         else:
             try:
-                rel = float(Decimal(ts) - base_dec)
-            except ArithmeticError:
+                t = Decimal(ts)
+            except (ArithmeticError, TypeError, ValueError):
                 continue
-        dur = ev.get("dur", 0)
-        dur = float(dur) if dur is not None else 0.0
-        if dur < 0:
-            dur = 0.0
-        args = ev.get("args")
-        if type(args) is not dict:
-            args = {}
-        if target == _GPU:
-            g_ts.append(rel)
-            g_dur.append(dur)
-            v = args.get("device")
-            g_dev.append(v if type(v) is int else _int_or(v, _int_or(ev.get("pid"), 0)))
-            v = args.get("stream")
-            g_stream.append(v if type(v) is int else _int_or(v, _int_or(ev.get("tid"), 0)))
-            g_kind.append(_GPU_CATS[ev["cat"]])
-            g_name.append(names[str(ev.get("name", ""))])
-            v = args.get("correlation")
-            g_corr.append(v if type(v) is int else _int_or(v, -1))
-        elif target == _LAUNCH:
-            v = args.get("correlation")
-            corr = v if type(v) is int else _int_or(v, -1)
+            if not t.is_finite():
+                continue
+            if base is None:
+                base = int(t)
+                base_dec = Decimal(base)
+            rel = float(t - base_dec)
+        if target == _LAUNCH:
+            corr = v_corr if type(v_corr) is int else _int_or(v_corr, -1)
             if corr < 0:
                 continue
             l_corr.append(corr)
             l_ts.append(rel)
-            l_thread.append(threads[(ev.get("pid"), ev.get("tid"))])
-        else:
+            l_thread.append(threads[(pid, tid)])
+            continue
+        dur = float(dur) if dur is not None else 0.0
+        if dur < 0:
+            dur = 0.0
+        if target == _ANN:
             a_ts.append(rel)
             a_dur.append(dur)
-            a_thread.append(threads[(ev.get("pid"), ev.get("tid"))])
-            a_name.append(names[str(ev.get("name", ""))])
+            a_thread.append(threads[(pid, tid)])
+            a_name.append(names[name])
+            continue
+        g_ts.append(rel)
+        g_dur.append(dur)
+        g_dev.append(v_dev if type(v_dev) is int else _int_or(v_dev, _int_or(pid, 0)))
+        g_stream.append(v_stream if type(v_stream) is int else _int_or(v_stream, _int_or(tid, 0)))
+        g_kind.append(target)
+        g_name.append(names[name])
+        g_corr.append(v_corr if type(v_corr) is int else _int_or(v_corr, -1))
 
     dist = meta.get("distributedInfo") if isinstance(meta.get("distributedInfo"), dict) else {}
     file_rank = _int_or(dist.get("rank"), -1)
@@ -199,7 +253,7 @@ def load_trace(path: str | os.PathLike[str], rank: int | None = None) -> RankTra
         ann_name=np.asarray(a_name, dtype=np.int64),
         threads=threads.order,
         meta=meta,
-        n_events=n_events,
+        n_events=counts[0],
     )
 
 
