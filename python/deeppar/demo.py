@@ -92,10 +92,10 @@ def _dualpipev_worker(rank: int, world: int, init_file: str, out: str) -> None:
               f"{'bit-identical to' if same else 'DIFFERENT FROM'} the sequential model")
         print(f"weight-gradient work deferred into W steps: "
               f"{pipe.weight_grad_store.executed} closures")
-        to_chrome_trace(timeline, str(Path(out) / "dualpipev_timeline.json"))
+        to_chrome_trace(pipe.schedule(chunks), timeline, str(Path(out) / "dualpipev_timeline.json"))
         sim = simulate(pipe.schedule(chunks), to_measured_costs(timeline))
-        busy = {r: sum(t.duration_us for t in timeline if t.rank == r) for r in range(world)}
-        span = max(t.end_us for t in timeline) - min(t.start_us for t in timeline)
+        busy = {r: sum(t.duration for t in timeline if t.rank == r) for r in range(world)}
+        span = max(t.end for t in timeline) - min(t.start for t in timeline)
         for r in range(world):
             print(f"rank {r}: measured bubble {1 - busy[r] / span:.2f} of the step, "
                   f"simulated from the measured durations {sim.bubble[r] / sim.makespan:.2f}")

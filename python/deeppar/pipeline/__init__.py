@@ -10,7 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# draw, simulate and validate are bound eagerly: were they lazy, the first import of their
+# submodules (by another module) would bind the package attribute to the module instead.
+from .draw import draw
 from .ir import Action, Kind, Overlap, Schedule, StageInfo, Step, Transfer
+from .simulate import simulate
+from .validate import validate
 
 # name -> module (relative) that defines it; loaded on first attribute access
 _LAZY: dict[str, str] = {
@@ -18,11 +23,9 @@ _LAZY: dict[str, str] = {
     "build": ".schedules",
     "METHODS": ".schedules",
     # validation
-    "validate": ".validate",
     "check": ".validate",
     "ScheduleError": ".validate",
     # simulation
-    "simulate": ".simulate",
     "Costs": ".simulate",
     "MeasuredCosts": ".simulate",
     "SimResult": ".simulate",
@@ -31,7 +34,6 @@ _LAZY: dict[str, str] = {
     # exports and pictures (matplotlib is imported inside the drawing functions only)
     "to_torch_actions": ".export",
     "to_chrome_trace": ".export",
-    "draw": ".draw",
     # ---- runtime exports (owned by the runtime engineer: they may add lines here) ----
     "DualPipe": ".runtime",
     "DualPipeV": ".runtime",
@@ -49,4 +51,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Action", "Kind", "Overlap", "Schedule", "StageInfo", "Step", "Transfer", *_LAZY]
+__all__ = ["Action", "Kind", "Overlap", "Schedule", "StageInfo", "Step", "Transfer", "draw",
+           "simulate", "validate", *_LAZY]

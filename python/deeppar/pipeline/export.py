@@ -42,17 +42,19 @@ _KIND_NAMES = {"F": "forward", "B": "backward", "I": "backward-input", "W": "bac
 
 def to_chrome_trace(schedule: Schedule, result: Any | None = None,
                     time_unit_us: float = 1000.0) -> dict[str, Any]:
-    """Chrome-trace JSON (``{"traceEvents": [...]}``) of a simulated run: one process, one
-    thread per rank, one complete event ("X") per step, flow arrows for cross-rank transfers.
+    """Chrome-trace JSON (``{"traceEvents": [...]}``) of a run: one process, one thread per
+    rank, one complete event ("X") per step, flow arrows for cross-rank transfers.
 
-    ``result`` is a :class:`~deeppar.pipeline.simulate.SimResult`; when omitted the schedule is
-    simulated with the default unit costs. One simulated time unit is ``time_unit_us``
-    microseconds (default 1 ms) in the trace.
+    ``result`` is a :class:`~deeppar.pipeline.simulate.SimResult`, or a list of
+    :class:`~deeppar.pipeline.simulate.TimedStep` (e.g. the runtime's measured timeline, in
+    microseconds: pass ``time_unit_us=1``); when omitted the schedule is simulated with the
+    default unit costs. One time unit is ``time_unit_us`` microseconds in the trace.
     """
     if result is None:
         from .simulate import simulate
 
         result = simulate(schedule)
+    timeline = result.timeline if hasattr(result, "timeline") else list(result)
     events: list[dict[str, Any]] = [
         {"name": "process_name", "ph": "M", "pid": 0, "tid": 0,
          "args": {"name": f"{schedule.method} ranks={schedule.num_ranks} "
@@ -63,9 +65,9 @@ def to_chrome_trace(schedule: Schedule, result: Any | None = None,
                        "args": {"name": f"rank {r}"}})
         events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": r,
                        "args": {"sort_index": r}})
-    for t in result.timeline:
+    for t in timeline:
         step = t.step
-        kind = step.kind if isinstance(step, Overlap) else step.kind.value
+        kind = t.kind
         events.append({
             "name": str(step), "cat": _KIND_NAMES[kind], "ph": "X", "pid": 0, "tid": t.rank,
             "ts": t.start * time_unit_us, "dur": (t.end - t.start) * time_unit_us,
@@ -73,14 +75,16 @@ def to_chrome_trace(schedule: Schedule, result: Any | None = None,
                      "actions": [str(a) for a in step.actions],
                      "directions": [a.direction for a in step.actions]},
         })
-    end_of = {(t.rank, t.index): t.end for t in result.timeline}
+    end_of = {(t.rank, t.index): t.end for t in timeline}
     producer = schedule.producers()
     flow_id = 0
-    for t in result.timeline:
+    for t in timeline:
         for tr in schedule.recvs_before(t.rank, t.step):
             if tr.local or tr.key not in producer:
                 continue
             src_rank, src_index = producer[tr.key]
+            if (src_rank, src_index) not in end_of:  # not run (forward-only measured step)
+                continue
             flow_id += 1
             name = f"{tr.tensor} mb{tr.microbatch}"
             events.append({"name": name, "cat": "p2p", "ph": "s", "id": flow_id, "pid": 0,
@@ -90,7 +94,8 @@ def to_chrome_trace(schedule: Schedule, result: Any | None = None,
                            "pid": 0, "tid": t.rank, "ts": t.start * time_unit_us})
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "metadata": {"method": schedule.method, "ranks": schedule.num_ranks,
-                         "chunks": schedule.num_chunks, "makespan": result.makespan}}
+                         "chunks": schedule.num_chunks,
+                         "makespan": max((t.end for t in timeline), default=0.0)}}
 
 
 __all__ = ["format_torch", "to_chrome_trace", "to_torch_actions", "torch_action_string"]

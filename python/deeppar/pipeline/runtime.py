@@ -24,7 +24,8 @@ import torch.nn as nn
 from .comm import P2PComm, TensorMeta
 from .ir import Action, Kind, Overlap, Schedule, Step
 from .overlap import has_overlap_hook, run_backward, run_overlapped
-from .timeline import TimedStep, TimelineRecorder
+from .simulate import TimedStep
+from .timeline import TimelineRecorder
 from .weight_grad import WeightGradStore, activate, bind_store
 
 Tensors = list[torch.Tensor | None]
@@ -337,9 +338,7 @@ class PipelineRuntime(nn.Module):
             began = rec.begin() if rec is not None else None
             self._compute(sched, live, step, st, slot_of, store)
             if rec is not None:
-                kind = "FB" if len(live) == 2 else live[0].kind.value
-                rec.end(index, str(step) if len(live) == len(step.actions) else str(live[0]),
-                        kind, began)
+                rec.end(index, step if len(live) == len(step.actions) else live[0], began)
             for t in self._transfers(sched, me, step, "send", forward_only):
                 tensors = st.take_for_send(t.tensor, t.stage, t.microbatch)
                 if t.local:

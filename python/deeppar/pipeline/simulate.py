@@ -186,13 +186,24 @@ class MeasuredCosts:
 
 @dataclass(frozen=True)
 class TimedStep:
-    """One step of the simulated run."""
+    """One step of a run, simulated (cost units) or measured by the runtime (microseconds):
+    the ``index``-th step of ``rank``'s program, ``step`` as in the schedule (or, in a
+    forward-only run, the live forward action of an overlapped pair)."""
 
     rank: int
     index: int
     step: Step
     start: float
     end: float
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+    @property
+    def kind(self) -> str:
+        """``F``, ``B``, ``I``, ``W`` or ``FB`` (an overlapped pair)."""
+        return "FB" if isinstance(self.step, Overlap) else self.step.kind.value
 
 
 @dataclass
