@@ -1,18 +1,18 @@
 """Bytes-level scanner for Chrome-trace files: the fast path of the loader.
 
-Each element of ``traceEvents`` is matched by one compiled regular expression that checks
-the JSON grammar (strings, numbers, literals, objects and arrays nested a few levels) and
-captures the few top-level fields the analysis reads (``ph``, ``cat``, ``ts``, ``dur``,
-``name``, ``pid``, ``tid`` and ``args.device/stream/correlation``), in any key order, with
-any whitespace. The match runs in C; Python only looks at the category of each event and
-converts the fields of the events it keeps, so most events (CPU ops, flow arrows) cost one
-match and no object.
+The file is read as bytes in chunks. For a chunk without backslashes, NumPy finds the
+elements of ``traceEvents`` (braces outside strings, depth counting) and checks that only
+separators lie between them; a regex finds the elements whose ``cat`` (a key of the element
+itself) is kept, and one more regex, run once over those elements joined together, takes
+their fields (``ph``, ``cat``, ``ts``, ``dur``, ``name``, ``pid``, ``tid``,
+``args.device/stream/correlation``) in any key order. All of this runs in C; Python only
+converts the fields of kept events. CPU ops and flow events are never decoded (so their
+contents are not validated beyond strings and brackets).
 
-Elements the expression does not accept (deeper nesting, escaped keys, unusual value types)
-are cut out with a bracket matcher and decoded by ``json`` one at a time, giving the same
-values. Anything else unexpected (not a trace, truncated, invalid UTF-8, invalid JSON)
-raises :class:`Unsupported`, and the caller re-reads the file with the text parser of
-``_jsonstream``, which either succeeds or reports the error clearly.
+Chunks with escapes, or a layout the expressions do not take, are decoded by ``json``
+element by element with the same results. Anything else unexpected (not a trace,
+truncated, invalid UTF-8 or JSON) raises :class:`Unsupported`, and the caller re-reads the
+file with the text parser of ``_jsonstream``, which either succeeds or reports the error.
 """
 
 from __future__ import annotations
