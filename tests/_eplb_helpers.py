@@ -23,6 +23,17 @@ SHAPES = [
     (4, 9, 27, 3, 1, 9),
 ]
 
+# The spec's worked example: weight, (layers, experts, replicas, groups, nodes, gpus), phy2log.
+WORKED_WEIGHT = torch.tensor([
+    [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+    [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+])
+WORKED_SHAPE = (2, 12, 16, 4, 2, 8)
+WORKED_PHY2LOG = torch.tensor([
+    [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+    [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+])
+
 
 def random_weight(layers: int, experts: int, kind: str, seed: int) -> torch.Tensor:
     """Loads of one of several kinds: 'real' (skewed floats), 'int' (few distinct values: many

@@ -7,7 +7,15 @@ import random
 
 import pytest
 import torch
-from _eplb_helpers import SHAPES, check_invariants, random_shape, random_weight
+from _eplb_helpers import (
+    SHAPES,
+    WORKED_PHY2LOG,
+    WORKED_SHAPE,
+    WORKED_WEIGHT,
+    check_invariants,
+    random_shape,
+    random_weight,
+)
 from conftest import HAS_CUDA, TRITON_INTERPRET
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -172,17 +180,139 @@ def test_cuda_opcheck_and_compile():
     assert _same(torch.compile(fn, fullgraph=True)(weight), fn(weight.cpu()))
 
 
-# ------------------------------------------------------------- Triton on CPU (interpreter)
+# --------------------------------------------------------------------------- Triton backend
+# Run on the GPU when there is one, else on the CPU through Triton's interpreter (set
+# DEEPPAR_TRITON_INTERPRET=1; slow, so these shapes are small but cover every branch).
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_triton = pytest.mark.skipif(
+    not (HAS_CUDA or TRITON_INTERPRET),
+    reason="Triton needs a GPU or DEEPPAR_TRITON_INTERPRET=1 (interpreter on CPU)",
+)
+TRITON_SHAPES = [
+    (1, 4, 4, 1, 1, 1),  # nothing to replicate or pack
+    (2, 12, 16, 4, 2, 8),  # hierarchical
+    (2, 16, 24, 8, 3, 6),  # 8 % 3 != 0: global policy
+    (1, 9, 27, 3, 1, 9),  # one node, one replica per GPU
+    (1, 10, 10, 5, 5, 5),  # no redundancy, one group per node
+]
+
+
+def _triton_plan(weight, shape, **kw):
+    if "triton" not in eplb.available(TRITON_DEVICE):
+        pytest.skip(f"triton backend not available on {TRITON_DEVICE}")
+    got = _plan(weight.to(TRITON_DEVICE), shape, "triton", **kw)
+    assert all(t.device.type == TRITON_DEVICE for t in got)
+    return got
+
+
 @pytest.mark.triton
-@pytest.mark.skipif(
-    not TRITON_INTERPRET, reason="set DEEPPAR_TRITON_INTERPRET=1 to run Triton on CPU"
-)
+@needs_triton
 @pytest.mark.parametrize("kind", ["real", "int", "zero"])
-@pytest.mark.parametrize(
-    "shape", [(2, 12, 16, 4, 2, 8), (2, 16, 24, 8, 3, 6), (1, 9, 27, 3, 1, 9)]
-)
-def test_triton_interpreted_matches_reference(shape, kind):
-    if "triton" not in eplb.available("cpu"):
-        pytest.skip("triton backend not available")
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+def test_triton_matches_reference(shape, kind):
     weight = random_weight(shape[0], shape[1], kind, seed=11)
-    assert _same(_plan(weight, shape, "triton"), _plan(weight, shape, "reference"))
+    got = _triton_plan(weight, shape)
+    assert _same(got, _plan(weight, shape, "reference"))
+    check_invariants(weight, *(t.cpu() for t in got), *shape[2:])
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_worked_example():
+    phy2log, log2phy, logcnt = _triton_plan(WORKED_WEIGHT, WORKED_SHAPE)
+    assert torch.equal(phy2log.cpu(), WORKED_PHY2LOG)
+    assert _same((phy2log, log2phy, logcnt), _plan(WORKED_WEIGHT, WORKED_SHAPE, "reference"))
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("seed", range(20))
+def test_triton_matches_reference_random_shapes(seed):
+    shape = random_shape(random.Random(1000 + seed))
+    shape = (min(shape[0], 2), *shape[1:])  # fewer layers: the interpreter is slow
+    weight = random_weight(shape[0], shape[1], KINDS[seed % len(KINDS)], seed)
+    assert _same(_triton_plan(weight, shape), _plan(weight, shape, "reference"))
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # interpreter sums
+def test_triton_extreme_values():
+    # -0.0, subnormals after division, float32 sums overflowing to inf, near-equal large loads.
+    weight = torch.tensor([
+        [-0.0, 0.0, 1e-30, 2.0**-126, 3.4e38, 3.4e38, 1e7, 1e7 + 1],
+        [3.0, 3.0, 3.0, 3.0, 0.5, 0.5, -0.0, 1.0],
+    ])
+    for shape in [(0, 8, 16, 4, 2, 4), (0, 8, 24, 4, 3, 6)]:
+        assert _same(_triton_plan(weight, shape), _plan(weight.abs(), shape, "reference"))
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_max_replicas():
+    weight = random_weight(2, 12, "int", 5)
+    shape = (2, 12, 24, 4, 2, 4)
+    phy2log, log2phy, logcnt = _plan(weight, shape, "reference")
+    width = int(logcnt.max())
+    got = _triton_plan(weight, shape, max_replicas=width + 2)
+    assert torch.equal(got[0].cpu(), phy2log) and torch.equal(got[2].cpu(), logcnt)
+    assert got[1].shape == (2, 12, width + 2)
+    assert torch.equal(got[1][..., :width].cpu(), log2phy) and (got[1][..., width:] == -1).all()
+    if TRITON_DEVICE == "cpu":
+        with pytest.raises(ValueError, match="max_replicas"):
+            _triton_plan(weight, shape, max_replicas=width - 1)
+
+
+def test_triton_unavailable_on_cpu_without_interpreter():
+    if TRITON_INTERPRET:
+        pytest.skip("the interpreter is on: triton runs on CPU")
+    assert "triton" not in eplb.available("cpu")
+    with pytest.raises(eplb.BackendUnavailable, match="TRITON_INTERPRET"):
+        eplb.rebalance_experts(WORKED_WEIGHT, 16, 4, 2, 8, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        # (BLOCK_G, BLOCK_N, BLOCK_E, BLOCK_S, BLOCK_P), num_warps, int args equal to 1
+        ((8, 4, 64, 128, 8), 1, ()),  # DeepSeek-V3 prefill
+        ((1, 1, 256, 512, 512), 2, ("groups", "nodes")),  # global policy, specialised to 1
+        ((64, 16, 32, 64, 8), 4, ("gpus",)),
+    ],
+)
+def test_triton_kernel_compiles_for_gpu(sizes):
+    """The kernel compiles to a cubin for sm_90 (no GPU needed): catches what the interpreter
+    accepts but the compiler does not (constexpr loop counters, block shapes, gather)."""
+    if TRITON_INTERPRET:
+        pytest.skip("the interpreter replaces the compiler")
+    if not _native.triton_status()[0]:
+        pytest.skip("triton cannot be imported")
+    compiler = pytest.importorskip("triton.compiler")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from deeppar.kernels.eplb_triton import _eplb_rebalance_kernel as kernel
+
+    blocks, num_warps, ones = sizes
+    names = list(kernel.arg_names)
+    signature = {name: "i32" for name in names}
+    signature.update(weight_ptr="*fp32", phy2log_ptr="*i64", phy_rank_ptr="*i64",
+                     logcnt_ptr="*i64")
+    constants = dict(zip(("BLOCK_G", "BLOCK_N", "BLOCK_E", "BLOCK_S", "BLOCK_P"), blocks))
+    constants.update({name: 1 for name in ones})
+    for name in constants:
+        signature[name] = "constexpr"
+    source = compiler.ASTSource(
+        fn=kernel, signature=signature,
+        constexprs={(names.index(n),): v for n, v in constants.items()},
+    )
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": num_warps})
+    except RuntimeError as exc:  # no ptxas in this triton install
+        if "ptxas" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    ptx = compiled.asm["ptx"]
+    assert "div.rn.f32" in ptx and "ftz" not in ptx  # IEEE division, subnormals kept
+    assert compiled.asm["cubin"]
