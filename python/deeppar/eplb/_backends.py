@@ -122,6 +122,8 @@ def _native_core(weight: torch.Tensor, *sizes: int) -> tuple[torch.Tensor, ...]:
 
 
 def _triton_core(weight: torch.Tensor, *sizes: int) -> tuple[torch.Tensor, ...]:
+    """Triton kernel on the weight's device (CUDA, or CPU under TRITON_INTERPRET=1); imported
+    on first use because importing it imports triton."""
     from deeppar.kernels.eplb_triton import eplb_rebalance_triton
 
     return eplb_rebalance_triton(weight, *sizes)
