@@ -557,8 +557,11 @@ def case_deepseek_dpv(rank: int, world: int) -> None:
 
 
 def case_timeline(rank: int, world: int, v: bool = False) -> None:
+    import json
+    import tempfile
+
     from deeppar.pipeline.simulate import simulate
-    from deeppar.pipeline.timeline import measured_costs, to_chrome_trace, to_measured_costs
+    from deeppar.pipeline.timeline import measured_costs, to_measured_costs, write_chrome_trace
 
     n = 2 * world + 2
     check = check_dualpipev if v else check_dualpipe
@@ -569,7 +572,11 @@ def case_timeline(rank: int, world: int, v: bool = False) -> None:
     assert all(t.end >= t.start >= 0 for t in pipe.timeline)
     steps = pipe.gather_timeline()
     assert len(steps) == sum(len(p) for p in sched.steps)
-    trace = to_chrome_trace(sched, steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        trace = write_chrome_trace(sched, steps, path)
+        with open(path) as f:
+            assert json.load(f) == trace
     assert len([e for e in trace["traceEvents"] if e["ph"] == "X"]) == len(steps)
     assert set(measured_costs(steps)) <= {"F", "B", "I", "W", "FB"}
     sim = simulate(sched, to_measured_costs(steps))

@@ -53,7 +53,7 @@ def _dualpipev_worker(rank: int, world: int, init_file: str, out: str) -> None:
     from torch import nn
 
     from deeppar.pipeline import DualPipeV, defer_weight_grads, simulate
-    from deeppar.pipeline.timeline import to_chrome_trace, to_measured_costs
+    from deeppar.pipeline.timeline import to_measured_costs, write_chrome_trace
     from deeppar.profiling import capture
 
     torch.set_num_threads(1)
@@ -92,7 +92,8 @@ def _dualpipev_worker(rank: int, world: int, init_file: str, out: str) -> None:
               f"{'bit-identical to' if same else 'DIFFERENT FROM'} the sequential model")
         print(f"weight-gradient work deferred into W steps: "
               f"{pipe.weight_grad_store.executed} closures")
-        to_chrome_trace(pipe.schedule(chunks), timeline, str(Path(out) / "dualpipev_timeline.json"))
+        write_chrome_trace(pipe.schedule(chunks), timeline,
+                           str(Path(out) / "dualpipev_timeline.json"))
         sim = simulate(pipe.schedule(chunks), to_measured_costs(timeline))
         busy = {r: sum(t.duration for t in timeline if t.rank == r) for r in range(world)}
         span = max(t.end for t in timeline) - min(t.start for t in timeline)

@@ -3,8 +3,8 @@
 Times are microseconds from the start of the step, kept as
 :class:`~deeppar.pipeline.simulate.TimedStep` (the record the simulator produces too):
 ``time.perf_counter`` on CPU; on GPU a pair of CUDA events per step, read once the step has
-ended, so recording adds no synchronisation inside the step. :func:`to_chrome_trace` writes all
-ranks as a Chrome/Perfetto trace; :func:`to_measured_costs` turns them into the simulator's
+ended, so recording adds no synchronisation inside the step. :func:`write_chrome_trace` writes
+all ranks as a Chrome/Perfetto trace; :func:`to_measured_costs` turns them into the simulator's
 per-step durations, so a measured bubble can be compared with a simulated one.
 """
 
@@ -66,17 +66,16 @@ class TimelineRecorder:
         return self.steps
 
 
-def to_chrome_trace(schedule: Schedule, steps: list[TimedStep],
-                    path: str | None = None) -> dict[str, Any]:
-    """Chrome trace (``chrome://tracing`` / Perfetto) of a measured step: one row per rank, flow
-    arrows for transfers; written to ``path`` when given. Ranks' clocks are aligned only at the
-    start of the step."""
-    from .export import to_chrome_trace as schedule_trace
+def write_chrome_trace(schedule: Schedule, steps: list[TimedStep], path: str) -> dict[str, Any]:
+    """Write the Chrome trace (``chrome://tracing`` / Perfetto) of a measured step to ``path``
+    and return it: one row per rank, flow arrows for transfers, microsecond times. Ranks'
+    clocks are aligned only at the start of the step. (The trace object alone, of a simulated
+    or a measured run, is :func:`deeppar.pipeline.export.to_chrome_trace`.)"""
+    from .export import to_chrome_trace
 
-    trace = schedule_trace(schedule, steps, time_unit_us=1.0)
-    if path is not None:
-        with open(path, "w") as f:
-            json.dump(trace, f)
+    trace = to_chrome_trace(schedule, steps, time_unit_us=1.0)
+    with open(path, "w") as f:
+        json.dump(trace, f)
     return trace
 
 
@@ -113,5 +112,5 @@ __all__ = [
     "bubble",
     "measured_costs",
     "to_measured_costs",
-    "to_chrome_trace",
+    "write_chrome_trace",
 ]
