@@ -180,6 +180,11 @@ def test_zb1p_rule(P, N):
     ("1f1b", 0, 4, "ranks must be an integer >= 1"),
     ("zbv", 2, 0, "chunks .* must be an integer >= 1"),
     ("gpipe", 2, 4, "unknown schedule method"),
+    ("dualpipev", True, 4, "ranks must be an integer >= 1, got True"),
+    ("1f1b", 2, True, "chunks .* must be an integer >= 1, got True"),
+    ("1f1b", 2.0, 4, "ranks must be an integer"),
+    ("1f1b", 2, "4", "chunks .* must be an integer"),
+    (None, 2, 4, "method must be a string"),
 ])
 def test_bad_parameters(method, P, N, msg):
     with pytest.raises(ValueError, match=msg):

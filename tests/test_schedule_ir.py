@@ -46,6 +46,42 @@ def test_json_and_text_round_trip(method):
     assert len(s.format().splitlines()) == s.num_ranks
     with pytest.raises(ValueError, match="not an action"):
         s.parse_step("X1@s0")
+    with pytest.raises(ValueError, match="micro-batch 99 is out of range"):
+        s.parse_step("F99@s0")
+    with pytest.raises(ValueError, match="stage s99 is out of range"):
+        s.parse_step("F0@s99")
+    with pytest.raises(ValueError, match="out of range"):
+        s.parse_step(f"(F0@s0;B{s.num_chunks}@s0)")
+
+
+def test_from_json_rejects_bad_schedules():
+    good = build("dualpipev", 2, 4).to_dict()
+    with pytest.raises(ValueError, match="field 'num_ranks' is missing"):
+        Schedule.from_json(json.dumps({"method": "x"}))
+    with pytest.raises(ValueError, match="JSON object"):
+        Schedule.from_json("[1, 2]")
+    with pytest.raises(ValueError):
+        Schedule.from_json("{not json")
+
+    def broken(**changes):
+        d = json.loads(json.dumps(good))
+        d.update(changes)
+        return json.dumps(d)
+
+    with pytest.raises(ValueError, match="field 'num_chunks' is malformed"):
+        Schedule.from_json(broken(num_chunks="eight"))
+    with pytest.raises(ValueError, match="field 'stages' is malformed"):
+        Schedule.from_json(broken(stages=[{"stage": 0}]))
+    with pytest.raises(ValueError, match="field 'steps' is malformed"):
+        Schedule.from_json(broken(steps=[[{"kind": "F"}]]))
+    with pytest.raises(ValueError, match="'steps' has 1 programs"):
+        Schedule.from_json(broken(steps=good["steps"][:1]))
+    with pytest.raises(ValueError, match="'entry' has 3 entries"):
+        Schedule.from_json(broken(entry=[0, 0, 0]))
+    bad_steps = json.loads(json.dumps(good["steps"]))
+    bad_steps[0][0]["microbatch"] = 99
+    with pytest.raises(ValueError, match=r"'steps'\[0\] has F99@s0, out of range"):
+        Schedule.from_json(broken(steps=bad_steps))
 
 
 def test_dualpipe_placement():

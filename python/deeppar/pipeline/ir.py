@@ -414,9 +414,15 @@ class Schedule:
         m = _ACTION_RE.match(text)
         if not m:
             raise ValueError(f"not an action: {text!r} (expected e.g. 'F3@s1')")
-        s = int(m.group(3))
+        s, mb = int(m.group(3)), int(m.group(2))
+        if s >= self.num_stages:
+            raise ValueError(f"{text!r}: stage s{s} is out of range (this {self.method} "
+                             f"schedule has stages s0..s{self.num_stages - 1})")
+        if mb >= self.num_chunks:
+            raise ValueError(f"{text!r}: micro-batch {mb} is out of range (this {self.method} "
+                             f"schedule has micro-batches 0..{self.num_chunks - 1})")
         info = self.stages[s]
-        return Action(Kind(m.group(1)), s, int(m.group(2)), info.phase, info.direction)
+        return Action(Kind(m.group(1)), s, mb, info.phase, info.direction)
 
     def format(self) -> str:
         """One line per rank: ``rank r: F0@s0 F1@s0 ...``."""
@@ -441,21 +447,58 @@ class Schedule:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Schedule:
-        return Schedule(
-            method=d["method"],
-            num_ranks=int(d["num_ranks"]),
-            num_chunks=int(d["num_chunks"]),
-            stages=tuple(StageInfo(**s) for s in d["stages"]),
-            steps=tuple(tuple(step_from_dict(s) for s in prog) for prog in d["steps"]),
-            entry=tuple(int(e) for e in d["entry"]),
-            meta=dict(d.get("meta", {})),
-        )
+        """Inverse of :meth:`to_dict`. Raises ``ValueError`` naming the field that is missing,
+        malformed or out of range (stage ids, ranks and micro-batches are checked)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a schedule must be a JSON object, got {type(d).__name__}")
+
+        def field_of(name: str, conv: Any) -> Any:
+            if name not in d:
+                raise ValueError(f"schedule: field {name!r} is missing")
+            try:
+                return conv(d[name])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"schedule: field {name!r} is malformed: "
+                                 f"{type(e).__name__}: {e}") from None
+
+        method = field_of("method", str)
+        num_ranks = field_of("num_ranks", int)
+        num_chunks = field_of("num_chunks", int)
+        stages = field_of("stages", lambda v: tuple(StageInfo(**s) for s in v))
+        steps = field_of("steps", lambda v: tuple(tuple(step_from_dict(s) for s in prog)
+                                                  for prog in v))
+        entry = field_of("entry", lambda v: tuple(int(e) for e in v))
+        meta = dict(d.get("meta") or {})
+        if num_ranks < 1 or num_chunks < 1:
+            raise ValueError(f"schedule: num_ranks and num_chunks must be >= 1, got "
+                             f"{num_ranks}, {num_chunks}")
+        if len(steps) != num_ranks:
+            raise ValueError(f"schedule: field 'steps' has {len(steps)} programs for "
+                             f"num_ranks={num_ranks}")
+        if len(entry) != num_chunks:
+            raise ValueError(f"schedule: field 'entry' has {len(entry)} entries for "
+                             f"num_chunks={num_chunks}")
+        for i, st in enumerate(stages):
+            if st.stage != i or not 0 <= st.rank < num_ranks:
+                raise ValueError(f"schedule: field 'stages'[{i}] is inconsistent: {st}")
+        if any(not 0 <= e < len(stages) for e in entry):
+            raise ValueError(f"schedule: field 'entry' names a stage outside "
+                             f"0..{len(stages) - 1}: {list(entry)}")
+        for r, prog in enumerate(steps):
+            for step in prog:
+                for a in step.actions:
+                    if not 0 <= a.stage < len(stages) or not 0 <= a.microbatch < num_chunks:
+                        raise ValueError(f"schedule: field 'steps'[{r}] has {a}, out of range "
+                                         f"(stages 0..{len(stages) - 1}, micro-batches "
+                                         f"0..{num_chunks - 1})")
+        return Schedule(method, num_ranks, num_chunks, stages, steps, entry, meta)
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     @staticmethod
     def from_json(text: str) -> Schedule:
+        """Inverse of :meth:`to_json`; ``ValueError`` for bad JSON or a bad schedule."""
         return Schedule.from_dict(json.loads(text))
 
 

@@ -279,7 +279,9 @@ class PipelineRuntime(nn.Module):
         shapes = tuple((tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else None
                        for x in inputs)
         all_shapes = self._agree(problems, (num_chunks, forward_only), shapes)
-        assert sched is not None
+        if sched is None:  # _agree raised for a bad num_chunks; this guards the invariant
+            raise RuntimeError(f"{type(self).__name__}.step: no schedule for num_chunks="
+                               f"{num_chunks!r}")
         cache_key = (num_chunks, forward_only, all_shapes)
         with activate(self.weight_grad_store):
             return self._run(sched, inputs, labels, criterion, return_outputs, forward_only,

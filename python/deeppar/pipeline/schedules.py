@@ -28,6 +28,9 @@ _ALIASES = {"zbh1": "zb1p", "zb-h1": "zb1p", "zb_h1": "zb1p", "zb-v": "zbv",
 
 def canonical_method(method: str) -> str:
     """Lower-case method name with aliases resolved; raises ``ValueError`` for unknown ones."""
+    if not isinstance(method, str):
+        raise ValueError(f"method must be a string, one of {', '.join(METHODS)}; got "
+                         f"{type(method).__name__}")
     m = method.strip().lower()
     m = _ALIASES.get(m, m)
     if m not in METHODS:
@@ -39,9 +42,10 @@ def canonical_method(method: str) -> str:
 def check_params(method: str, ranks: int, chunks: int) -> None:
     """Raise ``ValueError`` naming the violated constraint if ``build`` cannot build this."""
     m = canonical_method(method)
-    if not isinstance(ranks, int) or ranks < 1:
+    # bool is an int subclass: ranks=True would silently mean one rank
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise ValueError(f"{m}: ranks must be an integer >= 1, got {ranks!r}")
-    if not isinstance(chunks, int) or chunks < 1:
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise ValueError(f"{m}: chunks (micro-batches) must be an integer >= 1, got {chunks!r}")
     if m == "dualpipe":
         if ranks % 2:
