@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -62,3 +63,19 @@ def test_missing_and_malformed_files(tmp_path, capsys):
     np.save(good, np.ones((2, 12)))
     assert main(["eplb", "plan", "--loads", str(good), "--replicas", "16"]) == 2
     assert "--groups" in capsys.readouterr().err
+
+
+def test_pt_file_that_is_not_a_tensor_pickle(tmp_path, capsys):
+    text = tmp_path / "text.pt"
+    text.write_text("this is not a torch file\n")
+    assert main(["eplb", "plan", "--loads", str(text), *ARGS]) == 2
+    assert "cannot read loads" in capsys.readouterr().err
+
+
+def test_outputs_get_usual_permissions(tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["eplb", "plan", "--demo", "--out", str(out), "--backend", "cpu"]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temporary file left

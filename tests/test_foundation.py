@@ -153,3 +153,20 @@ def test_slot_loads_triton_matches_reference(shape):
     got = ops.slot_loads(weight, phy2log, logcnt, backend="triton")
     want = ops.slot_loads_reference(weight.cpu(), phy2log.cpu(), logcnt.cpu())
     assert torch.equal(got.cpu(), want)
+
+
+def test_write_atomic_leaves_nothing_on_failure(tmp_path):
+    from deeppar._io import write_atomic
+
+    target = tmp_path / "sub" / "out.txt"
+
+    def failing(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomic(target, failing)
+    assert list((tmp_path / "sub").iterdir()) == []
+    write_atomic(target, lambda tmp: Path(tmp).write_text("whole"))
+    assert target.read_text() == "whole"

@@ -5,8 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC="${NVCC:-nvcc}"
 if ! command -v "$NVCC" >/dev/null 2>&1; then
-  echo "cuda-check: nvcc not found; skipped" >&2
-  exit 0
+  if [ "${DEEPPAR_ALLOW_NO_NVCC:-0}" = "1" ]; then
+    echo "cuda-check: nvcc not found; SKIPPED (DEEPPAR_ALLOW_NO_NVCC=1)" >&2
+    exit 0
+  fi
+  echo "cuda-check: nvcc not found (set NVCC, or DEEPPAR_ALLOW_NO_NVCC=1 to skip)" >&2
+  exit 1
 fi
 ARCH="${DEEPPAR_CUDA_ARCH:-90a}"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -25,6 +26,9 @@ constexpr int32_t kLinearPacks = 16;
 
 // Slots planned per parallel task (rows are grouped up to this size).
 constexpr int64_t kSlotsPerTask = 32768;
+
+// log2phy elements written per parallel task.
+constexpr int64_t kLog2PhyElementsPerTask = int64_t{1} << 20;
 
 // Reusable per-thread buffers, so that planning a row allocates nothing.
 struct Scratch {
@@ -328,18 +332,25 @@ at::Tensor eplb_log2phy_cpu(const at::Tensor& phy2log,   // [L, R] int64
   const int64_t* pp = p.const_data_ptr<int64_t>();
   const int64_t* rp = r.const_data_ptr<int64_t>();
   int64_t* op = out.mutable_data_ptr<int64_t>();
-  const int64_t grain = std::max<int64_t>(1, kSlotsPerTask * 8 / std::max<int64_t>(row, 1));
+  // Memory-bound and cheap per element: waking the thread pool only pays off for large rows.
+  const int64_t per_layer = std::max<int64_t>(row + replicas, 1);
+  const int64_t grain = std::max<int64_t>(1, kLog2PhyElementsPerTask / per_layer);
+  std::atomic<bool> invalid{false};
   at::parallel_for(0, layers, grain, [&](int64_t begin, int64_t end) {
     for (int64_t l = begin; l < end; ++l) {
       int64_t* o = op + l * row;
       std::fill(o, o + row, int64_t{-1});
       for (int64_t s = 0; s < replicas; ++s) {
         const int64_t e = pp[l * replicas + s], k = rp[l * replicas + s];
-        TORCH_CHECK(e >= 0 && e < num_experts && k >= 0, "eplb_log2phy: invalid slot entry");
+        if (e < 0 || e >= num_experts || k < 0) {
+          invalid.store(true, std::memory_order_relaxed);
+          continue;
+        }
         if (k < width) o[e * width + k] = s;  // replicas beyond width: dropped, caller checks
       }
     }
   });
+  TORCH_CHECK(!invalid.load(), "eplb_log2phy: phy2log/phy_rank hold an invalid slot entry");
   return out;
 }
 

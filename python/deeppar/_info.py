@@ -7,6 +7,15 @@ import platform
 from typing import Any
 
 
+def _triton_kernels() -> list[str]:
+    """Modules of ``deeppar.kernels`` (the Triton kernels shipped)."""
+    import pkgutil
+
+    import deeppar.kernels
+
+    return sorted(m.name for m in pkgutil.iter_modules(deeppar.kernels.__path__))
+
+
 def collect_info() -> dict[str, Any]:
     """Versions, native extension state, backends (compiled / usable), and the GPU if any."""
     import torch
@@ -40,16 +49,24 @@ def collect_info() -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "native": {"loaded": _native.NATIVE_LOADED, "error": _native.NATIVE_ERROR},
         "backends": {
-            "cpu": {"compiled": _native.has_kernel("slot_loads", "cpu"), "usable": True},
+            # compiled: native kernels registered for the device; usable: they can run here.
+            # Without them every op still runs through its Python/Triton path.
+            "cpu": {
+                "compiled": bool(_native.native_ops("cpu")),
+                "usable": bool(_native.native_ops("cpu")),
+                "ops": _native.native_ops("cpu"),
+            },
             "cuda": {
-                "compiled": _native.has_kernel("slot_loads", "cuda"),
-                "usable": _native.has_kernel("slot_loads", "cuda") and cuda_available,
+                "compiled": bool(_native.native_ops("cuda")),
+                "usable": bool(_native.native_ops("cuda")) and cuda_available,
+                "ops": _native.native_ops("cuda"),
             },
             "triton": {
                 "compiled": triton_ok,
                 "version": triton_version,
                 "usable": triton_ok
                 and (cuda_available or os.environ.get("TRITON_INTERPRET") == "1"),
+                "kernels": _triton_kernels(),
                 "error": triton_reason,
             },
         },
@@ -70,10 +87,13 @@ def format_info(data: dict[str, Any]) -> str:
     )
     for name, b in data["backends"].items():
         extra = f" {b['version']}" if b.get("version") else ""
-        lines.append(
+        kernels = b.get("ops", b.get("kernels")) or []
+        line = (
             f"  {name:<7}{extra:<8} compiled: {'yes' if b['compiled'] else 'no':<4}"
-            f" usable: {'yes' if b['usable'] else 'no'}"
+            f" usable: {'yes' if b['usable'] else 'no':<4}"
+            + (f" kernels: {', '.join(kernels)}" if kernels else "")
         )
+        lines.append(line.rstrip())
     lines.append(f"cpu threads: {data['cpu_threads']}")
     if data["gpus"]:
         for g in data["gpus"]:

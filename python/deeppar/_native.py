@@ -50,6 +50,11 @@ def has_kernel(op: str, device: str) -> bool:
     return (op, device) in _KERNELS
 
 
+def native_ops(device: str) -> list[str]:
+    """Names of the ``deeppar`` ops with a native kernel for ``device`` ("cpu" or "cuda")."""
+    return sorted(op for op, dev in _KERNELS if dev == device)
+
+
 def triton_status() -> tuple[bool, str | None]:
     """(importable, reason if not). Triton runs on CUDA, or on CPU under TRITON_INTERPRET=1."""
     try:

@@ -135,7 +135,10 @@ def _trace(out: Path) -> None:
     if trace is None:
         print("DeepSeek's published trace is not available in this installation; skipped")
         return
-    _cli("trace", "analyze", str(trace), "--png", str(out / "deepseek_trace_timeline.png"),
+    # Backward kernels are launched from autograd's thread, outside the annotated ranges:
+    # --phase-fallback gives them to the range open on the main thread at that time.
+    _cli("trace", "analyze", str(trace), "--phase-fallback",
+         "--png", str(out / "deepseek_trace_timeline.png"),
          "--html", str(out / "deepseek_trace_timeline.html"))
 
 

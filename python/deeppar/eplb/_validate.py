@@ -57,12 +57,12 @@ def check_values(weight: torch.Tensor, name: str = "weight") -> None:
     """ValueError if ``weight`` (float32) holds a negative, NaN or infinite load (syncs)."""
     if bool(bad_values(weight)):
         if torch.isnan(weight).any():
-            what = "NaN"
+            what = "a NaN value"
         elif torch.isinf(weight).any():
-            what = "infinite (after conversion to float32)"
+            what = "an infinite value (after conversion to float32)"
         else:
-            what = "negative"
-        raise ValueError(f"{name} must hold finite non-negative loads; found a {what} value")
+            what = "a negative value"
+        raise ValueError(f"{name} must hold finite non-negative loads; found {what}")
 
 
 @dataclass(frozen=True)

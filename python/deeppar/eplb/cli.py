@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 # DeepSeek-V3 prefill (spec "Sizes that matter"): layers, experts, replicas, groups, nodes, gpus.
@@ -73,24 +71,22 @@ def load_weights(path: Path):
             array = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
         else:
             raise ValueError("unknown format (use .pt, .npy or .csv)")
-    except (ValueError, OSError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"cannot read loads from {path}: {exc}") from None
+    except Exception as exc:  # torch.load/np.load raise many types for a malformed file
+        raise ValueError(f"cannot read loads from {path}: {type(exc).__name__}: {exc}") from None
     if array.dtype.kind not in "iuf":
         raise ValueError(f"cannot read loads from {path}: numbers expected, got {array.dtype}")
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary file, so no half-written file is left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
+    """Write ``data`` to ``path`` whole or not at all."""
+    from deeppar._io import write_atomic
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    write_atomic(path, write)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from deeppar._io import write_atomic
 from deeppar.eplb.planning import Plan
 
 
@@ -75,15 +74,7 @@ def draw_plan(plan: Plan, path: Path, max_bar_layers: int = 3) -> None:
             ax.legend(fontsize=8, loc="upper right")
     fig.suptitle(f"EPLB plan: {plan.num_replicas} replicas on {plan.num_gpus} GPUs in "
                  f"{plan.num_nodes} nodes (bars: replicas, colour = expert)", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)

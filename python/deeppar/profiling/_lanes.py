@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -85,20 +83,7 @@ def phase_color_map(lanes: list[Lane]) -> dict[str, str]:
 
 
 def write_atomic(path: str, suffix: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then move the result to ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"output folder does not exist: {folder!r}")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Call ``write(tmp_path)`` then move the result to ``path`` (see :mod:`deeppar._io`)."""
+    from deeppar._io import write_atomic as _write_atomic
+
+    _write_atomic(path, write, suffix=suffix)

@@ -36,7 +36,7 @@ def _device_block(d: DeviceStats, top: int) -> list[str]:
                      f"{s.comm_kernels} communication kernels")
     lines.append(f"    top kernel families by total time (of {len(d.families)}):")
     for f in d.families[:top]:
-        lines.append(f"      {f.category[:5]:5} {_us(f.total_us):>12} {f.count:6d}x  "
+        lines.append(f"      {f.category:<13} {_us(f.total_us):>12} {f.count:6d}x  "
                      f"{f.family}  [{f.rule}]")
     return lines
 
