@@ -170,3 +170,11 @@ def test_write_atomic_leaves_nothing_on_failure(tmp_path):
     assert list((tmp_path / "sub").iterdir()) == []
     write_atomic(target, lambda tmp: Path(tmp).write_text("whole"))
     assert target.read_text() == "whole"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _native.NATIVE_LOADED, reason="native extension not built")
+@pytest.mark.skipif(os.environ.get("DEEPPAR_NO_CUDA") == "1", reason="built with DEEPPAR_NO_CUDA=1")
+def test_cuda_kernels_are_built_where_a_gpu_is():
+    """On a GPU machine a CPU-only build would make every CUDA parity test skip: fail instead."""
+    assert _native.native_ops("cuda") == _native.native_ops("cpu")
