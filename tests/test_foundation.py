@@ -177,4 +177,4 @@ def test_write_atomic_leaves_nothing_on_failure(tmp_path):
 @pytest.mark.skipif(os.environ.get("DEEPPAR_NO_CUDA") == "1", reason="built with DEEPPAR_NO_CUDA=1")
 def test_cuda_kernels_are_built_where_a_gpu_is():
     """On a GPU machine a CPU-only build would make every CUDA parity test skip: fail instead."""
-    assert _native.native_ops("cuda") == _native.native_ops("cpu")
+    assert {"slot_loads", "eplb_rebalance"} <= set(_native.native_ops("cuda"))
