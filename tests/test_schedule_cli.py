@@ -98,3 +98,26 @@ def test_errors(capsys):
     assert "ranks must be even" in capsys.readouterr().err
     assert main(["schedule", "simulate", "-m", "nope", "-p", "2", "-n", "4"]) == 2
     assert "unknown schedule method" in capsys.readouterr().err
+
+
+def test_bad_costs_and_measured_files(capsys, tmp_path):
+    base = ["schedule", "simulate", "-m", "dualpipe", "-p", "4", "-n", "8"]
+    assert main(base + ["--F", "nan"]) == 2
+    assert "cost F must be a finite number >= 0" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    assert main(base + ["--measured", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "not valid JSON" in err
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"durations": {"F99@s0": 1.0}}))
+    assert main(base + ["--measured", str(unknown)]) == 2
+    err = capsys.readouterr().err
+    assert str(unknown) in err and "F99@s0" in err
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({"by_index": {"0": [1.0, 2.0]}}))
+    assert main(base + ["--measured", str(short), "--json"]) == 2
+    assert "rank 0 has 2 durations" in capsys.readouterr().err
+    assert main(["schedule", "export", "-m", "dualpipe", "-p", "4", "-n", "8", "--format",
+                 "chrome", "--measured", str(unknown)]) == 2
+    assert "F99@s0" in capsys.readouterr().err

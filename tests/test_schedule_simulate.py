@@ -138,3 +138,58 @@ def test_bad_costs():
         Costs(F=1, B=1, W=2)
     with pytest.raises(ValueError, match=">= 0"):
         Costs(F=-1)
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"F": float("nan")}, "cost F must be a finite number >= 0"),
+    ({"B": float("inf")}, "cost B must be a finite number >= 0"),
+    ({"F": "a"}, "cost F must be"),
+    ({"W": True}, "cost W must be"),
+    ({"FB": -1.0}, "cost FB must be"),
+    ({"F": []}, "cost F must be"),
+    ({"F": [1, float("nan")]}, "cost F must be"),
+    ({"comm": float("nan")}, "cost comm must be a finite number >= 0, got nan"),
+    ({"comm": [1, 2]}, "cost comm must be a finite number >= 0, got"),
+    ({"F": [1, 2], "B": [2, 2, 2]}, "same length"),
+])
+def test_costs_reject_bad_values(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        Costs(**kwargs)
+
+
+def test_per_stage_costs_must_cover_every_stage():
+    s = build("1f1b", 4, 8)
+    with pytest.raises(ValueError, match=r"cost F must .* one per stage \(4 .*got 2 values"):
+        simulate(s, Costs(F=[1, 2]))
+    d = build("dualpipe", 4, 8)  # stage ids 0..7: both directions' copies
+    with pytest.raises(ValueError, match=r"one per stage \(8"):
+        simulate(d, Costs(B=[2.0] * 4))
+    assert simulate(d, Costs(B=[2.0] * 8)).makespan == simulate(d, Costs()).makespan
+
+
+def test_measured_costs_must_fit_the_schedule():
+    s = build("dualpipev", 2, 4)
+    base = Costs()
+    with pytest.raises(ValueError, match="not in this dualpipev schedule.*F99@s0"):
+        simulate(s, MeasuredCosts({"F99@s0": 1.0}, fallback=base))
+    with pytest.raises(ValueError, match=r"\(5, 0\)"):
+        simulate(s, MeasuredCosts({(5, 0): 1.0}, fallback=base))
+    with pytest.raises(ValueError, match=r"\(0, 999\)"):
+        simulate(s, MeasuredCosts({(0, 999): 1.0}, fallback=base))
+    n0 = len(s.steps[0])
+    short = MeasuredCosts.from_dict({"by_index": {"0": [1.0] * (n0 - 1)}}, fallback=base)
+    with pytest.raises(ValueError, match=f"rank 0 has {n0 - 1} durations; its program has {n0}"):
+        simulate(s, short)
+    with pytest.raises(ValueError, match="rank 7"):
+        simulate(s, MeasuredCosts.from_dict({"by_index": {"7": []}}, fallback=base))
+    full = MeasuredCosts.from_dict({"by_index": {str(r): [1.0] * len(p)
+                                                 for r, p in enumerate(s.steps)}})
+    assert simulate(s, full).makespan > 0
+    with pytest.raises(ValueError, match="finite number"):
+        MeasuredCosts.from_dict({"durations": {"F0@s0": "slow"}})
+    with pytest.raises(ValueError, match="finite number"):
+        MeasuredCosts({"F0@s0": float("nan")})
+    with pytest.raises(ValueError, match="unknown field"):
+        MeasuredCosts.from_dict({"duration": {}})
+    with pytest.raises(ValueError, match="JSON object"):
+        MeasuredCosts.from_dict([1, 2])  # type: ignore[arg-type]

@@ -42,19 +42,39 @@ def _add_costs(p: argparse.ArgumentParser) -> None:
                    help="p2p latency between different ranks (default 0)")
     g.add_argument("--measured", metavar="JSON", default=None,
                    help="measured per-step durations (MeasuredCosts JSON); missing steps "
-                        "fall back to the constants above")
+                        "fall back to the constants above, steps not in the schedule are "
+                        "an error")
 
 
 def _costs(args: argparse.Namespace) -> Any:
     from .simulate import Costs, MeasuredCosts
 
     c = Costs(F=args.F, B=args.B, W=args.W, FB=args.FB, comm=args.comm)
-    if getattr(args, "measured", None):
-        with open(args.measured) as f:
-            data = json.load(f)
-        data.setdefault("comm", args.comm)
-        return MeasuredCosts.from_dict(data, fallback=c)
+    path = getattr(args, "measured", None)
+    if path:
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--measured {path}: not valid JSON: {e}") from None
+        try:
+            if isinstance(data, dict):
+                data.setdefault("comm", args.comm)
+            return MeasuredCosts.from_dict(data, fallback=c)
+        except ValueError as e:
+            raise ValueError(f"--measured {path}: {e}") from None
     return c
+
+
+def _simulate(schedule: Any, costs: Any, args: argparse.Namespace) -> Any:
+    """``simulate`` with the measured-costs file named in its errors."""
+    from .simulate import simulate
+
+    try:
+        return simulate(schedule, costs)
+    except ValueError as e:
+        path = getattr(args, "measured", None)
+        raise ValueError(f"--measured {path}: {e}" if path else str(e)) from None
 
 
 def _fmt(x: float) -> str:
@@ -93,11 +113,11 @@ def _sim_table(res: Any) -> str:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from .schedules import build, canonical_method
-    from .simulate import PUBLISHED_BUBBLE, Costs, compare_published, simulate
+    from .simulate import PUBLISHED_BUBBLE, Costs, compare_published
 
     s = build(args.method, args.ranks, args.chunks)
     costs = _costs(args)
-    res = simulate(s, costs)
+    res = _simulate(s, costs, args)
     published = None
     if canonical_method(args.method) in PUBLISHED_BUBBLE and isinstance(costs, Costs):
         published = compare_published(args.method, args.ranks, args.chunks, costs)
@@ -165,7 +185,12 @@ def compare_rows(ranks: int, chunks: int, costs: Any, basis: str = "stages"
             continue
         c = costs.scaled(size) if (size != 1.0 and isinstance(costs, Costs)) else costs
         s = build(m, n_ranks, chunks)
-        res = simulate(s, c)
+        try:
+            res = simulate(s, c)
+        except ValueError as exc:  # costs that do not fit this method's schedule
+            row["error"] = str(exc)
+            rows.append(row)
+            continue
         row.update(devices=n_ranks, params_per_device=params, makespan=res.makespan,
                    bubble=res.bubble, max_bubble=max(res.bubble),
                    peak_activations=res.peak_activations,
@@ -225,9 +250,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         text = s.to_json(indent=1)
     else:
         from .export import to_chrome_trace
-        from .simulate import simulate
 
-        text = json.dumps(to_chrome_trace(s, simulate(s, _costs(args))))
+        text = json.dumps(to_chrome_trace(s, _simulate(s, _costs(args), args)))
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")

@@ -28,6 +28,7 @@ simulated bubble is larger (see :func:`compare_published` and the tests).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,6 +47,23 @@ class CostModel(Protocol):
     def latency(self, schedule: Schedule, src_rank: int, dst_rank: int) -> float: ...
 
 
+def _is_number(x: Any) -> bool:
+    """A finite, non-negative int or float (bool is not a cost)."""
+    return (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            and x >= 0)
+
+
+def _check_cost(name: str, v: Any, per_stage: bool = True) -> int | None:
+    """Raise ``ValueError`` unless ``v`` is a finite number >= 0 (or, with ``per_stage``, a
+    non-empty list/tuple of them). Returns the list's length, None for a number."""
+    if _is_number(v):
+        return None
+    if per_stage and isinstance(v, (list, tuple)) and v and all(_is_number(x) for x in v):
+        return len(v)
+    what = "a finite number >= 0" + (" or a list of one per stage" if per_stage else "")
+    raise ValueError(f"cost {name} must be {what}, got {v!r}")
+
+
 def _at(v: PerStage | None, stage: int) -> float | None:
     if v is None:
         return None
@@ -62,8 +80,10 @@ class Costs:
     weight-gradient part, so an ``I`` (backward with W deferred) takes ``B - W``; ``FB``: an
     overlapped forward+backward pair (default ``None`` = ``F + B``, no overlap gain; if the
     pair's backward is an ``I``, ``FB - W``); ``comm``: p2p latency between different ranks.
-    Each of ``F, B, W, FB`` is a number or a sequence indexed by stage id (an overlapped pair
-    uses the ``FB`` of its forward's stage).
+    Each of ``F, B, W, FB`` is a finite number >= 0 or a list/tuple of them indexed by stage id
+    (an overlapped pair uses the ``FB`` of its forward's stage); lists must all have the same
+    length, and :func:`simulate` checks it against the schedule's number of stages.
+    Bad values raise ``ValueError`` naming the cost.
     """
 
     F: PerStage = 1.0
@@ -73,17 +93,28 @@ class Costs:
     comm: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("F", "B", "W"):
-            v = getattr(self, name)
-            vals = [v] if isinstance(v, (int, float)) else list(v)
-            if any(x < 0 for x in vals):
-                raise ValueError(f"cost {name} must be >= 0, got {v}")
-        n = max(len(v) if not isinstance(v, (int, float)) else 1 for v in (self.B, self.W))
+        lengths = {name: _check_cost(name, getattr(self, name))
+                   for name in ("F", "B", "W", "FB") if getattr(self, name) is not None}
+        _check_cost("comm", self.comm, per_stage=False)
+        per_stage = {name: n for name, n in lengths.items() if n is not None}
+        if len(set(per_stage.values())) > 1:
+            raise ValueError("per-stage costs must all have the same length (one per stage), "
+                             "got " + ", ".join(f"{k}: {n}" for k, n in per_stage.items()))
+        n = max(per_stage.values(), default=1)
         if any(_at(self.W, i) > _at(self.B, i)  # type: ignore[operator]
                for i in range(n)):
             raise ValueError(f"W ({self.W}) cannot exceed B ({self.B}): W is a part of B")
-        if self.comm < 0:
-            raise ValueError(f"comm must be >= 0, got {self.comm}")
+
+    def validate(self, schedule: Schedule) -> None:
+        """Raise ``ValueError`` if a per-stage cost list does not have one entry per stage of
+        ``schedule`` (called by :func:`simulate`)."""
+        n = schedule.num_stages
+        for name in ("F", "B", "W", "FB"):
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple)) and len(v) != n:
+                raise ValueError(f"cost {name} must be a finite number >= 0 or a list of one per "
+                                 f"stage ({n} for this {schedule.method} schedule), got "
+                                 f"{len(v)} values: {v!r}")
 
     def action_time(self, kind: Kind, stage: int) -> float:
         f, b, w = _at(self.F, stage), _at(self.B, stage), _at(self.W, stage)
@@ -126,7 +157,12 @@ class MeasuredCosts:
        ``"(F3@s1;B1@s6)"`` (unique in a schedule, so no rank is needed).
 
     Steps not found fall back to ``fallback`` (a :class:`Costs`), or raise ``KeyError`` when it
-    is ``None``. ``comm`` is the p2p latency between different ranks.
+    is ``None``. ``comm`` is the p2p latency between different ranks. :func:`simulate` first
+    checks the keys against the schedule (:meth:`validate`): a key naming no step of it (a
+    ``(rank, index)`` past the rank's program, ``"F99@s0"`` with 8 micro-batches), or a
+    ``by_index`` list whose length is not that of its rank's program, raises ``ValueError``
+    rather than being ignored. ``by_index_lengths`` records those list lengths
+    (:meth:`from_dict` fills it).
 
     JSON form (:meth:`to_json` / :meth:`from_json`, what the runtime writes)::
 
@@ -140,6 +176,50 @@ class MeasuredCosts:
     durations: Mapping[Any, float] = field(default_factory=dict)
     comm: float = 0.0
     fallback: Costs | None = None
+    by_index_lengths: Mapping[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [(k, v) for k, v in self.durations.items() if not _is_number(v)]
+        if bad:
+            raise ValueError(f"measured durations must be finite numbers >= 0, got "
+                             f"{bad[0][1]!r} for {bad[0][0]!r}")
+        _check_cost("comm", self.comm, per_stage=False)
+        if self.fallback is not None and not isinstance(self.fallback, Costs):
+            raise ValueError(f"fallback must be a Costs, got {type(self.fallback).__name__}")
+
+    def validate(self, schedule: Schedule) -> None:
+        """Raise ``ValueError`` for keys that name no step of ``schedule`` and for per-rank
+        lists (``by_index``) whose length differs from the rank's program."""
+        steps = {st for prog in schedule.steps for st in prog}
+        names = {str(st) for st in steps}
+        unknown = []
+        for k in self.durations:
+            if isinstance(k, tuple):
+                ok = (len(k) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                          for x in k)
+                      and 0 <= k[0] < schedule.num_ranks
+                      and 0 <= k[1] < len(schedule.steps[k[0]]))
+            elif isinstance(k, str):
+                ok = k in names
+            else:
+                ok = k in steps
+            if not ok:
+                unknown.append(k)
+        if unknown:
+            shown = ", ".join(repr(k) for k in unknown[:5])
+            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            raise ValueError(f"measured durations name steps that are not in this "
+                             f"{schedule.method} schedule (ranks={schedule.num_ranks}, "
+                             f"chunks={schedule.num_chunks}): {shown}{more}")
+        for r, n in self.by_index_lengths.items():
+            if not 0 <= r < schedule.num_ranks:
+                raise ValueError(f"measured by_index names rank {r}; the schedule has ranks "
+                                 f"0..{schedule.num_ranks - 1}")
+            if n != len(schedule.steps[r]):
+                raise ValueError(f"measured by_index of rank {r} has {n} durations; its "
+                                 f"program has {len(schedule.steps[r])} steps")
+        if self.fallback is not None:
+            self.fallback.validate(schedule)
 
     def duration(self, schedule: Schedule, rank: int, index: int, step: Step) -> float:
         d = self.durations
@@ -173,11 +253,40 @@ class MeasuredCosts:
 
     @staticmethod
     def from_dict(d: Mapping[str, Any], fallback: Costs | None = None) -> MeasuredCosts:
-        durations: dict[Any, float] = {k: float(v) for k, v in d.get("durations", {}).items()}
-        for r, lst in d.get("by_index", {}).items():
+        """Read the JSON form (see the class doc); ``ValueError`` for a malformed one."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"measured costs must be a JSON object, got {type(d).__name__}")
+        extra = set(d) - {"comm", "durations", "by_index"}
+        if extra:
+            raise ValueError(f"measured costs: unknown field(s) {sorted(extra)}; expected "
+                             "'durations', 'by_index', 'comm'")
+        by_str = d.get("durations", {})
+        if not isinstance(by_str, Mapping):
+            raise ValueError("measured costs: 'durations' must map step strings to numbers")
+        durations: dict[Any, float] = {}
+        for k, v in by_str.items():
+            if not _is_number(v):
+                raise ValueError(f"measured costs: duration of {k!r} must be a finite number "
+                                 f">= 0, got {v!r}")
+            durations[str(k)] = float(v)
+        by_index = d.get("by_index", {})
+        if not isinstance(by_index, Mapping):
+            raise ValueError("measured costs: 'by_index' must map ranks to lists of numbers")
+        lengths: dict[int, int] = {}
+        for r, lst in by_index.items():
+            try:
+                rank = int(r)
+            except ValueError:
+                raise ValueError(f"measured costs: by_index key {r!r} is not a rank") from None
+            if not isinstance(lst, list) or not all(_is_number(v) for v in lst):
+                raise ValueError(f"measured costs: by_index of rank {r} must be a list of "
+                                 f"finite numbers >= 0, got {lst!r}")
+            lengths[rank] = len(lst)
             for i, v in enumerate(lst):
-                durations[(int(r), i)] = float(v)
-        return MeasuredCosts(durations, float(d.get("comm", 0.0)), fallback)
+                durations[(rank, i)] = float(v)
+        comm = d.get("comm", 0.0)
+        _check_cost("comm", comm, per_stage=False)
+        return MeasuredCosts(durations, float(comm), fallback, lengths)
 
     @staticmethod
     def from_json(text: str, fallback: Costs | None = None) -> MeasuredCosts:
@@ -247,8 +356,13 @@ def simulate(schedule: Schedule, costs: CostModel | Mapping[Any, float] | None =
              ) -> SimResult:
     """Simulate ``schedule`` with ``costs`` (a :class:`Costs`, a :class:`MeasuredCosts`, or a
     plain mapping of measured durations; default ``Costs()`` = F 1, B 2, W 1, no overlap gain,
-    no latency). Raises ``ValueError`` if the schedule deadlocks."""
+    no latency). Raises ``ValueError`` if the schedule deadlocks, for costs that do not fit it
+    (see :meth:`Costs.validate` and :meth:`MeasuredCosts.validate`; any cost model with a
+    ``validate(schedule)`` method is checked) and for durations that are not finite and >= 0."""
     model = _as_cost_model(costs)
+    check = getattr(model, "validate", None)
+    if callable(check):
+        check(schedule)
     s = schedule
     P = s.num_ranks
     producer = s.producers()
@@ -276,8 +390,9 @@ def simulate(schedule: Schedule, costs: CostModel | Mapping[Any, float] | None =
                 if not ok:
                     break
                 d = float(model.duration(s, r, i, prog[i]))
-                if d < 0:
-                    raise ValueError(f"negative duration {d} for rank {r} step {i} ({prog[i]})")
+                if not d >= 0 or not math.isfinite(d):
+                    raise ValueError(f"duration {d} for rank {r} step {i} ({prog[i]}) is not a "
+                                     "finite number >= 0")
                 start[r][i] = ready
                 end[r][i] = ready + d
                 free[r] = end[r][i]
