@@ -440,6 +440,7 @@ def _deepseek_style(rank: int, world: int, v: bool) -> None:
     from deeppar.dualpipe import DualPipe, DualPipeV, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 
     num_chunks = 2 * world + 2
+    early = (DualPipeV if v else DualPipe)((DeepSeekStage(), DeepSeekStage()))
     set_p2p_tensor_shapes([(MB, HIDDEN)])
     set_p2p_tensor_dtype(torch.float32)
     try:
@@ -455,6 +456,12 @@ def _deepseek_style(rank: int, world: int, v: bool) -> None:
         local[0].load_state_dict(full[rank].state_dict())
         local[1].load_state_dict(full[other].state_dict())
         model = (DualPipeV if v else DualPipe)(local)
+        # the module-level shapes reach the compat pipelines created after they were set only
+        assert model.p2p_shapes == [(MB, HIDDEN)] and model.p2p_dtype == torch.float32
+        assert early.p2p_shapes is None
+        from deeppar.pipeline import DualPipeV as Native
+
+        assert Native((DeepSeekStage(), DeepSeekStage())).p2p_shapes is None
         if v:
             x, lab = (full_x, full_l) if rank == 0 else (None, None)
             mbs = list(range(num_chunks)) if rank == 0 else None
@@ -488,7 +495,10 @@ def _deepseek_style(rank: int, world: int, v: bool) -> None:
             assert torch.equal(loss, torch.stack([losses[m] for m in mbs]))
             assert torch.equal(outputs, cat_outputs(outs, mbs))
     finally:
-        dp._P2P.update(shapes=None, dtype=None)
+        set_p2p_tensor_shapes(None)
+        set_p2p_tensor_dtype(None)
+    assert dp._P2P == {"shapes": None, "dtype": None}
+    assert (DualPipeV if v else DualPipe)((DeepSeekStage(), DeepSeekStage())).p2p_shapes is None
 
 
 # ----------------------------------------------------------------------------- more cases

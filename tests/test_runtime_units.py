@@ -138,3 +138,77 @@ def test_runtime_needs_distributed() -> None:
         pytest.skip("a process group is initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         DualPipe((nn.Linear(2, 2), nn.Linear(2, 2)))
+
+
+def test_active_store_is_per_thread() -> None:
+    """Two pipelines stepping in different threads each see their own store; a thread outside
+    any step sees none, even while the others are inside theirs."""
+    import threading
+
+    from deeppar.dualpipe.utils import WeightGradStore as Compat
+    from deeppar.pipeline.weight_grad import active_store
+
+    stores = [WeightGradStore(), WeightGradStore()]
+    inside = threading.Barrier(3)
+    done = threading.Barrier(3)
+    seen: dict[str, object] = {}
+
+    def pipeline(i: int) -> None:
+        with activate(stores[i]):
+            Compat.enabled = True
+            inside.wait(timeout=10)
+            Compat.put(lambda: None)  # queued in this thread's store only
+            Compat.flush()
+            seen[f"store{i}"] = active_store()
+            seen[f"enabled{i}"] = Compat.enabled
+            done.wait(timeout=10)
+            Compat.enabled = False
+
+    def outsider() -> None:
+        inside.wait(timeout=10)
+        seen["outsider"] = active_store()
+        seen["outsider_enabled"] = Compat.enabled
+        done.wait(timeout=10)
+
+    threads = [threading.Thread(target=pipeline, args=(i,)) for i in range(2)]
+    threads.append(threading.Thread(target=outsider))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert seen["store0"] is stores[0] and seen["store1"] is stores[1]
+    assert seen["enabled0"] is True and seen["enabled1"] is True
+    assert seen["outsider"] is None and seen["outsider_enabled"] is False
+    assert stores[0].deferred == 1 and stores[1].deferred == 1
+    assert len(stores[0]) == 1 and len(stores[1]) == 1
+    assert active_store() is None
+
+
+def test_active_store_in_engine_threads() -> None:
+    """Threads not started by Python (the autograd engine's, for GPU backwards) find the one
+    live store; with two live stores they get none rather than a wrong one."""
+    import _thread
+    import threading
+
+    from deeppar.pipeline.weight_grad import active_store
+
+    def from_foreign_thread() -> object:
+        out: list[object] = []
+        ready = threading.Event()
+
+        def run() -> None:
+            out.append(active_store())
+            ready.set()
+
+        _thread.start_new_thread(run, ())
+        assert ready.wait(timeout=10)
+        return out[0]
+
+    a, b = WeightGradStore(), WeightGradStore()
+    with activate(a):
+        assert from_foreign_thread() is a
+        with activate(b):
+            assert active_store() is b
+            assert from_foreign_thread() is None
+        assert active_store() is a
+    assert from_foreign_thread() is None

@@ -3,8 +3,10 @@
 Change ``from dualpipe import ...`` to ``from deeppar.dualpipe import ...`` (and
 ``dualpipe.utils`` to ``deeppar.dualpipe.utils``) and the published examples run unchanged, on
 NCCL or on gloo. Differences: ``set_p2p_tensor_shapes``/``set_p2p_tensor_dtype`` are optional
-(without them each message carries its shapes) and apply to the pipelines of this compatibility
-module only; ``deeppar.pipeline.DualPipe`` takes shapes per instance instead.
+(without them each message carries its shapes), ``None`` resets them, and they are read when a
+pipeline of this module is created: they apply to the ``DualPipe``/``DualPipeV`` of this
+module created afterwards (DeepSeek's examples set them first), never to pipelines created
+earlier nor to ``deeppar.pipeline.DualPipe``, which takes shapes per instance instead.
 """
 
 from __future__ import annotations
@@ -18,50 +20,57 @@ from deeppar.pipeline import runtime as _runtime
 
 from .utils import WeightGradStore, run_backward
 
+#: DeepSeek's module-level p2p settings (global by design of that API); read only when a
+#: pipeline of this module is created
 _P2P: dict[str, Any] = {"shapes": None, "dtype": None}
 
 
-def set_p2p_tensor_shapes(shapes: Sequence[Sequence[int]]) -> None:
-    """Shapes of the tensors every pipeline message carries (as in DeepSeek's ``dualpipe``)."""
-    if not isinstance(shapes, (list, tuple)) or not all(
+def set_p2p_tensor_shapes(shapes: Sequence[Sequence[int]] | None) -> None:
+    """Shapes of the tensors every pipeline message carries (as in DeepSeek's ``dualpipe``),
+    for the pipelines of this module created from now on; ``None`` goes back to shapes sent
+    in message headers."""
+    if shapes is None:
+        _P2P["shapes"] = None
+        return
+    if not isinstance(shapes, (list, tuple)) or not shapes or not all(
             isinstance(s, (list, tuple, torch.Size)) for s in shapes):
-        raise TypeError("shapes must be a list of shapes, e.g. [(batch, seq, hidden)]")
+        raise TypeError("shapes must be a non-empty list of shapes, e.g. "
+                        "[(batch, seq, hidden)], or None to reset")
     _P2P["shapes"] = [tuple(int(d) for d in s) for s in shapes]
 
 
-def set_p2p_tensor_dtype(dtype: torch.dtype) -> None:
-    """Dtype of the tensors every pipeline message carries."""
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+def set_p2p_tensor_dtype(dtype: torch.dtype | None) -> None:
+    """Dtype of the tensors every pipeline message carries (default float32), for the
+    pipelines of this module created from now on; ``None`` resets it."""
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
     _P2P["dtype"] = dtype
 
 
-class _CompatMixin:
-    def step(self, *inputs: Any, num_chunks: int = 0, criterion: Any = None,
-             labels: Sequence[Any] = (), return_outputs: bool = False) -> Any:
-        if _P2P["shapes"] is not None and not getattr(self, "_own_shapes", False):
-            self.p2p_shapes = _P2P["shapes"]
-            self.p2p_dtype = _P2P["dtype"] or torch.float32
-        return super().step(*inputs, num_chunks=num_chunks,  # type: ignore[misc]
-                            criterion=criterion, labels=labels, return_outputs=return_outputs)
+def _with_global_p2p(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus the module-level p2p settings, unless the caller gave shapes."""
+    if kwargs.get("p2p_shapes") is None and _P2P["shapes"] is not None:
+        kwargs = dict(kwargs, p2p_shapes=list(_P2P["shapes"]),
+                      p2p_dtype=kwargs.get("p2p_dtype") or _P2P["dtype"] or torch.float32)
+    return kwargs
 
 
-class DualPipe(_CompatMixin, _runtime.DualPipe):
+class DualPipe(_runtime.DualPipe):
     """``dualpipe.DualPipe(modules, batch_dim=0, process_group=None, rank_mapping=None)``."""
 
     def __init__(self, modules: Any, batch_dim: int = 0, process_group: Any = None,
                  rank_mapping: Any = None, **kwargs: Any) -> None:
-        super().__init__(modules, batch_dim, process_group, rank_mapping, **kwargs)
-        self._own_shapes = kwargs.get("p2p_shapes") is not None
+        super().__init__(modules, batch_dim, process_group, rank_mapping,
+                         **_with_global_p2p(kwargs))
 
 
-class DualPipeV(_CompatMixin, _runtime.DualPipeV):
+class DualPipeV(_runtime.DualPipeV):
     """``dualpipe.DualPipeV(modules, batch_dim=0, process_group=None, rank_mapping=None)``."""
 
     def __init__(self, modules: Any, batch_dim: int = 0, process_group: Any = None,
                  rank_mapping: Any = None, **kwargs: Any) -> None:
-        super().__init__(modules, batch_dim, process_group, rank_mapping, **kwargs)
-        self._own_shapes = kwargs.get("p2p_shapes") is not None
+        super().__init__(modules, batch_dim, process_group, rank_mapping,
+                         **_with_global_p2p(kwargs))
 
 
 __all__ = [

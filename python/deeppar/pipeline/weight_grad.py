@@ -14,6 +14,8 @@ pipelines in one process never share one.
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from collections import deque
 from collections.abc import Callable, Hashable
 
@@ -85,27 +87,55 @@ class WeightGradStore:
         return len(self.queue)
 
 
-_ACTIVE: list[WeightGradStore] = []
+#: stores of the steps running in this thread / async context, innermost last. A context
+#: variable, so pipelines stepping in different threads never see each other's store.
+_ACTIVE: contextvars.ContextVar[tuple[WeightGradStore, ...]] = contextvars.ContextVar(
+    "deeppar_active_weight_grad_stores", default=())
+#: every store inside a step, in any thread (only for threads the autograd engine starts)
+_LIVE: list[WeightGradStore] = []
+_LIVE_LOCK = threading.Lock()
 
 
 def active_store() -> WeightGradStore | None:
-    """The store of the pipeline currently inside ``step`` (innermost), if any. Used by layers
-    not bound to a pipeline and by the drop-in class-level ``WeightGradStore``."""
-    return _ACTIVE[-1] if _ACTIVE else None
+    """The store of the pipeline inside ``step`` in this thread (innermost), if any. Used by
+    layers not bound to a pipeline and by the drop-in class-level ``WeightGradStore``.
+
+    The autograd engine runs the backward of GPU tensors on its own threads, which do not
+    inherit the caller's context; there (threads not started by Python) the store is the one
+    live store of the process, and None when several pipelines are inside a step at once, so
+    that unbound layers then compute their weight gradients at once rather than risk queueing
+    them in another pipeline's store.
+    """
+    stack = _ACTIVE.get()
+    if stack:
+        return stack[-1]
+    if isinstance(threading.current_thread(), threading._DummyThread):
+        with _LIVE_LOCK:
+            if len(_LIVE) == 1:
+                return _LIVE[0]
+    return None
 
 
 class activate:
-    """Context manager making ``store`` the :func:`active_store` while a step runs."""
+    """Context manager making ``store`` the :func:`active_store` of this thread while a step
+    runs."""
 
     def __init__(self, store: WeightGradStore) -> None:
         self.store = store
+        self._token: contextvars.Token | None = None
 
     def __enter__(self) -> WeightGradStore:
-        _ACTIVE.append(self.store)
+        self._token = _ACTIVE.set(_ACTIVE.get() + (self.store,))
+        with _LIVE_LOCK:
+            _LIVE.append(self.store)
         return self.store
 
     def __exit__(self, *exc: object) -> None:
-        _ACTIVE.remove(self.store)
+        with _LIVE_LOCK:
+            _LIVE.remove(self.store)
+        if self._token is not None:
+            _ACTIVE.reset(self._token)
+            self._token = None
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
