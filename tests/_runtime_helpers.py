@@ -626,8 +626,41 @@ def case_dp_errors(rank: int, world: int) -> None:
     missing = None if rank == 0 else inp
     expect_error(lambda: pipe.step(missing, num_chunks=n, criterion=criterion, labels=(lab,)),
                  "inputs", "rank 0")
+    _label_errors(pipe, rank, world, n, inp, lab, ends=(0, world - 1))
     # still in step: a valid step afterwards works
     pipe.step(inp, num_chunks=n, criterion=criterion, labels=(lab,))
+
+
+def _label_errors(pipe, rank: int, world: int, n: int, inp, lab, ends: tuple[int, ...]) -> None:
+    """Missing, None, mis-sized and uneven labels or inputs: the same ValueError on every
+    rank, raised before any message (the next case would hang or fail otherwise)."""
+    first = ends[0]
+    # no labels at all on a loss rank (labels=() is the deliberate "criterion takes none")
+    expect_error(lambda: pipe.step(inp, num_chunks=n, criterion=criterion),
+                 f"rank {first}: labels", "given no labels")
+    none_lab = (None,) if rank == first else (lab,)
+    expect_error(lambda: pipe.step(inp, num_chunks=n, criterion=criterion, labels=none_lab),
+                 f"rank {first}: labels", "got None")
+    # labels with 3 samples per micro-batch against the inputs' 2
+    big = torch.cat([lab, lab[: lab.shape[0] // 2]]) if rank == first else lab
+    expect_error(lambda: pipe.step(inp, num_chunks=n, criterion=criterion, labels=(big,)),
+                 f"labels on rank {first} have 3 samples per micro-batch", "inputs on rank")
+    # labels whose rows are not a multiple of the micro-batches
+    odd = lab[:-1] if rank == first else lab
+    expect_error(lambda: pipe.step(inp, num_chunks=n, criterion=criterion, labels=(odd,)),
+                 f"rank {first}: labels: batch size", "not divisible")
+    # inputs the micro-batches do not divide evenly (tensor_split would cut them unevenly)
+    uneven = inp[:-1] if rank == first else inp
+    expect_error(lambda: pipe.step(uneven, num_chunks=n, criterion=criterion, labels=(lab,)),
+                 f"rank {first}: inputs: batch size", "not divisible")
+    # two label tensors on one loss rank, one on the other (DualPipe) / labels of
+    # different batch sizes on one rank
+    two = (lab, lab) if rank == first else (lab,)
+    words = (("different numbers of label tensors",) if len(ends) > 1
+             else ("rank 0: labels: the tensors differ in batch size",))
+    if len(ends) == 1:
+        two = (lab, lab[:MB * 2]) if rank == first else (lab,)
+    expect_error(lambda: pipe.step(inp, num_chunks=n, criterion=criterion, labels=two), *words)
 
 
 def case_dpv_errors(rank: int, world: int) -> None:
@@ -645,6 +678,10 @@ def case_dpv_errors(rank: int, world: int) -> None:
                  "inputs", "rank 1")
     expect_error(lambda: pipe.step(inp, num_chunks=n, criterion=None, labels=(lab,)),
                  "criterion", "rank 0")
+    _label_errors(pipe, rank, world, n, inp, lab, ends=(0,))
+    # labels=() says the criterion takes only the outputs: accepted
+    loss, _ = pipe.step(inp, num_chunks=n, criterion=lambda y: y.square().mean(), labels=())
+    assert (loss is not None) == (rank == 0)
     pipe.step(inp, num_chunks=n, criterion=criterion, labels=(lab,))
     if world % 2 == 1:  # DualPipe needs an even number of ranks
         dp = DualPipe((stages[rank], stages[world - 1 - rank]))

@@ -41,8 +41,9 @@ def _as_list(outputs: Any, what: str) -> list[torch.Tensor]:
 
 
 def _split(tensors: Sequence[torch.Tensor | None], n: int, dim: int) -> list[list[Any]]:
-    """Cut each tensor into ``n`` micro-batches along ``dim``: result[m] = tensors of mb m."""
-    parts = [t.tensor_split(n, dim=dim) if t is not None else [None] * n for t in tensors]
+    """Cut each tensor into ``n`` equal micro-batches along ``dim`` (the step has checked that
+    the batch size divides): result[m] = tensors of mb m."""
+    parts = [t.chunk(n, dim=dim) if t is not None else [None] * n for t in tensors]
     return [[p[m] for p in parts] for m in range(n)]
 
 
@@ -187,7 +188,9 @@ class PipelineRuntime(nn.Module):
 
     # ------------------------------------------------------------------ validation
     def _check(self, sched: Schedule | None, inputs: Sequence[Any], labels: Sequence[Any],
-               criterion: Callable | None, forward_only: bool) -> list[str]:
+               criterion: Callable | None, forward_only: bool,
+               labels_given: bool = True) -> list[str]:
+        """This rank's problems with the step's arguments (shared by :meth:`_agree`)."""
         problems: list[str] = []
         given = [x for x in inputs if x is not None]
         given_labels = [x for x in labels if x is not None]
@@ -214,35 +217,96 @@ class PipelineRuntime(nn.Module):
                             f"{len(loss_mbs)} micro-batches and needs a criterion for training")
         if criterion is not None and not callable(criterion):
             problems.append(f"criterion must be callable, got {type(criterion).__name__}")
+        if loss_mbs and criterion is not None:
+            if not labels_given:
+                problems.append(f"labels: rank {self.rank} computes the loss of "
+                                f"{len(loss_mbs)} micro-batches and was given no labels; pass "
+                                "labels=(...), or labels=() for a criterion that takes only "
+                                "the outputs")
+            elif len(given_labels) != len(labels):
+                problems.append(f"labels: rank {self.rank} computes the loss of "
+                                f"{len(loss_mbs)} micro-batches; its labels must be tensors, "
+                                "got None")
         for what, xs, n in (("inputs", given, len(in_mbs)), ("labels", given_labels,
                                                              len(loss_mbs))):
+            sizes = []
             for x in xs:
                 if not isinstance(x, torch.Tensor) or not n:
                     continue
                 if x.dim() <= self.batch_dim:
                     problems.append(f"{what}: a tensor of shape {tuple(x.shape)} has no batch "
                                     f"dim {self.batch_dim}")
-                elif x.shape[self.batch_dim] < n:
-                    problems.append(f"{what}: batch size {x.shape[self.batch_dim]} is smaller "
-                                    f"than the {n} micro-batches this rank feeds")
+                    continue
+                b = x.shape[self.batch_dim]
+                sizes.append(b)
+                if b < n:
+                    problems.append(f"{what}: batch size {b} is smaller than the {n} "
+                                    "micro-batches this rank feeds")
+                elif b % n:
+                    problems.append(f"{what}: batch size {b} is not divisible by the {n} "
+                                    f"micro-batches this rank feeds (micro-batches are equal "
+                                    "slices of the batch)")
+            if len(set(sizes)) > 1:
+                problems.append(f"{what}: the tensors differ in batch size (dim "
+                                f"{self.batch_dim}): {sizes}")
         return problems
 
-    def _agree(self, problems: list[str], signature: tuple, shapes: tuple) -> tuple:
-        """Share every rank's problems (one collective, before any send or receive) and raise
-        the same error on all ranks when any rank has one. Returns all ranks' input shapes."""
+    def _batch_info(self, sched: Schedule | None, inputs: Sequence[Any],
+                    labels: Sequence[Any]) -> tuple[int | None, int | None, int]:
+        """(samples per input micro-batch, samples per label micro-batch, number of label
+        tensors) of this rank, compared across ranks by :meth:`_agree`."""
+        def per_mb(xs: Sequence[Any], n: int) -> int | None:
+            ts = [x for x in xs if isinstance(x, torch.Tensor) and x.dim() > self.batch_dim]
+            if not ts or not n:
+                return None
+            return ts[0].shape[self.batch_dim] // n
+        if sched is None:
+            return (None, None, 0)
+        n_in = sum(1 for m in range(sched.num_chunks) if sched.input_rank(m) == self.rank)
+        n_loss = sum(1 for m in range(sched.num_chunks) if sched.loss_rank(m) == self.rank)
+        return (per_mb(inputs, n_in), per_mb(labels, n_loss),
+                sum(1 for x in labels if x is not None))
+
+    @staticmethod
+    def _cross_check(sched: Schedule, info: dict[int, tuple]) -> list[str]:
+        """Problems only visible across ranks: labels whose micro-batches do not match the
+        inputs' in size, and loss ranks given different numbers of label tensors."""
+        problems: list[str] = []
+        pairs = sorted({(sched.input_rank(m), sched.loss_rank(m))
+                        for m in range(sched.num_chunks)})
+        for ir, lr in pairs:
+            x_mb, y_mb = info[ir][0], info[lr][1]
+            if x_mb is not None and y_mb is not None and x_mb != y_mb:
+                problems.append(f"labels: the labels on rank {lr} have {y_mb} samples per "
+                                f"micro-batch, the inputs on rank {ir} {x_mb} (labels of "
+                                f"micro-batches that enter at rank {ir})")
+        loss_ranks = sorted({lr for _, lr in pairs})
+        counts = {r: info[r][2] for r in loss_ranks}
+        if len(set(counts.values())) > 1:
+            problems.append("labels: the ranks that compute losses were given different "
+                            "numbers of label tensors: "
+                            + ", ".join(f"rank {r}: {c}" for r, c in counts.items()))
+        return problems
+
+    def _agree(self, problems: list[str], signature: tuple, shapes: tuple,
+               sched: Schedule | None = None, info: tuple = (None, None, 0)) -> tuple:
+        """Share every rank's problems and batch sizes (one collective, before any send or
+        receive) and raise the same error on all ranks when any rank has a problem or the
+        ranks' batches do not fit together. Returns all ranks' input shapes."""
         gathered: list[Any] = [None] * self.num_ranks
-        dist.all_gather_object(gathered, (self.rank, problems, signature, shapes),
+        dist.all_gather_object(gathered, (self.rank, problems, signature, shapes, info),
                                group=self.group)
+        gathered.sort(key=lambda g: g[0])
         sigs = {g[2] for g in gathered}
-        msgs = [f"rank {r}: {p}" for r, ps, *_ in sorted(gathered, key=lambda g: g[0])
-                for p in ps]
+        msgs = [f"rank {r}: {p}" for r, ps, *_ in gathered for p in ps]
         if len(sigs) > 1:
             msgs.append("ranks disagree on (num_chunks, grad mode): "
-                        + ", ".join(f"rank {g[0]}: {g[2]}" for g in sorted(gathered,
-                                                                           key=lambda g: g[0])))
+                        + ", ".join(f"rank {g[0]}: {g[2]}" for g in gathered))
+        if not msgs and sched is not None:
+            msgs = self._cross_check(sched, {g[0]: g[4] for g in gathered})
         if msgs:
             raise ValueError(f"{type(self).__name__}.step: " + "; ".join(msgs))
-        return tuple(g[3] for g in sorted(gathered, key=lambda g: g[0]))
+        return tuple(g[3] for g in gathered)
 
     # ------------------------------------------------------------------ step
     def step(
@@ -250,7 +314,7 @@ class PipelineRuntime(nn.Module):
         *inputs: torch.Tensor | None,
         num_chunks: int = 0,
         criterion: Callable | None = None,
-        labels: Sequence[torch.Tensor | None] = (),
+        labels: Sequence[torch.Tensor | None] | torch.Tensor | None = None,
         return_outputs: bool = False,
     ) -> tuple[torch.Tensor | None, Any]:
         """Run one training step (or, under ``torch.no_grad()``, a forward-only step).
@@ -261,9 +325,18 @@ class PipelineRuntime(nn.Module):
         ranks that compute losses: the per-micro-batch losses stacked in micro-batch order, and
         with ``return_outputs`` the last stage's outputs concatenated along ``batch_dim``
         (a tensor, or a tuple when the stage returns several); ``(None, None)`` elsewhere.
+
+        Every micro-batch has the same size: a batch size that ``num_chunks`` (per input rank,
+        its share of the micro-batches) does not divide is an error, as are labels whose
+        micro-batches differ in size from the inputs' and, on a rank that computes losses with
+        a criterion, missing labels (``labels=()`` says the criterion takes only the outputs).
+        All such errors are the same ``ValueError`` on every rank, raised before any send.
         """
         forward_only = not torch.is_grad_enabled()
-        if isinstance(labels, torch.Tensor):
+        labels_given = labels is not None
+        if labels is None:
+            labels = ()
+        elif isinstance(labels, torch.Tensor):
             labels = (labels,)
         labels = tuple(labels)
         problems: list[str] = []
@@ -275,10 +348,11 @@ class PipelineRuntime(nn.Module):
                 sched = self.schedule(num_chunks)
             except ValueError as e:
                 problems.append(f"num_chunks: {e}")
-        problems += self._check(sched, inputs, labels, criterion, forward_only)
+        problems += self._check(sched, inputs, labels, criterion, forward_only, labels_given)
         shapes = tuple((tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else None
                        for x in inputs)
-        all_shapes = self._agree(problems, (num_chunks, forward_only), shapes)
+        info = self._batch_info(sched, inputs, labels)
+        all_shapes = self._agree(problems, (num_chunks, forward_only), shapes, sched, info)
         if sched is None:  # _agree raised for a bad num_chunks; this guards the invariant
             raise RuntimeError(f"{type(self).__name__}.step: no schedule for num_chunks="
                                f"{num_chunks!r}")
