@@ -357,16 +357,7 @@ class Schedule:
         before a B/I; the I before a W); that is not a transfer and is not listed.
         """
         del rank  # the step's stages determine everything; kept for a uniform signature
-        out: list[Transfer] = []
-        for a in step.actions:
-            info = self.stages[a.stage]
-            if a.kind is Kind.F and info.prev is not None:
-                out.append(Transfer("recv", "activation", info.prev_rank, a.stage,  # type: ignore
-                                    info.prev, a.microbatch, info.prev_rank == info.rank))
-            elif a.kind.is_backward and info.next is not None:
-                out.append(Transfer("recv", "gradient", info.next_rank, a.stage,  # type: ignore
-                                    info.next, a.microbatch, info.next_rank == info.rank))
-        return tuple(out)
+        return self._transfers("recv", step)
 
     def sends_after(self, rank: int, step: Step) -> tuple[Transfer, ...]:
         """What ``step`` on ``rank`` sends once it ends.
@@ -381,15 +372,25 @@ class Schedule:
         ``local=True`` marks a hand-over inside the rank (DualPipeV's turn): no communication.
         """
         del rank
+        return self._transfers("send", step)
+
+    def _transfers(self, way: str, step: Step) -> tuple[Transfer, ...]:
+        """Transfers of ``step``: a forward talks to the stage before it (receive) or after it
+        (send), a backward the other way round; W and first/last stages have none."""
         out: list[Transfer] = []
         for a in step.actions:
             info = self.stages[a.stage]
-            if a.kind is Kind.F and info.next is not None:
-                out.append(Transfer("send", "activation", info.next_rank, a.stage,  # type: ignore
-                                    info.next, a.microbatch, info.next_rank == info.rank))
-            elif a.kind.is_backward and info.prev is not None:
-                out.append(Transfer("send", "gradient", info.prev_rank, a.stage,  # type: ignore
-                                    info.prev, a.microbatch, info.prev_rank == info.rank))
+            if a.kind is Kind.F:
+                tensor, peer = "activation", (info.prev if way == "recv" else info.next)
+            elif a.kind.is_backward:
+                tensor, peer = "gradient", (info.next if way == "recv" else info.prev)
+            else:
+                continue
+            if peer is None:
+                continue
+            peer_rank = self.stages[peer].rank
+            out.append(Transfer(way, tensor, peer_rank, a.stage,  # type: ignore[arg-type]
+                                peer, a.microbatch, peer_rank == info.rank))
         return tuple(out)
 
     def producers(self) -> dict[tuple[str, int, int, int], tuple[int, int]]:
