@@ -46,9 +46,9 @@ bench: install
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check python tests benchmarks setup.py
 
-# Compile the torch-free CUDA kernel headers with plain nvcc (no GPU needed).
-cuda-check:
-	tools/cuda_compile_check.sh
+# Compile the CUDA kernels and their bindings with plain nvcc (no GPU needed).
+cuda-check: $(DEPS_STAMP)
+	PYTHON=$(abspath $(PY)) tools/cuda_compile_check.sh
 
 # Second build of the same sources with CMake (IDE integration, build check).
 cmake-check: install

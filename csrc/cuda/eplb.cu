@@ -2,9 +2,10 @@
 // No host sync: outputs are allocated from the sizes alone, the launch goes on the current
 // stream (safe inside CUDA graph capture).
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -48,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_cuda(
   // One warp per node (up to 8 warps); warp 0 alone packs the groups.
   const int threads = 32 * std::min(8, n);
   eplb_rebalance_kernel<<<static_cast<unsigned>(layers), threads, smem,
-                          at::cuda::getCurrentCUDAStream()>>>(
+                          c10::cuda::getCurrentCUDAStream()>>>(
       w.const_data_ptr<float>(), phy2log.mutable_data_ptr<int64_t>(),
       phy_rank.mutable_data_ptr<int64_t>(), logcnt.mutable_data_ptr<int64_t>(), e, r, g, n, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

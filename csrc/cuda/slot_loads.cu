@@ -1,8 +1,9 @@
 // CUDA binding of deeppar::slot_loads; the kernel itself is in slot_loads_kernel.cuh.
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "op_checks.h"
@@ -23,7 +24,7 @@ at::Tensor slot_loads_cuda(const at::Tensor& weight, const at::Tensor& phy2log,
   if (n == 0) return out;
   constexpr int threads = 256;
   const int64_t blocks = (n + threads - 1) / threads;
-  slot_loads_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  slot_loads_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       w.const_data_ptr<float>(), p.const_data_ptr<int64_t>(), c.const_data_ptr<int64_t>(),
       out.mutable_data_ptr<float>(), layers, experts, replicas);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
