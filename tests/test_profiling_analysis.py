@@ -133,6 +133,29 @@ def test_phase_fallback_to_other_thread(tmp_path):
     assert r.attribution.via_other_thread == 1 and r.attribution.outside_ranges == 0
 
 
+def test_partly_overlapping_ranges(tmp_path):
+    # outer [0, 100) and inner [0, 100) are equal: the later one in the file is innermost.
+    # a [10, 30) and b [20, 40) overlap without nesting: the one that started last is
+    # innermost while it is open, and inner takes over at 40 (a already closed at 30).
+    b = TraceBuilder()
+    b.annotation("outer", 0, 100)
+    b.annotation("inner", 0, 100)
+    b.annotation("a", 10, 20)
+    b.annotation("b", 20, 20)
+    b.launch(1, 15)  # only a (and the enclosing two) open: a
+    b.launch(2, 25)  # a and b open, b started last: b
+    b.launch(3, 35)  # a closed at 30: b
+    b.launch(4, 50)  # a and b closed: inner (not a, long closed)
+    b.launch(5, 30)  # a ends at 30 (end excluded): b
+    for corr in range(1, 6):
+        b.kernel(GEMM, 200 + 10 * corr, 2, corr=corr)
+    r = analyze_files(str(b.write(tmp_path / "o.json"))).ranks[0]
+    got = {p.name: p.kernels for p in r.phases}
+    assert got == {"a": 1, "b": 3}  # both leaves: neither contains the other
+    assert [(p.name, p.kernels) for p in r.outer_phases] == [("inner", 1)]
+    assert r.attribution.attributed == 5
+
+
 def test_empty_gpu_trace_reports_no_gpu(tmp_path):
     b = TraceBuilder()
     b.cpu_op("aten::add", 0, 3)
@@ -186,3 +209,27 @@ def test_interval_ops_match_brute_force(a, b):
     assert iv.intersection_length(ua, ub) == (ga & gb).sum()
     assert iv.length(*iv.subtract(ua, ub)) == (ga & ~gb).sum()
     assert np.all(ua[0][1:] > ua[1][:-1])  # disjoint, sorted, not touching
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 8)), min_size=1, max_size=12),
+       st.lists(st.integers(-1, 30), min_size=1, max_size=20))
+def test_innermost_range_matches_brute_force(ranges, times):
+    from deeppar.profiling.analysis import _lookup, _mark_containers, _thread_segments
+
+    starts = np.array([float(s) for s, _ in ranges])
+    ends = np.array([float(s + d) for s, d in ranges])
+    idx = np.arange(len(ranges))
+    t = np.array(times, dtype=np.float64)
+    got = _lookup(_thread_segments(starts, ends, idx), t)
+    for ti, g in zip(times, got.tolist()):
+        open_ = [i for i in idx.tolist() if starts[i] <= ti < ends[i]]
+        want = max(open_, key=lambda i: (starts[i], -ends[i], i)) if open_ else -1
+        assert g == want
+    leaf = np.ones(len(ranges), dtype=bool)
+    _mark_containers(starts, ends, idx, leaf)
+    for r in idx.tolist():
+        inside = [c for c in idx.tolist() if c != r and starts[r] <= starts[c] < ends[r]
+                  and ends[c] <= ends[r]
+                  and (starts[c], -ends[c], c) > (starts[r], -ends[r], r)]
+        assert leaf[r] == (not inside)

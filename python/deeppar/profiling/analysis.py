@@ -5,11 +5,14 @@ overlap is the time communication and computation kernels run at once on a devic
 ratio = overlap / communication busy; exposed communication = communication busy - overlap;
 span runs from the first GPU activity to the end of the last; idle = span - busy.
 Kernels belong to the innermost ``record_function`` range open on the thread that launched
-them, found through the ``correlation`` id shared by the launch call and the kernel.
+them, found through the ``correlation`` id shared by the launch call and the kernel. Where
+ranges overlap without nesting, the innermost range at a time is the one that started last
+among those open then (start <= t < end).
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -232,41 +235,71 @@ def _device_stats(trace: RankTrace, sel: np.ndarray, cls: np.ndarray, device: in
 
 # ------------------------------------------------------------------------------ attribution
 
-def _thread_segments(starts: np.ndarray, ends: np.ndarray, idx: np.ndarray, leaf: np.ndarray
+def _thread_segments(starts: np.ndarray, ends: np.ndarray, idx: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Flatten the (nested) ranges of one thread into points where the innermost open range
-    changes: (points, range index or -1 from that point on). Marks ranges with children as
-    not leaf in ``leaf``."""
-    order = idx[np.lexsort((-ends[idx], starts[idx]))]
+    """The ranges ``idx`` of one thread as points where the innermost open range changes:
+    (points, range index or -1 from that point on).
+
+    The innermost range at time t is the one with the latest start among those with
+    start <= t < end; ties go to the earlier end, then to the later range in the file. For
+    properly nested ranges this is the usual innermost one; for ranges that overlap without
+    nesting it is the one that started last, and an enclosing range takes over again at the
+    end of the later one only if it is still open. Sweep over the sorted boundaries with a
+    heap of the open ranges (lazy deletion of closed ones): O(n log n).
+    """
+    idx = idx[ends[idx] > starts[idx]]  # a range of zero length is never open
+    if idx.size == 0:
+        return np.empty(0, dtype=np.float64), np.empty(0, dtype=np.int64)
+    s_all, e_all = starts[idx], ends[idx]
+    by_start = idx[np.argsort(s_all, kind="stable")].tolist()
+    times = np.unique(np.concatenate([s_all, e_all])).tolist()
+    heap: list[tuple[float, float, int]] = []  # (-start, end, -index): innermost first
     pts: list[float] = []
     ids: list[int] = []
-
-    def emit(t: float, rid: int) -> None:
-        if pts and t <= pts[-1]:
-            if t == pts[-1]:
-                ids[-1] = rid
-            return
-        pts.append(t)
-        ids.append(rid)
-
-    stack: list[int] = []
-    for a in order.tolist():
-        s = float(starts[a])
-        while stack and ends[stack[-1]] <= s:
-            top = stack.pop()
-            emit(float(ends[top]), stack[-1] if stack else -1)
-        if stack:
-            leaf[stack[-1]] = False
-        stack.append(a)
-        emit(s, a)
-    while stack:
-        top = stack.pop()
-        emit(float(ends[top]), stack[-1] if stack else -1)
+    k = 0
+    n = len(by_start)
+    for t in times:
+        while k < n and starts[by_start[k]] <= t:
+            a = by_start[k]
+            heapq.heappush(heap, (-float(starts[a]), float(ends[a]), -a))
+            k += 1
+        while heap and heap[0][1] <= t:
+            heapq.heappop(heap)
+        top = -heap[0][2] if heap else -1
+        if not ids or ids[-1] != top:
+            pts.append(t)
+            ids.append(top)
     return np.asarray(pts, dtype=np.float64), np.asarray(ids, dtype=np.int64)
 
 
+def _mark_containers(starts: np.ndarray, ends: np.ndarray, idx: np.ndarray,
+                     leaf: np.ndarray) -> None:
+    """Set ``leaf`` to False for the ranges ``idx`` (one thread) that contain another.
+
+    Range c lies in range r when r.start <= c.start < r.end and c.end <= r.end (of two equal
+    ranges, the later in the file is the inner one); ranges that only overlap partly do not
+    contain each other. In the order (start, longest first, file order) every range that r
+    contains comes after r, and a later range whose start is >= r.end ends after r.end, so r
+    contains one iff the minimum end over the ranges after it is <= r.end, taking the end of
+    a zero-length range as just past its start (it lies in r only if it starts before r.end).
+    Vectorised with a reversed running minimum.
+    """
+    if idx.size < 2:
+        return
+    order = idx[np.lexsort((idx, -ends[idx], starts[idx]))]
+    st, en = starts[order], ends[order]
+    eff = np.where(en > st, en, np.nextafter(st, np.inf))
+    after = np.empty(order.size)
+    after[:-1] = np.minimum.accumulate(eff[::-1])[::-1][1:]
+    after[-1] = np.inf
+    leaf[order[after <= en]] = False
+
+
 def _lookup(seg: tuple[np.ndarray, np.ndarray], t: np.ndarray) -> np.ndarray:
+    """Range index open at each time of ``t`` (-1 if none) from :func:`_thread_segments`."""
     pts, ids = seg
+    if pts.size == 0:
+        return np.full(t.size, -1, dtype=np.int64)
     i = np.searchsorted(pts, t, side="right") - 1
     return np.where(i >= 0, ids[np.maximum(i, 0)], -1)
 
@@ -302,8 +335,9 @@ def attribute(trace: RankTrace, fallback: bool = False
 
     segs = {}
     for th in np.unique(trace.ann_thread).tolist():
-        segs[th] = _thread_segments(trace.ann_start, trace.ann_end,
-                                    np.flatnonzero(trace.ann_thread == th), leaf)
+        mine = np.flatnonzero(trace.ann_thread == th)
+        segs[th] = _thread_segments(trace.ann_start, trace.ann_end, mine)
+        _mark_containers(trace.ann_start, trace.ann_end, mine, leaf)
     got = np.full(li.size, -1, dtype=np.int64)
     for th, seg in segs.items():
         m = l_thread == th
