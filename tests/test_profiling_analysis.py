@@ -156,6 +156,42 @@ def test_partly_overlapping_ranges(tmp_path):
     assert r.attribution.attributed == 5
 
 
+def _two_processes(tmp_path, learn: bool):
+    # two processes (pid 100 on GPU 0, pid 200 on GPU 1) merged into one file, both using
+    # correlation id 1; with ``learn``, ids 2 and 3 are unique and show which process
+    # drives which device
+    b = TraceBuilder()
+    b.annotation("p100", 0, 10, pid=100)
+    b.annotation("p200", 0, 100, pid=200)
+    b.launch(1, 1, pid=100)
+    b.launch(1, 30, pid=200)
+    b.kernel(GEMM, 50, 5, device=0, corr=1)
+    b.kernel(GEMM, 60, 4, device=1, corr=1)
+    if learn:
+        b.launch(2, 2, pid=100)
+        b.kernel(GEMM, 70, 3, device=0, corr=2)
+        b.launch(3, 40, pid=200)
+        b.kernel(GEMM, 80, 2, device=1, corr=3)
+    return b.write(tmp_path / "two.json")
+
+
+def test_correlation_ids_per_process_resolved_by_device(tmp_path):
+    r = analyze_files(str(_two_processes(tmp_path, learn=True))).ranks[0]
+    got = {p.name: (p.kernels, p.busy_us) for p in r.phases}
+    assert got == {"p100": (2, 8), "p200": (2, 6)}  # 5 + 3 on GPU 0, 4 + 2 on GPU 1
+    assert r.attribution.ambiguous == 0 and r.attribution.attributed == 4
+
+
+def test_correlation_ids_shared_by_processes_are_ambiguous(tmp_path):
+    rep = analyze_files(str(_two_processes(tmp_path, learn=False)))
+    r = rep.ranks[0]
+    assert [p.kernels for p in r.phases] == [0, 0]  # neither process is picked silently
+    a = r.attribution
+    assert (a.ambiguous, a.attributed, a.no_launch, a.unattributed) == (2, 0, 0, 2)
+    assert any("2 GPU activities carry a correlation id that several processes" in n
+               for n in rep.notes)
+
+
 def test_empty_gpu_trace_reports_no_gpu(tmp_path):
     b = TraceBuilder()
     b.cpu_op("aten::add", 0, 3)

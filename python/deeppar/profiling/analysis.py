@@ -109,12 +109,13 @@ class Attribution:
     attributed: int = 0
     via_other_thread: int = 0  # only with fallback: range open on another thread of the process
     no_launch: int = 0  # no correlation id, or its launch call is not in the trace
+    ambiguous: int = 0  # id launched by several processes, and the device does not tell which
     outside_ranges: int = 0  # launch found, but no range open on its thread at launch time
     annotation_ranges: int = 0
 
     @property
     def unattributed(self) -> int:
-        return self.no_launch + self.outside_ranges
+        return self.no_launch + self.ambiguous + self.outside_ranges
 
 
 @dataclass
@@ -318,20 +319,11 @@ def attribute(trace: RankTrace, fallback: bool = False
     leaf = np.ones(n_ann, dtype=bool)
     info = Attribution(activities=n, annotation_ranges=n_ann)
 
-    # launch of each activity through the correlation id
-    order = np.argsort(trace.launch_corr, kind="stable")
-    lc = trace.launch_corr[order]
-    pos = np.searchsorted(lc, trace.gpu_corr)
-    posc = np.minimum(pos, max(lc.size - 1, 0))
-    found = (trace.gpu_corr >= 0) & (pos < lc.size)
-    if lc.size:
-        found &= lc[posc] == trace.gpu_corr
-    else:
-        found[:] = False
-    li = order[posc[found]] if lc.size else np.empty(0, dtype=np.int64)
+    li, found, ambiguous = _match_launches(trace)
     l_ts = trace.launch_ts[li]
     l_thread = trace.launch_thread[li]
-    info.no_launch = int(n - found.sum())
+    info.ambiguous = int(ambiguous.sum())
+    info.no_launch = int(n - found.sum()) - info.ambiguous
 
     segs = {}
     for th in np.unique(trace.ann_thread).tolist():
@@ -357,6 +349,67 @@ def attribute(trace: RankTrace, fallback: bool = False
     info.attributed = int((owner >= 0).sum())
     info.outside_ranges = int(found.sum()) - info.attributed
     return owner, leaf, info
+
+
+def _thread_process(trace: RankTrace) -> np.ndarray:
+    """Dense process number of each thread id of ``trace.threads``."""
+    procs: dict[Any, int] = {}
+    return np.asarray([procs.setdefault(pid, len(procs)) for pid, _tid in trace.threads],
+                      dtype=np.int64)
+
+
+def _match_launches(trace: RankTrace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The launch call of each GPU activity through its correlation id.
+
+    Correlation ids are unique only within a process, and a GPU activity's ``pid`` is its
+    device, not the process that launched it. An id launched by one process only is taken
+    as it is (its first launch call). An id launched by several processes is resolved
+    through the device: when every activity of that device whose id is unique was launched
+    by the same process, the launch of that process is taken; otherwise the activity is
+    ambiguous (counted as unattributed rather than given to either process).
+    Returns (launch index per found activity, found mask, ambiguous mask).
+    """
+    n = trace.gpu_corr.size
+    corr = trace.gpu_corr
+    none = (np.empty(0, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
+    if trace.launch_corr.size == 0 or n == 0:
+        return none
+    l_proc = _thread_process(trace)[trace.launch_thread]
+    order = np.lexsort((l_proc, trace.launch_corr))
+    lc = trace.launch_corr[order]
+    lo = np.searchsorted(lc, corr, side="left")
+    hi = np.searchsorted(lc, corr, side="right")
+    has = (corr >= 0) & (hi > lo)
+    s_proc = l_proc[order]
+    # launches of one process only (several launch calls of one process with the same id,
+    # such as a runtime call and the driver call under it, count as one: the first)
+    unique = has & (s_proc[np.minimum(lo, lc.size - 1)] == s_proc[np.maximum(hi - 1, 0)])
+    multi = has & ~unique
+    pick = np.where(unique, lo, -1)
+    if multi.any():
+        # processes that launched each device's uniquely matched activities
+        u_dev = trace.gpu_device[unique]
+        u_proc = s_proc[lo[unique]]
+        pairs = np.unique(np.stack([u_dev, u_proc]), axis=1) if u_dev.size else \
+            np.empty((2, 0), dtype=np.int64)
+        devs, first, cnt = np.unique(pairs[0], return_index=True, return_counts=True)
+        one = cnt == 1
+        dev_proc = dict(zip(devs[one].tolist(), pairs[1][first[one]].tolist()))
+        m_idx = np.flatnonzero(multi)
+        proc = np.array([dev_proc.get(d, -1) for d in trace.gpu_device[m_idx].tolist()],
+                        dtype=np.int64)
+        m_idx, proc = m_idx[proc >= 0], proc[proc >= 0]
+        n_proc = int(l_proc.max()) + 1
+        if m_idx.size and int(lc.max()) < (1 << 62) // n_proc:
+            # (correlation, process) as one sortable integer
+            key = lc * n_proc + s_proc
+            want = corr[m_idx] * n_proc + proc
+            k_lo = np.searchsorted(key, want, side="left")
+            ok = k_lo < key.size
+            ok[ok] = key[k_lo[ok]] == want[ok]
+            pick[m_idx[ok]] = k_lo[ok]
+    found = pick >= 0
+    return order[pick[found]], found, multi & ~found
 
 
 def _phase_stats(trace: RankTrace, owner: np.ndarray, leaf: np.ndarray, cls: np.ndarray,
@@ -457,6 +510,10 @@ def analyze(traces: list[RankTrace], classifier: Classifier | None = None,
                          "launched outside any annotation range on their thread (e.g. from "
                          "autograd's backward thread); --phase-fallback attributes them to the "
                          "range open on another thread of the process")
+        if a.ambiguous:
+            notes.append(f"rank {r.rank} ({name}): {a.ambiguous} GPU activities carry a "
+                         "correlation id that several processes of the file launched, and "
+                         "their device does not tell which; they are counted as unattributed")
     return TraceReport(ranks=ranks, summary=summary, worst=worst, notes=notes)
 
 

@@ -60,7 +60,8 @@ def _phase_block(r: RankReport, limit: int) -> list[str]:
     lines.append(f"    attributed {a.attributed} of {a.activities} GPU activities"
                  + (f" ({a.via_other_thread} via another thread)" if a.via_other_thread else "")
                  + f"; unattributed {a.unattributed} ({a.no_launch} without launch event, "
-                 f"{a.outside_ranges} launched outside any range)")
+                 + (f"{a.ambiguous} with an ambiguous correlation id, " if a.ambiguous else "")
+                 + f"{a.outside_ranges} launched outside any range)")
     return lines
 
 
