@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from deeppar.profiling import Classifier, analyze_files, load_trace
 from deeppar.profiling import intervals as iv
+from deeppar.profiling.analysis import analyze as analyze_traces
 
 NCCL = "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)"
 GEMM = "void cutlass::device_kernel<Gemm>(Gemm::Params)"
@@ -190,6 +191,20 @@ def test_correlation_ids_shared_by_processes_are_ambiguous(tmp_path):
     assert (a.ambiguous, a.attributed, a.no_launch, a.unattributed) == (2, 0, 0, 2)
     assert any("2 GPU activities carry a correlation id that several processes" in n
                for n in rep.notes)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_unreadable_dur_is_a_note_not_an_error(tmp_path, fast):
+    b = TraceBuilder()
+    b.kernel(GEMM, 1000, 10)  # [0, 10)
+    b.kernel(GEMM, 1005, "x")  # skipped
+    b.kernel(GEMM, "abc", 3)  # skipped
+    b.kernel(GEMM, 1020, 5)  # [20, 25)
+    rep = analyze_traces([load_trace(b.write(tmp_path / "d.json"), fast=fast)])
+    (d,) = rep.ranks[0].devices
+    assert (d.kernels, d.span_us, d.busy_us) == (2, 25, 15)
+    assert rep.ranks[0].notes == ["2 events with unreadable ts/dur skipped"]
+    assert "rank 0 (d.json): 2 events with unreadable ts/dur skipped" in rep.notes
 
 
 def test_empty_gpu_trace_reports_no_gpu(tmp_path):

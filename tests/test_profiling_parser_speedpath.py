@@ -118,6 +118,21 @@ def test_string_and_float_timestamps(tmp_path):
     assert t.gpu_start.size > 0
 
 
+def test_unreadable_ts_and_dur_are_skipped_and_counted(tmp_path, monkeypatch):
+    evs = _events()
+    kernels = [e for e in evs if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    kernels[0]["dur"] = "x"  # not a number
+    kernels[1]["ts"] = "abc"
+    kernels[2]["ts"] = None
+    kernels[3]["dur"] = [1]
+    kernels[4]["dur"] = "2.5"  # a number written as text: kept
+    evs[2]["dur"] = "x"  # a launch call's dur is not used: kept
+    t = _both(_write(tmp_path / "t.json", evs), no_fallback=True, monkeypatch=monkeypatch)
+    assert t.gpu_start.size == 60 - 4
+    assert t.notes == ["4 events with unreadable ts/dur skipped"]
+    assert load_trace(_write(tmp_path / "ok.json", _events())).notes == []
+
+
 def test_escaped_names_and_unicode(tmp_path):
     evs = _events()
     evs[4]["name"] = 'kern "quoted" \\ back\\slash'

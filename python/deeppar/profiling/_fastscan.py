@@ -227,8 +227,9 @@ def iter_records(path: str, meta: dict[str, Any], wanted: dict[str, int],
                  counts: list[int], meta_keys: tuple[str, ...]) -> Iterator[Batch]:
     """Yield the records of the kept events of the trace at ``path``, in lists.
 
-    ``wanted`` maps kept categories to a target code; events need ``ph == "X"`` and a
-    ``ts``. ``named`` are the targets whose name is decoded. ``from_dict`` builds the record
+    ``wanted`` maps kept categories to a target code; events need ``ph == "X"`` (a
+    missing ``ts`` is passed on as None, for the caller to count). ``named`` are the
+    targets whose name is decoded. ``from_dict`` builds the record
     of an element that json decoded (or returns None). ``counts[0]`` counts the elements
     that are objects. Raises :class:`Unsupported` where the text parser must take over.
     """
@@ -391,9 +392,9 @@ def _records(buf: bytes, spans: list[tuple[int, int]], wanted: dict[bytes, int],
         return out
     get_target = wanted.get
     return [
-        (target, number(ts), number(dur) if dur else 0,
+        (target, number(ts) if ts else None, number(dur) if dur else 0,
          name[1:-1].decode() if name and target in named else "",
          ids[pid], ids[tid], int(device) if device else None,
          int(stream) if stream else None, int(corr) if corr else None)
         for ph, cat, ts, dur, name, pid, tid, _args, device, stream, corr in rows
-        if (target := get_target(cat)) is not None and ph == b'"X"' and ts]
+        if (target := get_target(cat)) is not None and ph == b'"X"']

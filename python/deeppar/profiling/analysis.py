@@ -130,6 +130,7 @@ class RankReport:
     phases: list[PhaseStats]  # innermost ranges, in CPU order
     outer_phases: list[PhaseStats]  # enclosing ranges that launched work directly
     attribution: Attribution
+    notes: list[str] = field(default_factory=list)  # what the loader skipped, and why
 
     @property
     def has_gpu(self) -> bool:
@@ -472,7 +473,7 @@ def analyze_rank(trace: RankTrace, classifier: Classifier | None = None,
     phases, outer = _phase_stats(trace, owner, leaf, cls, device_compute)
     return RankReport(rank=trace.rank, path=trace.path, world_size=trace.world_size,
                       events=trace.n_events, devices=devices, phases=phases,
-                      outer_phases=outer, attribution=info)
+                      outer_phases=outer, attribution=info, notes=list(trace.notes))
 
 
 def _summary(ranks: list[RankReport]) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
@@ -501,6 +502,7 @@ def analyze(traces: list[RankTrace], classifier: Classifier | None = None,
     notes: list[str] = []
     for r in ranks:
         name = os.path.basename(r.path)
+        notes.extend(f"rank {r.rank} ({name}): {n}" for n in r.notes)
         if not r.has_gpu:
             notes.append(f"rank {r.rank} ({name}): no GPU activity (kernels, memcpy, memset) in "
                          "the trace, e.g. a CPU-only profile; GPU figures are not available")

@@ -70,6 +70,7 @@ class RankTrace:
     threads: list[tuple[Any, Any]] = field(default_factory=list)  # (pid, tid) per thread id
     meta: dict[str, Any] = field(default_factory=dict)
     n_events: int = 0
+    notes: list[str] = field(default_factory=list)  # what was skipped while reading, and why
 
     @property
     def devices(self) -> list[int]:
@@ -101,6 +102,19 @@ def _int_or(value: Any, default: int) -> int:
     return default
 
 
+def _duration(value: Any) -> float | None:
+    """A ``dur`` that is not an int as a float (0 when absent), None if not a finite number."""
+    if value is None:
+        return 0.0
+    if type(value) is bool:
+        return None
+    try:
+        d = float(value)
+    except (TypeError, ValueError):
+        return None
+    return d if d == d and abs(d) != float("inf") else None
+
+
 def _record(ev: dict[str, Any]) -> tuple | None:
     """The fields of a decoded event that the loader uses, or None if it is not kept.
 
@@ -112,8 +126,6 @@ def _record(ev: dict[str, Any]) -> tuple | None:
     if target is None or ev.get("ph") != "X":
         return None
     ts = ev.get("ts")
-    if ts is None:
-        return None
     args = ev.get("args")
     if type(args) is not dict:
         args = {}
@@ -177,6 +189,7 @@ def _collect(path: str, rank: int | None, batches: Iterator[list[tuple]], meta: 
     a_ts, a_dur, a_thread, a_name = array("d"), array("d"), array("l"), array("l")
     base: int | None = None
     base_dec = Decimal(0)
+    unreadable = 0  # kept events whose ts or dur is missing or not a finite number
 
     for target, ts, dur, name, pid, tid, v_dev, v_stream, v_corr in chain.from_iterable(batches):
         if type(ts) is int:
@@ -186,10 +199,12 @@ def _collect(path: str, rank: int | None, batches: Iterator[list[tuple]], meta: 
             rel = float(ts - base)
         else:
             try:
-                t = Decimal(ts)
+                t = Decimal(ts) if type(ts) is not bool else Decimal("NaN")
             except (ArithmeticError, TypeError, ValueError):
+                unreadable += 1
                 continue
             if not t.is_finite():
+                unreadable += 1
                 continue
             if base is None:
                 base = int(t)
@@ -203,9 +218,13 @@ def _collect(path: str, rank: int | None, batches: Iterator[list[tuple]], meta: 
             l_ts.append(rel)
             l_thread.append(threads[(pid, tid)])
             continue
-        dur = float(dur) if dur is not None else 0.0
+        if type(dur) is not int:
+            dur = _duration(dur)
+            if dur is None:
+                unreadable += 1
+                continue
         if dur < 0:
-            dur = 0.0
+            dur = 0
         if target == _ANN:
             a_ts.append(rel)
             a_dur.append(dur)
@@ -220,6 +239,9 @@ def _collect(path: str, rank: int | None, batches: Iterator[list[tuple]], meta: 
         g_name.append(names[name])
         g_corr.append(v_corr if type(v_corr) is int else _int_or(v_corr, -1))
 
+    notes = []
+    if unreadable:
+        notes.append(f"{unreadable} events with unreadable ts/dur skipped")
     dist = meta.get("distributedInfo") if isinstance(meta.get("distributedInfo"), dict) else {}
     file_rank = _int_or(dist.get("rank"), -1)
     world = _int_or(dist.get("world_size"), -1)
@@ -254,6 +276,7 @@ def _collect(path: str, rank: int | None, batches: Iterator[list[tuple]], meta: 
         threads=threads.order,
         meta=meta,
         n_events=counts[0],
+        notes=notes,
     )
 
 
