@@ -81,6 +81,31 @@ def test_not_a_trace(tmp_path, capsys):
     assert "not a Chrome trace" in _error(["trace", "analyze", str(p)], capsys)
 
 
+def test_directory_skips_json_that_is_not_a_trace(tmp_path, capsys):
+    d = tmp_path / "run"
+    d.mkdir()
+    _small(d)
+    (d / "config.json").write_text('{"lr": 0.1, "layers": [1, 2]}')
+    (d / "count.json").write_text("42\n")
+    assert main(["trace", "analyze", str(d), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["ranks"]) == 1 and out["ranks"][0]["path"].endswith("small.json")
+    assert out["devices"][0]["span_us"] == 15  # [0, 15): the one real trace
+    skipped = [n for n in out["notes"] if n.startswith("skipped")]
+    assert len(skipped) == 2 and all("not a Chrome trace" in n for n in skipped)
+    # named directly, the same file is an error
+    assert "not a Chrome trace" in _error(["trace", "analyze", str(d / "config.json")], capsys)
+    # a truncated file in a directory is still an error, not skipped
+    text = (d / "small.json").read_text()
+    (d / "cut.json").write_text(text[: len(text) // 2])
+    assert "truncated" in _error(["trace", "analyze", str(d)], capsys)
+    # a directory with no trace at all
+    e = tmp_path / "cfg"
+    e.mkdir()
+    (e / "config.json").write_text("{}")
+    assert "not a Chrome trace" in _error(["trace", "analyze", str(e)], capsys)
+
+
 def test_truncated_json_and_gzip(tmp_path, capsys):
     text = json.dumps(TraceBuilder().document() | {"traceEvents": [
         {"ph": "X", "cat": "kernel", "name": "k", "ts": i, "dur": 1, "pid": 0, "tid": 7,

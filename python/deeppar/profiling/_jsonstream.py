@@ -103,6 +103,10 @@ class _Reader:
         return ValueError(f"{self.path}: {what} at character {at}")
 
 
+class NotATrace(ValueError):
+    """The file is valid JSON but not a Chrome trace (no ``traceEvents``, not an array)."""
+
+
 def iter_trace_events(path: str, meta: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Yield the events of the Chrome trace at ``path`` one at a time.
 
@@ -120,8 +124,9 @@ def iter_trace_events(path: str, meta: dict[str, Any]) -> Iterator[dict[str, Any
             return
         if first != "{":
             what = "an empty file" if first == "" else f"text starting with {first!r}"
-            raise ValueError(f"{path}: not a Chrome trace: expected a JSON object with "
-                             f"'traceEvents' or an array of events, found {what}")
+            msg = (f"{path}: not a Chrome trace: expected a JSON object with "
+                   f"'traceEvents' or an array of events, found {what}")
+            raise NotATrace(msg) if first and _is_json_scalar(rd) else ValueError(msg)
         rd.pos += 1
         seen_events = False
         while True:
@@ -150,8 +155,17 @@ def iter_trace_events(path: str, meta: dict[str, Any]) -> Iterator[dict[str, Any
                 if key in META_KEYS:
                     meta[key] = val
         if not seen_events:
-            raise ValueError(f"{path}: not a Chrome trace: the JSON object has no "
-                             "'traceEvents' array")
+            raise NotATrace(f"{path}: not a Chrome trace: the JSON object has no "
+                            "'traceEvents' array")
+
+
+def _is_json_scalar(rd: _Reader) -> bool:
+    """Whether the rest of the file is one JSON value and nothing else."""
+    try:
+        rd.value()
+    except ValueError:
+        return False
+    return rd.skip_ws() == ""
 
 
 def _iter_array(rd: _Reader) -> Iterator[dict[str, Any]]:

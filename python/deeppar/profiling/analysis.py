@@ -524,7 +524,10 @@ def analyze_files(paths: list[str] | tuple[str, ...] | str, comm_patterns: tuple
                   ) -> TraceReport:
     """Load trace files (or directories of them) and analyze them."""
     classifier = Classifier.with_patterns(comm_patterns, compute_patterns)
-    return analyze(load_traces(paths), classifier, phase_fallback)
+    skipped: list[str] = []
+    report = analyze(load_traces(paths, skipped), classifier, phase_fallback)
+    report.notes.extend(skipped)
+    return report
 
 
 __all__ = ["Attribution", "DeviceStats", "FamilyStats", "PhaseStats", "RankReport",

@@ -17,8 +17,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     classifier = Classifier.with_patterns(tuple(args.comm_pattern or ()),
                                           tuple(args.compute_pattern or ()))
-    traces = load_traces(args.paths)
+    skipped: list[str] = []
+    traces = load_traces(args.paths, skipped)
     report = analyze(traces, classifier, phase_fallback=args.phase_fallback)
+    report.notes.extend(skipped)
     if args.png:
         from .timeline import write_png
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ._jsonstream import META_KEYS, iter_trace_events
+from ._jsonstream import META_KEYS, NotATrace, iter_trace_events
 
 KIND_KERNEL, KIND_MEMCPY, KIND_MEMSET = 0, 1, 2
 KIND_NAMES = ("kernel", "memcpy", "memset")
@@ -280,13 +280,13 @@ def _collect(path: str, rank: int | None, batches: Iterator[list[tuple]], meta: 
     )
 
 
-def expand_paths(paths: list[str] | tuple[str, ...] | str) -> list[str]:
-    """Files named directly plus the ``*.json`` / ``*.json.gz`` files of named directories."""
+def _expand(paths: list[str] | tuple[str, ...] | str) -> list[tuple[str, bool]]:
+    """(file, found by walking a directory) for each file named or under a named directory."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not paths:
         raise ValueError("no trace files given: pass a trace file or a directory of them")
-    out: list[str] = []
+    out: list[tuple[str, bool]] = []
     for p in map(os.fspath, paths):
         if os.path.isdir(p):
             found = sorted(
@@ -297,22 +297,44 @@ def expand_paths(paths: list[str] | tuple[str, ...] | str) -> list[str]:
             )
             if not found:
                 raise FileNotFoundError(f"no trace files (*.json, *.json.gz) in directory {p!r}")
-            out.extend(found)
+            out.extend((f, True) for f in found)
         elif not os.path.exists(p):
             raise FileNotFoundError(f"trace file not found: {p!r}")
         else:
-            out.append(p)
+            out.append((p, False))
     return out
 
 
-def load_traces(paths: list[str] | tuple[str, ...] | str) -> list[RankTrace]:
+def expand_paths(paths: list[str] | tuple[str, ...] | str) -> list[str]:
+    """Files named directly plus the ``*.json`` / ``*.json.gz`` files of named directories."""
+    return [f for f, _walked in _expand(paths)]
+
+
+def load_traces(paths: list[str] | tuple[str, ...] | str,
+                skipped: list[str] | None = None) -> list[RankTrace]:
     """Load several files (or directories of them), one rank each.
 
     Ranks come from each file's ``distributedInfo``; when those are missing or repeated,
-    files are numbered in the order given.
+    files are numbered in the order given. A file found by walking a directory that is
+    valid JSON but not a trace (a config file, say) is left out, with a line saying so
+    appended to ``skipped``; a file named directly, or a truncated or invalid one, is an
+    error.
     """
-    files = expand_paths(paths)
-    traces = [load_trace(p) for p in files]
+    traces = []
+    files = _expand(paths)
+    left_out: list[str] = []
+    for path, walked in files:
+        try:
+            traces.append(load_trace(path))
+        except NotATrace as exc:
+            if not walked:
+                raise
+            left_out.append(f"skipped {path}: {str(exc).removeprefix(path + ': ')}")
+    if not traces:
+        raise NotATrace(f"none of the {len(files)} JSON files found is a Chrome trace; "
+                        + left_out[0])
+    if skipped is not None:
+        skipped.extend(left_out)
     ranks = [t.rank for t in traces]
     if len(set(ranks)) != len(ranks):
         for i, t in enumerate(traces):
