@@ -50,6 +50,14 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("nvshmem", r"(?i)nvshmem", COMM),
     Rule("gloo", r"(?i)\bgloo", COMM),
     Rule("symmetric-memory", r"symmetric_memory|c10d::symm", COMM),
+    # vLLM's custom all-reduce (vllm::cross_device_reduce_1stage / _2stage)
+    Rule("vllm-custom-allreduce", r"cross_device_reduce_\d?stage", COMM),
+    # TransformerEngine's userbuffers (comm-GEMM overlap): userbuffers_*, kuserbuffers_*
+    Rule("userbuffers", r"(?i)userbuffers", COMM),
+    # compiler-generated kernels (Inductor's triton_poi_fused__to_copy_all_gather_0, nvFuser,
+    # TVM/XLA fusions) are local work, even when named after the collective they feed
+    Rule("generated-kernel", r"^(?:void\s+)?(?:triton_|nvfuser_|fused_)|CudaCodeGen::kernel",
+         COMPUTE),
     # casts are local even when named after a transfer (not "broadcast")
     Rule("cast", r"(?i)(?<![a-z])cast", COMPUTE),
     Rule("collective-name", r"(?i)all_?to_?all|all_?gather|reduce_?scatter|all_?reduce"
