@@ -41,6 +41,16 @@ class TraceBuilder:
         self.events.append({"ph": "X", "cat": "user_annotation", "name": name, "pid": pid,
                             "tid": tid, "ts": ts, "dur": dur, "args": {}})
 
+    def begin_end(self, name: str, ts: float, end: float, tid: int = 1, pid: int = 100,
+                  cat: str | None = "user_annotation", end_cat: bool = True) -> None:
+        """A range as a "B" and an "E" event (the "E" without category if not ``end_cat``)."""
+        self.events.append({"ph": "B", "cat": cat, "name": name, "pid": pid, "tid": tid,
+                            "ts": ts, "args": {}})
+        e: dict[str, Any] = {"ph": "E", "pid": pid, "tid": tid, "ts": end}
+        if end_cat:
+            e["cat"] = cat
+        self.events.append(e)
+
     def cpu_op(self, name: str, ts: float, dur: float, tid: int = 1, pid: int = 100) -> None:
         self.events.append({"ph": "X", "cat": "cpu_op", "name": name, "pid": pid, "tid": tid,
                             "ts": ts, "dur": dur, "args": {"External id": 1}})

@@ -207,6 +207,50 @@ def test_unreadable_dur_is_a_note_not_an_error(tmp_path, fast):
     assert "rank 0 (d.json): 2 events with unreadable ts/dur skipped" in rep.notes
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_begin_end_annotations(tmp_path, fast):
+    b = TraceBuilder()
+    b.begin_end("step", 0, 100)  # [0, 100) as B/E
+    b.begin_end("fwd", 10, 40)  # [10, 40) as B/E, nested in step
+    b.annotation("bwd", 50, 30)  # [50, 80) as an X event
+    b.begin_end("k", 5, 6, cat="kernel")  # a GPU activity as B/E: skipped, counted
+    b.events.append({"ph": "E", "cat": "user_annotation", "pid": 100, "tid": 1, "ts": 200})
+    b.events.append({"ph": "B", "cat": "user_annotation", "name": "open", "pid": 100,
+                     "tid": 2, "ts": 1})  # never closed
+    b.launch(1, 20)  # in fwd
+    b.launch(2, 60)  # in bwd
+    b.launch(3, 90)  # only step is open
+    b.kernel(GEMM, 300, 10, corr=1)
+    b.kernel(NCCL, 305, 10, stream=9, corr=2)
+    b.kernel(GEMM, 320, 4, corr=3)
+    rep = analyze_traces([load_trace(b.write(tmp_path / "be.json", shuffle=True), fast=fast)])
+    r = rep.ranks[0]
+    assert [(p.name, p.kernels, p.cpu_start_us, p.cpu_dur_us) for p in r.phases] == [
+        ("fwd", 1, 10, 30), ("bwd", 1, 50, 30)]
+    assert [(p.name, p.kernels) for p in r.outer_phases] == [("step", 1)]
+    assert r.attribution.annotation_ranges == 3 and r.attribution.attributed == 3
+    assert r.notes == [
+        "1 GPU activities or launch calls given as B/E pairs skipped (only complete 'X' "
+        "events carry their device, stream and correlation)",
+        "2 B/E events without a partner skipped (1 B never closed, 1 E with no open B)"]
+
+
+def test_begin_end_without_category_on_the_end(tmp_path):
+    b = TraceBuilder()
+    b.begin_end("outer", 0, 100, end_cat=False)
+    b.events.append({"ph": "B", "cat": "cpu_op", "name": "aten::mm", "pid": 100, "tid": 1,
+                     "ts": 5})  # not kept: its named "E" must not close "inner"
+    b.begin_end("inner", 10, 30, end_cat=False)  # [10, 30)
+    b.events.append({"ph": "E", "name": "aten::mm", "pid": 100, "tid": 1, "ts": 40})
+    b.launch(1, 20)
+    b.launch(2, 50)
+    b.kernel(GEMM, 200, 1, corr=1)
+    b.kernel(GEMM, 210, 1, corr=2)
+    r = analyze_files(str(b.write(tmp_path / "be.json"))).ranks[0]
+    assert [(p.name, p.cpu_dur_us, p.kernels) for p in r.phases] == [("inner", 20, 1)]
+    assert [(p.name, p.cpu_dur_us, p.kernels) for p in r.outer_phases] == [("outer", 100, 1)]
+
+
 def test_empty_gpu_trace_reports_no_gpu(tmp_path):
     b = TraceBuilder()
     b.cpu_op("aten::add", 0, 3)

@@ -133,6 +133,43 @@ def test_unreadable_ts_and_dur_are_skipped_and_counted(tmp_path, monkeypatch):
     assert load_trace(_write(tmp_path / "ok.json", _events())).notes == []
 
 
+def _begin_end_events() -> list[dict]:
+    evs = _events()
+    for i in range(0, 60, 7):
+        t = 1_000 + 10 * i
+        evs.append({"ph": "B", "cat": "user_annotation", "name": f"be{i}", "pid": 10,
+                    "tid": 11, "ts": t + 2})
+        evs.append({"ph": "E", "pid": 10, "tid": 11, "ts": f"{t + 8}.5"})  # no category
+        evs.append({"ph": "B", "cat": "kernel", "name": "gk", "pid": 0, "tid": 7, "ts": t})
+        evs.append({"ph": "E", "cat": "kernel", "name": "gk", "pid": 0, "tid": 7, "ts": t + 1})
+        evs.append({"ph": "B", "cat": "cpu_op", "name": "op", "pid": 10, "tid": 11, "ts": t})
+        evs.append({"ph": "E", "cat": "cpu_op", "name": "op", "pid": 10, "tid": 11, "ts": t})
+    evs.append({"ph": "E", "cat": "user_annotation", "pid": 10, "tid": 12, "ts": 5})
+    evs.append({"ph": "E", "pid": 10, "tid": 12, "ts": 6})  # no "B" before it: ignored
+    evs.append({"ph": "B", "cat": "user_annotation", "name": "open", "pid": 10, "tid": 13,
+                "ts": 7})
+    return evs
+
+
+@pytest.mark.parametrize("indent", [None, 1])
+def test_begin_end_events(tmp_path, monkeypatch, indent):
+    evs = _begin_end_events()
+    t = _both(_write(tmp_path / "t.json", evs, indent=indent), no_fallback=True,
+              monkeypatch=monkeypatch)
+    assert sum(n.startswith("be") for n in (t.names[i] for i in t.ann_name.tolist())) == 9
+    assert t.notes == ["9 GPU activities or launch calls given as B/E pairs skipped (only "
+                       "complete 'X' events carry their device, stream and correlation)",
+                       "2 B/E events without a partner skipped (1 B never closed, 1 E with "
+                       "no open B)"]
+    # the cat-less "E" comes first in the file, before any "B": both paths ignore it
+    evs.insert(1, {"ph": "E", "pid": 10, "tid": 11, "ts": 1})
+    p = _write(tmp_path / "u.json", evs)
+    slow = load_trace(p, fast=False)
+    for size in (64, 1000, 1 << 22):
+        monkeypatch.setattr(_fastscan, "_CHUNK", size)
+        _same(load_trace(p), slow)
+
+
 def test_escaped_names_and_unicode(tmp_path):
     evs = _events()
     evs[4]["name"] = 'kern "quoted" \\ back\\slash'

@@ -28,6 +28,10 @@ from typing import Any
 
 _CHUNK = 1 << 22  # bytes read per refill
 
+# record targets of "B"/"E" events (see the loader's _record): the event itself, and the
+# target of an "E" without a category
+BEGIN_END, NO_CAT = 5, -1
+
 
 class Unsupported(Exception):
     """The fast path cannot read this input; use the text parser instead."""
@@ -86,6 +90,7 @@ _EVENT = _object([
 ])
 EVENTS = re.compile(_EVENT + rb"(?=\x00|\Z)")  # kept events joined by NUL bytes
 
+_END_EVENT = re.compile(rb'"ph"' + _W + rb":" + _W + rb'"E"')
 _WS = re.compile(_W)
 _SEP = re.compile(rb"[ \t\r\n,]*+")
 _GAP = re.compile(rb"[ \t\r\n]*+,[ \t\r\n]*+")
@@ -291,6 +296,8 @@ def _array(rd: _Reader, decoder: json.JSONDecoder, wanted: dict[bytes, int],
     ids = _IdValues()
     cat_re = re.compile(rb'"cat"' + _W + rb":" + _W + rb'"(?:'
                         + rb"|".join(re.escape(c[1:-1]) for c in wanted) + rb')"')
+    # "E" events may have no category: once the text shows a "B", they are candidates too
+    end_re: re.Pattern[bytes] | None = None
     while True:
         rd.pos = _SEP.match(rd.buf, rd.pos).end()
         buf, pos = rd.buf, rd.pos
@@ -301,8 +308,10 @@ def _array(rd: _Reader, decoder: json.JSONDecoder, wanted: dict[bytes, int],
         if buf[pos] == 0x5D:  # ']'
             rd.pos = pos + 1
             return
+        if end_re is None and buf.find(b'"B"', pos) >= 0:
+            end_re = _END_EVENT
         if buf.find(b"\\", pos) < 0:
-            got = _chunk(np, buf, pos, cat_re)
+            got = _chunk(np, buf, pos, cat_re, end_re)
             if got is not None:
                 end, n, spans = got
                 counts[0] += n
@@ -328,7 +337,8 @@ def _array(rd: _Reader, decoder: json.JSONDecoder, wanted: dict[bytes, int],
             rd.pos = _SEP.match(rd.buf, rd.pos).end()
 
 
-def _chunk(np: Any, buf: bytes, pos: int, cat_re: re.Pattern[bytes]
+def _chunk(np: Any, buf: bytes, pos: int, cat_re: re.Pattern[bytes],
+           end_re: re.Pattern[bytes] | None = None
            ) -> tuple[int, int, list[tuple[int, int]]] | None:
     """Find the complete object elements in ``buf[pos:]`` (no backslashes in it).
 
@@ -364,6 +374,9 @@ def _chunk(np: Any, buf: bytes, pos: int, cat_re: re.Pattern[bytes]
     end = e_list[n - 1]
     # kept categories, as keys of the element itself (depth 1)
     hits = [m.start() - pos for m in cat_re.finditer(buf, pos, end)]
+    if end_re is not None:
+        hits += [m.start() - pos for m in end_re.finditer(buf, pos, end)]
+        hits.sort()
     if not hits:
         return end, n, []
     hits_a = np.asarray(hits)
@@ -391,10 +404,29 @@ def _records(buf: bytes, spans: list[tuple[int, int]], wanted: dict[bytes, int],
                 out.append(rec)
         return out
     get_target = wanted.get
-    return [
+    out = [
         (target, number(ts) if ts else None, number(dur) if dur else 0,
          name[1:-1].decode() if name and target in named else "",
          ids[pid], ids[tid], int(device) if device else None,
          int(stream) if stream else None, int(corr) if corr else None)
         for ph, cat, ts, dur, name, pid, tid, _args, device, stream, corr in rows
         if (target := get_target(cat)) is not None and ph == b'"X"']
+    if b'"B"' in blob or b'"E"' in blob:
+        out += _begin_end(rows, get_target, ids)
+    return out
+
+
+def _begin_end(rows: list[tuple], get_target: Callable[[bytes], int | None], ids: _IdValues
+               ) -> list[Record]:
+    """Records of the "B"/"E" rows (as the loader's ``_record`` gives them)."""
+    out = []
+    for ph, cat, ts, _dur, name, pid, tid, *_rest in rows:
+        if ph != b'"B"' and ph != b'"E"':
+            continue
+        target = get_target(cat)
+        if target is None and (ph == b'"B"' or cat):
+            continue
+        out.append((BEGIN_END, number(ts) if ts else None, ph[1:-1].decode(),
+                    name[1:-1].decode() if name else "", ids[pid], ids[tid],
+                    NO_CAT if target is None else target, None, None))
+    return out

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ._fastscan import BEGIN_END, NO_CAT
 from ._jsonstream import META_KEYS, NotATrace, iter_trace_events
 
 KIND_KERNEL, KIND_MEMCPY, KIND_MEMSET = 0, 1, 2
@@ -29,8 +30,10 @@ _GPU_CATS = {"kernel": KIND_KERNEL, "Kernel": KIND_KERNEL,
 _LAUNCH_CATS = {"cuda_runtime", "cuda_driver", "Runtime", "Driver"}
 _ANNOTATION_CATS = {"user_annotation"}
 
-# what an event is kept as: its GPU kind (0..2), a launch call or an annotation range
+# what an event is kept as: its GPU kind (0..2), a launch call or an annotation range; _BE is
+# a "B"/"E" (begin/end) event, paired into ranges once the whole file is read
 _LAUNCH, _ANN = 3, 4
+_BE, _NO_CAT = BEGIN_END, NO_CAT  # the target of "E" events without a category is _NO_CAT
 _TARGETS = {**_GPU_CATS, **{c: _LAUNCH for c in _LAUNCH_CATS},
             **{c: _ANN for c in _ANNOTATION_CATS}}
 _NAMED = frozenset((KIND_KERNEL, KIND_MEMCPY, KIND_MEMSET, _ANN))  # targets whose name is kept
@@ -119,11 +122,21 @@ def _record(ev: dict[str, Any]) -> tuple | None:
     """The fields of a decoded event that the loader uses, or None if it is not kept.
 
     Same layout as the fast scanner's records: (target, ts, dur, name, pid, tid, device,
-    stream, correlation), values as ``json`` gives them with floats kept as text.
+    stream, correlation), values as ``json`` gives them with floats kept as text. A "B" or
+    "E" event of a kept category, or an "E" without a category, is (_BE, ts, "B" or "E",
+    name, pid, tid, its target or _NO_CAT, None, None).
     """
     cat = ev.get("cat")
     target = _TARGETS.get(cat) if type(cat) is str else None
-    if target is None or ev.get("ph") != "X":
+    ph = ev.get("ph")
+    if ph != "X":
+        if ph == "B" or ph == "E":
+            if target is None and (ph == "B" or "cat" in ev):
+                return None
+            return (_BE, ev.get("ts"), ph, str(ev.get("name", "")), ev.get("pid"),
+                    ev.get("tid"), _NO_CAT if target is None else target, None, None)
+        return None
+    if target is None:
         return None
     ts = ev.get("ts")
     args = ev.get("args")
@@ -190,6 +203,10 @@ def _collect(path: str, rank: int | None, batches: Iterator[list[tuple]], meta: 
     base: int | None = None
     base_dec = Decimal(0)
     unreadable = 0  # kept events whose ts or dur is missing or not a finite number
+    # "B"/"E" events, paired at the end: time, thread, code (see _pair_begin_end), name
+    b_ts, b_thread, b_code = array("d"), array("l"), array("b")
+    b_name: list[str] = []
+    seen_begin = False
 
     for target, ts, dur, name, pid, tid, v_dev, v_stream, v_corr in chain.from_iterable(batches):
         if type(ts) is int:
@@ -218,6 +235,21 @@ def _collect(path: str, rank: int | None, batches: Iterator[list[tuple]], meta: 
             l_ts.append(rel)
             l_thread.append(threads[(pid, tid)])
             continue
+        if target == _BE:
+            if dur == "B":
+                code = _B_ANN if v_dev == _ANN else _B_OTHER
+                seen_begin = True
+            elif v_dev != _NO_CAT:
+                code = _E_KEPT
+            elif seen_begin:
+                code = _E_NO_CAT  # only after a "B" of a kept category, in file order
+            else:
+                continue
+            b_ts.append(rel)
+            b_thread.append(threads[(pid, tid)])
+            b_code.append(code)
+            b_name.append(name)
+            continue
         if type(dur) is not int:
             dur = _duration(dur)
             if dur is None:
@@ -242,6 +274,9 @@ def _collect(path: str, rank: int | None, batches: Iterator[list[tuple]], meta: 
     notes = []
     if unreadable:
         notes.append(f"{unreadable} events with unreadable ts/dur skipped")
+    if b_code:
+        notes.extend(_pair_begin_end(b_ts, b_thread, b_code, b_name, names,
+                                     a_ts, a_dur, a_thread, a_name))
     dist = meta.get("distributedInfo") if isinstance(meta.get("distributedInfo"), dict) else {}
     file_rank = _int_or(dist.get("rank"), -1)
     world = _int_or(dist.get("world_size"), -1)
@@ -303,6 +338,63 @@ def _expand(paths: list[str] | tuple[str, ...] | str) -> list[tuple[str, bool]]:
         else:
             out.append((p, False))
     return out
+
+
+_B_ANN, _B_OTHER, _E_KEPT, _E_NO_CAT = 0, 1, 2, 3
+
+
+def _pair_begin_end(ts: array, thread: array, code: array, name: list[str], names: _Interner,
+                    a_ts: array, a_dur: array, a_thread: array, a_name: array) -> list[str]:
+    """Pair "B"/"E" events into ranges and append the annotation ranges to the ``a_*``
+    columns; returns notes on what was left out.
+
+    Per thread, in time order (file order for equal times), an "E" closes the latest open
+    "B" (Chrome-trace rules); an "E" without a category only when its name is empty or that
+    of the "B" it would close, since it may belong to a "B" the loader did not keep.
+    GPU activity and launch calls given as "B"/"E" pairs are counted, not used: the
+    analysis needs their device, stream and correlation, which complete ("X") events carry.
+    """
+    t = np.frombuffer(ts, dtype=np.float64)
+    th = np.asarray(thread, dtype=np.int64)
+    order = np.lexsort((np.arange(t.size), t, th)).tolist()
+    other = unmatched_end = 0
+    stack: list[int] = []
+    cur = -1
+    unclosed = 0
+
+    def flush() -> None:
+        nonlocal unclosed
+        unclosed += len(stack)
+        stack.clear()
+
+    for i in order:
+        if thread[i] != cur:
+            flush()
+            cur = thread[i]
+        c = code[i]
+        if c in (_B_ANN, _B_OTHER):
+            stack.append(i)
+            continue
+        if not stack or (c == _E_NO_CAT and name[i] and name[i] != name[stack[-1]]):
+            unmatched_end += c == _E_KEPT
+            continue
+        b = stack.pop()
+        if code[b] == _B_OTHER:
+            other += 1
+            continue
+        a_ts.append(ts[b])
+        a_dur.append(ts[i] - ts[b])
+        a_thread.append(thread[b])
+        a_name.append(names[name[b]])
+    flush()
+    notes = []
+    if other:
+        notes.append(f"{other} GPU activities or launch calls given as B/E pairs skipped "
+                     "(only complete 'X' events carry their device, stream and correlation)")
+    if unclosed or unmatched_end:
+        notes.append(f"{unclosed + unmatched_end} B/E events without a partner skipped "
+                     f"({unclosed} B never closed, {unmatched_end} E with no open B)")
+    return notes
 
 
 def expand_paths(paths: list[str] | tuple[str, ...] | str) -> list[str]:
