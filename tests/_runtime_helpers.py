@@ -265,16 +265,21 @@ def assert_outputs_equal(got, want) -> None:
 
 def check_dualpipe(rank: int, world: int, n_chunks: int, *, kind: str = "mlp",
                    crit: Callable = criterion, cls=None, transform: Callable | None = None,
-                   train: bool = True, return_outputs: bool = True, **pipe_kw):
-    """One DualPipe step against the sequential reference; returns the pipeline."""
+                   train: bool = True, return_outputs: bool = True, tie: bool = False,
+                   **pipe_kw):
+    """One DualPipe step against the sequential reference; returns the pipeline. ``tie``: the
+    first and last stages share ``fc1`` (tied weights, local to the two end ranks)."""
     if cls is None:
         from deeppar.pipeline import DualPipe as cls
     P = world
     stages = make_model(P, kind)
+    if tie:
+        stages[P - 1].fc1 = stages[0].fc1
     ref = copy.deepcopy(stages)
     x, y = make_data(n_chunks)
     losses, outs = reference(ref, x, y, n_chunks, crit, train)
-    local = [copy.deepcopy(stages[rank]), copy.deepcopy(stages[P - 1 - rank])]
+    # one deepcopy of the pair keeps parameters the two stages share shared
+    local = list(copy.deepcopy([stages[rank], stages[P - 1 - rank]]))
     if transform is not None:
         local = [transform(m) for m in local]
     pipe = cls(tuple(local), **pipe_kw)
@@ -515,6 +520,9 @@ def case_dp_variants(rank: int, world: int) -> None:
     check_dualpipe(rank, world, n, kind="hook")
     assert HookStage.calls > before, "the overlapped_forward_backward hook was never called"
     check_dualpipe(rank, world, n, p2p_shapes=[(MB, HIDDEN)], p2p_dtype=torch.float32)
+    # tied weights between the two stages of the end ranks: sum_mirrored_grads adds the
+    # mirror's gradient of the shared tensor once
+    check_dualpipe(rank, world, n, tie=True)
 
 
 def case_dpv_variants(rank: int, world: int) -> None:

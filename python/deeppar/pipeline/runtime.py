@@ -602,7 +602,9 @@ class DualPipeV(PipelineRuntime):
 
 def sum_mirrored_grads(pipe: PipelineRuntime) -> None:
     """For DualPipe: ``modules[0]`` on rank r is the same stage as ``modules[1]`` on rank P-1-r.
-    Exchange both slots' gradients with the mirror and add them (missing grads count as 0)."""
+    Exchange both slots' gradients with the mirror and add them (missing grads count as 0).
+    Parameters shared by the two local stages (tied weights, shared the same way on the mirror)
+    get the mirror's gradient once."""
     if len(pipe.module) != 2:
         raise ValueError("sum_mirrored_grads needs a pipeline with two stages per rank")
     mirror = pipe.num_ranks - 1 - pipe.rank
@@ -624,6 +626,9 @@ def sum_mirrored_grads(pipe: PipelineRuntime) -> None:
     for w in dist.batch_isend_irecv(ops):
         w.wait()
     other = {0: mirror_slot1, 1: mirror_slot0}
+    # a parameter shared by the two local stages (tied weights) appears in both slots, here
+    # and on the mirror (where it is one tensor too): add the mirror's gradient to it once
+    done: set[int] = set()
     for slot, ps in enumerate(params):
         if len(other[slot]) != sum(p.numel() for p in ps):
             raise ValueError("sum_mirrored_grads: the two copies of a stage differ in size")
@@ -632,6 +637,9 @@ def sum_mirrored_grads(pipe: PipelineRuntime) -> None:
             n = p.numel()
             g = other[slot][offset:offset + n].view_as(p)
             offset += n
+            if id(p) in done:
+                continue
+            done.add(id(p))
             if p.grad is None:
                 p.grad = g.clone()
             else:
