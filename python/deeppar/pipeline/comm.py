@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .comm_plan import Group
+
 MAX_DIMS = 8
 _FIELDS = 4 + MAX_DIMS  # present, requires_grad, dtype code, ndim, dims...
 
@@ -127,6 +129,7 @@ class P2PComm:
         self._out_order = {dst: list(keys) for (src, dst), keys in plan.items() if src == me}
         self._out_pos = {dst: 0 for dst in self._out_order}
         self._pending_ops: list[dist.P2POp] = []
+        self._queued: dict[Hashable, list[dist.P2POp]] = {}
         self._send_works: list = []
         self._keep: list[torch.Tensor] = []
         self.bytes_sent = 0
@@ -153,7 +156,8 @@ class P2PComm:
 
     # ------------------------------------------------------------------ send side
     def send(self, key: Hashable, dst: int, tensors: Sequence[torch.Tensor | None]) -> None:
-        """Queue ``tensors`` for ``dst``; issued with the next batch (see :meth:`flush`)."""
+        """Queue ``tensors`` for ``dst``; issued with the plan's group that sends ``key``."""
+        first = len(self._pending_ops)
         expected = self._out_order.get(dst, [])
         pos = self._out_pos.get(dst, 0)
         if pos >= len(expected) or expected[pos] != key:
@@ -183,6 +187,8 @@ class P2PComm:
             self._keep.append(t)
             self.bytes_sent += t.numel() * t.element_size()
             self._pending_ops.append(self._op(dist.isend, t, dst))
+        self._queued[key] = self._pending_ops[first:]
+        del self._pending_ops[first:]
 
     def _fixed_payload(self, key: Hashable, tensors: Sequence[torch.Tensor | None],
                        fixed: list[TensorMeta]) -> list[torch.Tensor]:
@@ -199,10 +205,54 @@ class P2PComm:
             out.append(t.detach())
         return out
 
-    def flush(self) -> None:
-        """Issue the queued sends now (without waiting), e.g. before a W so they overlap it."""
-        self._send_works.extend(self._issue(self._pending_ops))
-        self._pending_ops = []
+    def issue(self, group: Group) -> None:
+        """Issue one group of the comm plan as one ``batch_isend_irecv``: its sends (queued by
+        :meth:`send`) first, then its receives. With headers (gloo only, see the runtime), each
+        received message's header is waited for and its payload posted before the next one,
+        keeping every channel's op order the same on both sides."""
+        ops: list[dist.P2POp] = []
+        for key, _dst in group.sends:
+            if key not in self._queued:
+                raise RuntimeError(f"rank {self.me}: the plan sends {key} before it is computed")
+            ops += self._queued.pop(key)
+        incs: list[_Incoming] = []
+        headered: list[tuple[Hashable, int]] = []
+        for key, src in group.recvs:
+            order = self._in_order.get(src, [])
+            pos = self._in_pos.get(src, 0)
+            if pos >= len(order) or order[pos] != key:
+                raise RuntimeError(f"rank {self.me}: receive of {key} from rank {src} is out "
+                                   "of the schedule's channel order")
+            self._in_pos[src] = pos + 1
+            inc = _Incoming(src)
+            fixed = self.fixed.get(self._kind(key)) if self.fixed is not None else None
+            if fixed is not None:
+                metas: list[TensorMeta | None] | None = list(fixed)
+            elif self.known is not None and key in self.known:
+                metas = self.known[key]
+            else:
+                metas = None
+            self._incoming[key] = inc
+            if metas is None:
+                headered.append((key, src))
+                continue
+            self._pending_ops = ops
+            self._post_payload(inc, metas, src)
+            ops = self._pending_ops
+            incs.append(inc)
+        self._pending_ops = ops
+        self._issue_pending(incs)
+        for key, src in headered:  # gloo: a header is waited for before its payload is posted
+            header = torch.empty(1 + self.max_tensors * _FIELDS, dtype=torch.int64,
+                                 device=self.device)
+            for w in self._issue([self._op(dist.irecv, header, src)]):
+                w.wait()
+            metas = decode_header(header)
+            self.headers += 1
+            self.seen[key] = metas
+            inc = self._incoming[key]
+            self._post_payload(inc, metas, src)
+            self._issue_pending([inc])
         self._reap()
 
     def _reap(self) -> None:
@@ -211,51 +261,6 @@ class P2PComm:
             self._keep = []
 
     # ------------------------------------------------------------------ receive side
-    def _post_upto(self, key: Hashable, src: int) -> None:
-        """Post the receives of ``src``'s channel up to ``key``, in channel order. With fixed
-        shapes they all go out at once; with headers, each message's payload is posted as soon
-        as its header is in and before the next header, so buffers always match in order."""
-        order = self._in_order.get(src)
-        if order is None or key not in order:
-            raise RuntimeError(f"rank {self.me}: message {key} from rank {src} is not in the "
-                               "schedule's channel order")
-        target = order.index(key)
-        pos = self._in_pos[src]
-        while pos <= target:
-            k = order[pos]
-            inc = _Incoming(src)
-            fixed = self.fixed.get(self._kind(k)) if self.fixed is not None else None
-            if fixed is not None:
-                inc.tensors = [torch.empty(m.shape, dtype=m.dtype, device=self.device)
-                               for m in fixed]
-                inc.requires_grad = [m.requires_grad for m in fixed]
-                first = len(self._pending_ops)
-                self._pending_ops += [self._op(dist.irecv, t, src) for t in inc.tensors]
-                inc.works = list(range(first, first + len(fixed)))
-                self._incoming[k] = inc
-                self._issue_pending([inc])
-            elif self.known is not None and k in self.known:
-                self._post_payload(inc, self.known[k], src)
-                self._incoming[k] = inc
-                self._issue_pending([inc])
-            else:
-                header = torch.empty(1 + self.max_tensors * _FIELDS, dtype=torch.int64,
-                                     device=self.device)
-                self._pending_ops.append(self._op(dist.irecv, header, src))
-                inc.works = [len(self._pending_ops) - 1]
-                self._issue_pending([inc])
-                for w in inc.works:
-                    if w is not None:
-                        w.wait()
-                metas = decode_header(header)
-                self.headers += 1
-                self.seen[k] = metas
-                self._post_payload(inc, metas, src)
-                self._incoming[k] = inc
-                self._issue_pending([inc])
-            pos += 1
-        self._in_pos[src] = pos
-
     def _post_payload(self, inc: _Incoming, metas: list[TensorMeta | None], src: int) -> None:
         inc.tensors, inc.works = [], []
         for m in metas:
@@ -281,17 +286,14 @@ class P2PComm:
         for inc in incs:
             inc.works = [works[i] if isinstance(i, int) else i for i in inc.works]
 
-    def recv(self, needs: Sequence[tuple[Hashable, int]]) -> list[list[torch.Tensor | None]]:
-        """Post (in channel order) and wait for the messages ``needs`` = [(key, src)], issuing
-        queued sends in the same batch; returns their tensors (``None`` for absent ones).
-        Received tensors get ``requires_grad`` as the sender's tensors had it."""
-        for key, src in needs:
-            if key not in self._incoming:
-                self._post_upto(key, src)
-        if self._pending_ops:
-            self._issue_pending([])
+    def wait(self, needs: Sequence[Hashable]) -> list[list[torch.Tensor | None]]:
+        """Wait for the messages ``needs`` (posted by earlier groups of the plan); returns their
+        tensors (``None`` for absent ones), with ``requires_grad`` as the sender's had it."""
         out = []
-        for key, _src in needs:
+        for key in needs:
+            if key not in self._incoming:
+                raise RuntimeError(f"rank {self.me}: message {key} is needed but the plan has "
+                                   "not posted its receive")
             inc = self._incoming.pop(key)
             for w in inc.works:
                 if w is not None:
@@ -305,8 +307,9 @@ class P2PComm:
         return out
 
     def finish(self) -> None:
-        """End of step: issue what is queued, wait for every send, check nothing is left."""
-        self.flush()
+        """End of step: wait for every send, check nothing is left unsent or unused."""
+        if self._queued:
+            raise RuntimeError(f"rank {self.me}: sends never issued: {list(self._queued)}")
         for w in self._send_works:
             w.wait()
         self._send_works = []

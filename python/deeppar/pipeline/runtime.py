@@ -14,6 +14,7 @@ the generators know (``1f1b`` for a baseline, for instance).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .comm import P2PComm, TensorMeta
+from .comm_plan import CommPlan, build_plan, live_actions, step_transfers
 from .ir import Action, Kind, Overlap, Schedule, Step
 from .overlap import has_overlap_hook, run_backward, run_overlapped
 from .simulate import TimedStep
@@ -54,8 +56,8 @@ class PipelineRuntime(nn.Module):
     ``rank_mapping[i]`` is the pipeline rank of group rank ``i`` (identity by default).
     ``p2p_shapes``/``p2p_dtype`` fix the tensors every message carries (no headers); without
     them the first step sends a small header with each message's shapes, and with
-    ``cache_shapes`` later steps whose inputs have the same shapes on every rank reuse them
-    without headers (a stage whose output shapes then change raises an error: set
+    ``cache_shapes`` later steps whose inputs have the same shapes on every rank (and the same
+    grad mode, autocast state and trainable parameters) reuse them without headers (a stage whose output shapes then change raises an error: set
     ``cache_shapes=False`` for data-dependent shapes). ``record_timeline`` keeps the per-step
     times of the last step in :attr:`timeline`.
     """
@@ -130,7 +132,7 @@ class PipelineRuntime(nn.Module):
         self.record_timeline = record_timeline
         self.timeline: list[TimedStep] = []
         self._schedules: dict[int, Schedule] = {}
-        self._plans: dict[tuple[int, bool], dict[tuple[int, int], list]] = {}
+        self._plans: dict[tuple[int, bool], CommPlan] = {}
         self.cache_shapes = cache_shapes
         self._shape_cache: tuple[Any, dict] | None = None
         self.last_step_headers = 0  # header messages sent + received in the last step
@@ -152,30 +154,18 @@ class PipelineRuntime(nn.Module):
     @staticmethod
     def _live(step: Step, forward_only: bool) -> tuple[Action, ...]:
         """Actions of ``step`` that run (forward-only: the forwards)."""
-        if forward_only:
-            return tuple(a for a in step.actions if a.kind is Kind.F)
-        return step.actions
+        return live_actions(step, forward_only)
 
-    def _plan(self, sched: Schedule, forward_only: bool) -> dict[tuple[int, int], list]:
-        """Every channel's messages in the order the sender posts them."""
+    def _plan(self, sched: Schedule, forward_only: bool) -> CommPlan:
+        """Where every rank posts its sends and receives (:mod:`.comm_plan`, cached)."""
         key = (sched.num_chunks, forward_only)
         if key not in self._plans:
-            plan: dict[tuple[int, int], list] = {}
-            for r in range(sched.num_ranks):
-                for step in sched.steps[r]:
-                    for t in self._transfers(sched, r, step, "send", forward_only):
-                        if not t.local:
-                            plan.setdefault((r, t.peer), []).append(t.key)
-            self._plans[key] = plan
+            self._plans[key] = build_plan(sched, forward_only)
         return self._plans[key]
 
     @classmethod
     def _transfers(cls, sched: Schedule, rank: int, step: Step, op: str, forward_only: bool):
-        live = cls._live(step, forward_only)
-        if not live:
-            return ()
-        part: Step = live[0] if len(live) == 1 else step
-        return sched.recvs_before(rank, part) if op == "recv" else sched.sends_after(rank, part)
+        return step_transfers(sched, rank, step, op, forward_only)
 
     def gather_timeline(self) -> list[TimedStep]:
         """All ranks' timelines of the last step (a collective: call it on every rank).
@@ -192,6 +182,10 @@ class PipelineRuntime(nn.Module):
                labels_given: bool = True) -> list[str]:
         """This rank's problems with the step's arguments (shared by :meth:`_agree`)."""
         problems: list[str] = []
+        if self.p2p_shapes is None and dist.get_backend(self.group) == "nccl":
+            # headers need a host wait on a group that may hold payload sends: unsafe on NCCL
+            problems.append("p2p_shapes: the NCCL backend needs fixed p2p_shapes (shape "
+                            "headers are supported on gloo only)")
         given = [x for x in inputs if x is not None]
         given_labels = [x for x in labels if x is not None]
         for what, xs in (("inputs", given), ("labels", given_labels)):
@@ -292,7 +286,9 @@ class PipelineRuntime(nn.Module):
                sched: Schedule | None = None, info: tuple = (None, None, 0)) -> tuple:
         """Share every rank's problems and batch sizes (one collective, before any send or
         receive) and raise the same error on all ranks when any rank has a problem or the
-        ranks' batches do not fit together. Returns all ranks' input shapes."""
+        ranks' batches do not fit together. Returns all ranks' ``shapes`` (the step's
+        shape-cache key: input shapes and :meth:`_message_state`), so a change on any rank
+        invalidates the cache on every rank."""
         gathered: list[Any] = [None] * self.num_ranks
         dist.all_gather_object(gathered, (self.rank, problems, signature, shapes, info),
                                group=self.group)
@@ -307,6 +303,18 @@ class PipelineRuntime(nn.Module):
         if msgs:
             raise ValueError(f"{type(self).__name__}.step: " + "; ".join(msgs))
         return tuple(g[3] for g in gathered)
+
+    def _message_state(self) -> tuple:
+        """What can change this rank's messages (their shapes, dtypes, ``requires_grad``)
+        without changing the input shapes: grad mode, autocast, and which local parameters
+        require grad. Part of the shape-cache key."""
+        return ()  # TMPX
+        dev = self.device.type
+        autocast = torch.is_autocast_enabled(dev)
+        flags = bytes(p.requires_grad for p in self.module.parameters())
+        return (torch.is_grad_enabled(), autocast,
+                str(torch.get_autocast_dtype(dev)) if autocast else None,
+                hashlib.sha1(flags).hexdigest())
 
     # ------------------------------------------------------------------ step
     def step(
@@ -352,7 +360,8 @@ class PipelineRuntime(nn.Module):
         shapes = tuple((tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else None
                        for x in inputs)
         info = self._batch_info(sched, inputs, labels)
-        all_shapes = self._agree(problems, (num_chunks, forward_only), shapes, sched, info)
+        all_shapes = self._agree(problems, (num_chunks, forward_only),
+                                 (shapes, self._message_state()), sched, info)
         if sched is None:  # _agree raised for a bad num_chunks; this guards the invariant
             raise RuntimeError(f"{type(self).__name__}.step: no schedule for num_chunks="
                                f"{num_chunks!r}")
@@ -393,8 +402,10 @@ class PipelineRuntime(nn.Module):
         if self.cache_shapes and self._shape_cache is not None \
                 and self._shape_cache[0] == cache_key:
             known = self._shape_cache[1]
+        plan = self._plan(sched, forward_only)
+        rank_plan = plan.ranks[me]
         comm = P2PComm(self.group, self.group_ranks, me, self.device,
-                       self._plan(sched, forward_only), fixed, self.max_tensors, known)
+                       plan.channels, fixed, self.max_tensors, known)
         rec = TimelineRecorder(me, self.device) if self.record_timeline else None
         if rec is not None:
             rec.start()
@@ -403,14 +414,13 @@ class PipelineRuntime(nn.Module):
             live = self._live(step, forward_only)
             if not live:
                 continue
-            # receive what this step needs (queued sends go out in the same batch)
-            needs = [t for t in self._transfers(sched, me, step, "recv", forward_only)]
-            remote = [(t.key, t.peer) for t in needs if not t.local]
-            if remote:
-                for t, tensors in zip([t for t in needs if not t.local], comm.recv(remote)):
-                    st.put_received(t.tensor, t.stage, t.microbatch, tensors)
-            else:
-                comm.flush()
+            # issue the plan's groups due before this step, then wait for what it needs
+            for group in rank_plan.groups_before(index):
+                comm.issue(group)
+            remote = [t for t in self._transfers(sched, me, step, "recv", forward_only)
+                      if not t.local]
+            for t, tensors in zip(remote, comm.wait([t.key for t in remote])):
+                st.put_received(t.tensor, t.stage, t.microbatch, tensors)
             began = rec.begin() if rec is not None else None
             self._compute(sched, live, step, st, slot_of, store)
             if rec is not None:
@@ -421,6 +431,8 @@ class PipelineRuntime(nn.Module):
                     st.put_local(t.tensor, t.peer_stage, t.microbatch, tensors)
                 else:
                     comm.send(t.key, t.peer, tensors)
+        for group in rank_plan.groups_before(len(sched.steps[me])):
+            comm.issue(group)
         comm.finish()
         self.last_step_headers = comm.headers
         if fixed is None and known is None and self.cache_shapes:
