@@ -12,9 +12,11 @@ DeepSeek's ``set_p2p_tensor_shapes``: every message carries those tensors) or fr
 header sent before each message (shape, dtype, requires-grad and presence of every tensor), so
 stages may return several tensors of any shapes and dtypes, some without gradient.
 
-Sends are queued after the compute that produces them and issued with the next batch of receives
-(one ``batch_isend_irecv``), as DeepSeek does; a rank then waits only for the receives its next
-compute needs. Send works are kept (their tensors alive) until they complete or the step ends.
+Sends are queued after the compute that produces them; :meth:`P2PComm.issue` issues the groups of
+the comm plan (:mod:`.comm_plan`, one ``batch_isend_irecv`` each) and a step waits only for its
+own receives. Send works are kept (their tensors alive) until they complete or the step ends.
+Headers make the host wait for a group that may hold payload sends, so the runtime allows them
+on gloo only.
 
 gloo (CPU): ``batch_isend_irecv`` issues each op as its own asynchronous ``isend``/``irecv`` and
 returns one work per op; sends complete without waiting for the receiver's compute, and matching
