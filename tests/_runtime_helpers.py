@@ -745,3 +745,21 @@ def case_shape_cache(rank: int, world: int) -> None:
             assert torch.equal(loss, torch.stack(losses))
         assert_grads_match(local[0], ref[rank], "slot0")
         assert_grads_match(local[1], ref[2 * P - 1 - rank], "slot1")
+    # freezing a stage on one rank changes messages (an output that no longer requires grad)
+    # without changing input shapes: every rank drops the cache for that step, then reuses it
+    x, y = make_data(n)
+    for frozen, expect_headers in ((True, True), (True, False), (False, True)):
+        if rank == 0:
+            local[0].requires_grad_(not frozen)
+        ref = copy.deepcopy(stages)
+        ref[0].requires_grad_(not frozen)
+        losses, _ = reference(ref, x, y, n, criterion)
+        for m in local:
+            m.zero_grad(set_to_none=True)
+        loss, _ = pipe.step(x if rank == 0 else None, num_chunks=n, criterion=criterion,
+                            labels=(y if rank == 0 else None,))
+        assert (pipe.last_step_headers > 0) == expect_headers, (frozen, pipe.last_step_headers)
+        if rank == 0:
+            assert torch.equal(loss, torch.stack(losses))
+        assert_grads_match(local[0], ref[rank], "slot0")
+        assert_grads_match(local[1], ref[2 * P - 1 - rank], "slot1")

@@ -57,8 +57,9 @@ class PipelineRuntime(nn.Module):
     ``p2p_shapes``/``p2p_dtype`` fix the tensors every message carries (no headers); without
     them the first step sends a small header with each message's shapes, and with
     ``cache_shapes`` later steps whose inputs have the same shapes on every rank (and the same
-    grad mode, autocast state and trainable parameters) reuse them without headers (a stage whose output shapes then change raises an error: set
-    ``cache_shapes=False`` for data-dependent shapes). ``record_timeline`` keeps the per-step
+    grad mode, autocast state and trainable parameters) reuse them without headers (a stage
+    whose output shapes then change raises an error: set ``cache_shapes=False`` for
+    data-dependent shapes). ``record_timeline`` keeps the per-step
     times of the last step in :attr:`timeline`.
     """
 
@@ -308,7 +309,6 @@ class PipelineRuntime(nn.Module):
         """What can change this rank's messages (their shapes, dtypes, ``requires_grad``)
         without changing the input shapes: grad mode, autocast, and which local parameters
         require grad. Part of the shape-cache key."""
-        return ()  # TMPX
         dev = self.device.type
         autocast = torch.is_autocast_enabled(dev)
         flags = bytes(p.requires_grad for p in self.module.parameters())
