@@ -212,3 +212,78 @@ def test_active_store_in_engine_threads() -> None:
             assert from_foreign_thread() is None
         assert active_store() is a
     assert from_foreign_thread() is None
+
+
+class _FailingBackward(torch.autograd.Function):
+    """Identity whose backward raises (after the layers behind it deferred their work)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        raise RuntimeError("backward failed")
+
+
+class _FailStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_FailingBackward.apply(x))
+
+
+def _single_rank_group():
+    """A one-process gloo group for runtime tests that need no peer."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1, timeout=timedelta(seconds=30))
+    return dist
+
+
+def test_failed_step_drops_deferred_weight_grads() -> None:
+    """A step that raises leaves no deferred closure (and the activations it holds) behind."""
+    from deeppar.pipeline import PipelineRuntime
+
+    dist = _single_rank_group()
+    try:
+        stage = defer_weight_grads(nn.Sequential(nn.Linear(4, 4), _FailStage()))
+        pipe = PipelineRuntime([stage], method="zb1p")
+        x, y = torch.randn(4, 4), torch.randn(4, 4)
+        with pytest.raises(RuntimeError, match="backward failed"):
+            pipe.step(x, num_chunks=2, criterion=nn.functional.mse_loss, labels=(y,))
+        st = pipe.weight_grad_store
+        assert st.deferred > st.executed, "the test needs a closure deferred before the error"
+        assert st.empty() and not st.enabled
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nccl_needs_the_current_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With NCCL the stages' device must be the current CUDA device (checked at construction,
+    here with the backend and the current device faked on a one-process gloo group)."""
+    from deeppar.pipeline import DualPipeV
+
+    dist = _single_rank_group()
+    try:
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+        stages = (nn.Linear(4, 4), nn.Linear(4, 4))
+        with pytest.raises(ValueError, match="current CUDA device cuda:1"):
+            DualPipeV(stages, device="cuda:0")
+        with pytest.raises(ValueError, match="CUDA device"):
+            DualPipeV(stages, device="cpu")
+        assert DualPipeV(stages, device="cuda").device == torch.device("cuda", 1)
+        assert DualPipeV(stages, device="cuda:1").device == torch.device("cuda", 1)
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()

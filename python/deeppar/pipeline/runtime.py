@@ -366,9 +366,14 @@ class PipelineRuntime(nn.Module):
             raise RuntimeError(f"{type(self).__name__}.step: no schedule for num_chunks="
                                f"{num_chunks!r}")
         cache_key = (num_chunks, forward_only, all_shapes)
-        with activate(self.weight_grad_store):
-            return self._run(sched, inputs, labels, criterion, return_outputs, forward_only,
-                             cache_key)
+        try:
+            with activate(self.weight_grad_store):
+                return self._run(sched, inputs, labels, criterion, return_outputs,
+                                 forward_only, cache_key)
+        except BaseException:
+            # deferred weight-gradient closures hold activations: drop them with the step
+            self.weight_grad_store.clear()
+            raise
 
     def _run(self, sched: Schedule, inputs: Sequence[Any], labels: Sequence[Any],
              criterion: Callable | None, return_outputs: bool, forward_only: bool,
