@@ -115,8 +115,17 @@ class PipelineRuntime(nn.Module):
             param = next(self.module.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
         self.device = torch.device(device)
-        if dist.get_backend(process_group) == "nccl" and self.device.type != "cuda":
-            raise ValueError("device: the NCCL backend needs the stages on a CUDA device")
+        if dist.get_backend(process_group) == "nccl":
+            if self.device.type != "cuda":
+                raise ValueError("device: the NCCL backend needs the stages on a CUDA device")
+            # NCCL works on the current device: messages on another one would hang or fail
+            current = torch.cuda.current_device()
+            if self.device.index is None:
+                self.device = torch.device("cuda", current)
+            elif self.device.index != current:
+                raise ValueError(f"device: with the NCCL backend the stages must be on the "
+                                 f"current CUDA device cuda:{current}, got {self.device}; call "
+                                 f"torch.cuda.set_device({self.device.index}) first")
         if p2p_shapes is None and p2p_dtype is not None:
             raise ValueError("p2p_dtype is given without p2p_shapes")
         if p2p_shapes is not None and (

@@ -25,6 +25,7 @@ class TimelineRecorder:
 
     def __init__(self, rank: int, device: torch.device) -> None:
         self.rank = rank
+        self.device = device
         self.cuda = device.type == "cuda"
         self._open: list[tuple[int, Step, Any, Any]] = []
         self._origin: Any = None
@@ -32,8 +33,10 @@ class TimelineRecorder:
 
     def _now(self) -> Any:
         if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
+            # on the stages' device (its current stream), whatever device is current
+            with torch.cuda.device(self.device):
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record(torch.cuda.current_stream(self.device))
             return ev
         return time.perf_counter()
 
@@ -53,7 +56,7 @@ class TimelineRecorder:
     def finish(self) -> list[TimedStep]:
         """Resolve the times (synchronising the GPU once) and return the steps."""
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
 
             def us(ev: Any) -> float:
                 return self._origin.elapsed_time(ev) * 1e3
