@@ -169,8 +169,40 @@ class HookStage(MLPStage):
             loss1.backward()
             loss1.detach_()
         else:
-            torch.autograd.backward(list(outputs1), list(output_grads1))
+            # the engine directly: sent outputs have had their storage freed
+            from deeppar.pipeline.overlap import run_backward
+
+            run_backward(list(outputs1), list(output_grads1))
         return outputs0, loss0
+
+
+class Recording(nn.Module):
+    """Wraps a stage and keeps every output it returns (to inspect their storage later)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        out = self.inner(*xs)
+        self.outputs.append(out)
+        return out
+
+
+def assert_sent_freed(pipe, last_slot: set[int], kept_slot: set[int]) -> None:
+    """After a training step without returned outputs, the outputs of the stages in slots
+    other than ``last_slot`` (last stages) and ``kept_slot`` (local hand-over) hold no storage;
+    the kept ones are full size."""
+    for slot, m in enumerate(pipe.module):
+        if slot in last_slot:
+            continue
+        assert m.outputs, f"slot {slot} recorded no outputs"
+        sizes = [o.untyped_storage().nbytes() for o in m.outputs]
+        if slot in kept_slot:
+            assert all(n > 0 for n in sizes), f"slot {slot}: a locally handed-over output freed"
+        else:
+            assert all(n == 0 for n in sizes), f"slot {slot}: sent outputs still hold {sizes}"
 
 
 def criterion(y: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -356,6 +388,11 @@ def expect_error(fn: Callable, *words: str) -> None:
 def case_dp_train(rank: int, world: int) -> None:
     for n in (2 * world, 2 * world + 2, 4 * world):
         check_dualpipe(rank, world, n)
+    # sent activations are freed after their send; gradients stay exact
+    pipe = check_dualpipe(rank, world, 2 * world + 2, transform=Recording,
+                          return_outputs=False)
+    last = {1} if rank == 0 else {0} if rank == world - 1 else set()
+    assert_sent_freed(pipe, last, set())
 
 
 def case_dp_infer(rank: int, world: int) -> None:
@@ -369,6 +406,9 @@ def case_dp_infer(rank: int, world: int) -> None:
 def case_dpv_train(rank: int, world: int) -> None:
     for n in (2 * world, 2 * world + 1, 3 * world + 2):
         check_dualpipev(rank, world, n)
+    pipe = check_dualpipev(rank, world, 2 * world + 1, transform=Recording,
+                           return_outputs=False)
+    assert_sent_freed(pipe, {1} if rank == 0 else set(), {0} if rank == world - 1 else set())
 
 
 def case_dpv_infer(rank: int, world: int) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
+from torch.autograd import Variable
 
 HOOK = "overlapped_forward_backward"
 
@@ -31,12 +32,17 @@ def has_overlap_hook(modules: Sequence[nn.Module]) -> bool:
 
 
 def run_backward(tensors: Sequence[torch.Tensor], grad_tensors: Sequence[torch.Tensor]) -> None:
-    """Backward of ``tensors`` with ``grad_tensors``, accumulating into leaves' ``.grad``."""
+    """Backward of ``tensors`` with ``grad_tensors``, accumulating into leaves' ``.grad``.
+    Calls the autograd engine directly (as DeepSeek's ``run_backward`` does), without
+    ``torch.autograd.backward``'s shape check: the runtime frees the storage of sent outputs,
+    so ``tensors`` may be empty placeholders whose graph is intact."""
     tensors, grad_tensors = list(tensors), list(grad_tensors)
     if len(tensors) != len(grad_tensors):
         raise ValueError(f"run_backward: {len(tensors)} tensors but {len(grad_tensors)} grads")
     if tensors:
-        torch.autograd.backward(tensors, grad_tensors)
+        Variable._execution_engine.run_backward(  # type: ignore[attr-defined]
+            tuple(tensors), tuple(grad_tensors), keep_graph=False, create_graph=False,
+            allow_unreachable=True, accumulate_grad=True)
 
 
 def run_overlapped(module0: nn.Module, inputs0: Sequence[torch.Tensor],

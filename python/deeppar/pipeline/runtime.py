@@ -403,6 +403,13 @@ class PipelineRuntime(nn.Module):
         st.criterion = criterion
         st.return_outputs = return_outputs
         st.forward_only = forward_only
+        # sent activations are freed once sent (their backward needs only the graph and the
+        # gradient), except those handed over locally and when outputs are returned
+        st.free_sent = not return_outputs and not forward_only
+        if st.free_sent:
+            st.local_sends = {(t.stage, t.microbatch) for step in sched.steps[me]
+                              for t in self._transfers(sched, me, step, "send", forward_only)
+                              if t.local and t.tensor == "activation"}
         slot_of = {s: sched.stages[s].slot for s in sched.stages_of(me)}
 
         fixed = None
@@ -554,6 +561,8 @@ class _StepState:
         self.criterion: Callable | None = None
         self.return_outputs = False
         self.forward_only = False
+        self.free_sent = False
+        self.local_sends: set[tuple[int, int]] = set()
 
     def put_received(self, tensor: str, stage: int, mb: int, tensors: Tensors) -> None:
         if tensor == "activation":
@@ -575,6 +584,14 @@ class _StepState:
             outs = self.outputs[(stage, mb)]
             if self.forward_only:
                 del self.outputs[(stage, mb)]
+            elif self.free_sent and (stage, mb) not in self.local_sends:
+                # the message carries aliases of the storage (kept until the send completes);
+                # the outputs kept for the backward drop theirs now
+                sent = [o.detach().requires_grad_(o.requires_grad) for o in outs]
+                for o in outs:
+                    if o.grad_fn is not None and o._base is None:
+                        o.data = torch.empty(0, dtype=o.dtype, device=o.device)
+                return sent  # type: ignore[return-value]
             return outs  # type: ignore[return-value]
         return self.in_grads.pop((stage, mb))
 
