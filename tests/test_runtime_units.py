@@ -287,3 +287,20 @@ def test_nccl_needs_the_current_cuda_device(monkeypatch: pytest.MonkeyPatch) -> 
     finally:
         monkeypatch.undo()
         dist.destroy_process_group()
+
+
+def test_compat_batch_helpers() -> None:
+    """``dualpipe.utils`` batch helpers: exact chunk counts (uneven splits too), None inputs,
+    and gather inverting scatter."""
+    from deeppar.dualpipe.utils import cat_tensor, chunk_tensor, gather, scatter
+
+    x, y = torch.arange(10.0).view(5, 2), torch.arange(5)
+    mbs = scatter((x, None, y), 3, 0)
+    assert len(mbs) == 3 and [m[0].shape[0] for m in mbs] == [2, 2, 1]
+    assert all(m[1] is None for m in mbs)
+    assert scatter([], 4, 0) == [(), (), (), ()]
+    assert chunk_tensor(None, 2, 0) == [None, None]
+    back = gather([(m[0], m[2]) for m in mbs], 0)
+    assert torch.equal(back[0], x) and torch.equal(back[1], y)
+    assert torch.equal(gather([m[0] for m in mbs], 0)[0], x)
+    assert cat_tensor([None, None], 0) is None and cat_tensor([x], 0) is x

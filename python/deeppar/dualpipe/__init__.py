@@ -7,6 +7,10 @@ NCCL or on gloo. Differences: ``set_p2p_tensor_shapes``/``set_p2p_tensor_dtype``
 pipeline of this module is created: they apply to the ``DualPipe``/``DualPipeV`` of this
 module created afterwards (DeepSeek's examples set them first), never to pipelines created
 earlier nor to ``deeppar.pipeline.DualPipe``, which takes shapes per instance instead.
+``step``'s ``labels`` defaults to none, as in DeepSeek (the criterion is then called as
+``criterion(*outputs)``). Remaining difference: every micro-batch must have the same size (a
+batch that ``num_chunks`` does not divide is a ``ValueError`` on every rank), where DeepSeek's
+``scatter`` cuts uneven micro-batches with ``tensor_split``.
 """
 
 from __future__ import annotations
@@ -63,6 +67,12 @@ class DualPipe(_runtime.DualPipe):
         super().__init__(modules, batch_dim, process_group, rank_mapping,
                          **_with_global_p2p(kwargs))
 
+    def step(self, *inputs: Any, num_chunks: int = 0, criterion: Any = None,
+             labels: Any = (), return_outputs: bool = False) -> Any:
+        """As DeepSeek's: ``labels`` defaults to none (``criterion(*outputs)``)."""
+        return super().step(*inputs, num_chunks=num_chunks, criterion=criterion,
+                            labels=labels, return_outputs=return_outputs)
+
 
 class DualPipeV(_runtime.DualPipeV):
     """``dualpipe.DualPipeV(modules, batch_dim=0, process_group=None, rank_mapping=None)``."""
@@ -71,6 +81,12 @@ class DualPipeV(_runtime.DualPipeV):
                  rank_mapping: Any = None, **kwargs: Any) -> None:
         super().__init__(modules, batch_dim, process_group, rank_mapping,
                          **_with_global_p2p(kwargs))
+
+    def step(self, *inputs: Any, num_chunks: int = 0, criterion: Any = None,
+             labels: Any = (), return_outputs: bool = False) -> Any:
+        """As DeepSeek's: ``labels`` defaults to none (``criterion(*outputs)``)."""
+        return super().step(*inputs, num_chunks=num_chunks, criterion=criterion,
+                            labels=labels, return_outputs=return_outputs)
 
 
 __all__ = [
