@@ -59,34 +59,27 @@ def _with_global_p2p(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-class DualPipe(_runtime.DualPipe):
+class _DeepSeekSignatures:
+    """DeepSeek's constructor and ``step`` signatures over a deeppar pipeline class."""
+
+    def __init__(self, modules: Any, batch_dim: int = 0, process_group: Any = None,
+                 rank_mapping: Any = None, **kwargs: Any) -> None:
+        super().__init__(modules, batch_dim, process_group, rank_mapping,  # type: ignore[call-arg]
+                         **_with_global_p2p(kwargs))
+
+    def step(self, *inputs: Any, num_chunks: int = 0, criterion: Any = None,
+             labels: Any = (), return_outputs: bool = False) -> Any:
+        """As DeepSeek's: ``labels`` defaults to none (``criterion(*outputs)``)."""
+        return super().step(*inputs, num_chunks=num_chunks,  # type: ignore[misc]
+                            criterion=criterion, labels=labels, return_outputs=return_outputs)
+
+
+class DualPipe(_DeepSeekSignatures, _runtime.DualPipe):
     """``dualpipe.DualPipe(modules, batch_dim=0, process_group=None, rank_mapping=None)``."""
 
-    def __init__(self, modules: Any, batch_dim: int = 0, process_group: Any = None,
-                 rank_mapping: Any = None, **kwargs: Any) -> None:
-        super().__init__(modules, batch_dim, process_group, rank_mapping,
-                         **_with_global_p2p(kwargs))
 
-    def step(self, *inputs: Any, num_chunks: int = 0, criterion: Any = None,
-             labels: Any = (), return_outputs: bool = False) -> Any:
-        """As DeepSeek's: ``labels`` defaults to none (``criterion(*outputs)``)."""
-        return super().step(*inputs, num_chunks=num_chunks, criterion=criterion,
-                            labels=labels, return_outputs=return_outputs)
-
-
-class DualPipeV(_runtime.DualPipeV):
+class DualPipeV(_DeepSeekSignatures, _runtime.DualPipeV):
     """``dualpipe.DualPipeV(modules, batch_dim=0, process_group=None, rank_mapping=None)``."""
-
-    def __init__(self, modules: Any, batch_dim: int = 0, process_group: Any = None,
-                 rank_mapping: Any = None, **kwargs: Any) -> None:
-        super().__init__(modules, batch_dim, process_group, rank_mapping,
-                         **_with_global_p2p(kwargs))
-
-    def step(self, *inputs: Any, num_chunks: int = 0, criterion: Any = None,
-             labels: Any = (), return_outputs: bool = False) -> Any:
-        """As DeepSeek's: ``labels`` defaults to none (``criterion(*outputs)``)."""
-        return super().step(*inputs, num_chunks=num_chunks, criterion=criterion,
-                            labels=labels, return_outputs=return_outputs)
 
 
 __all__ = [
