@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 from typing import Any
 
@@ -64,8 +63,7 @@ def collect_info() -> dict[str, Any]:
             "triton": {
                 "compiled": triton_ok,
                 "version": triton_version,
-                "usable": triton_ok
-                and (cuda_available or os.environ.get("TRITON_INTERPRET") == "1"),
+                "usable": _native.triton_usable("cuda") or _native.triton_usable("cpu"),
                 "kernels": _triton_kernels(),
                 "error": triton_reason,
             },

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._lanes import write_atomic
+from deeppar._io import write_atomic
 
 
 @dataclass
@@ -68,7 +68,7 @@ def capture(path: str | os.PathLike[str], steps: int = 1, warmup: int = 1, skip:
 
     def on_ready(prof: Any) -> None:
         suffix = ".json.gz" if path.endswith(".gz") else ".json"
-        write_atomic(path, suffix, prof.export_chrome_trace)
+        write_atomic(path, prof.export_chrome_trace, suffix=suffix)
         handle.written = True
 
     sched = schedule(skip_first=skip, wait=0, warmup=warmup, active=steps, repeat=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,10 +79,3 @@ def phase_color_map(lanes: list[Lane]) -> dict[str, str]:
             if n not in names:
                 names[n] = PHASE_COLORS[len(names) % len(PHASE_COLORS)]
     return names
-
-
-def write_atomic(path: str, suffix: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then move the result to ``path`` (see :mod:`deeppar._io`)."""
-    from deeppar._io import write_atomic as _write_atomic
-
-    _write_atomic(path, write, suffix=suffix)

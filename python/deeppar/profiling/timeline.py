@@ -3,7 +3,9 @@ exposed communication highlighted, annotation ranges as a band on top (matplotli
 
 from __future__ import annotations
 
-from ._lanes import COLORS, build_lanes, phase_color_map, write_atomic
+from deeppar._io import write_atomic
+
+from ._lanes import COLORS, build_lanes, phase_color_map
 from .analysis import TraceReport
 from .classify import Classifier
 from .loader import RankTrace
@@ -61,6 +63,6 @@ def write_png(path: str, traces: list[RankTrace], report: TraceReport,
             title += " - no GPU activity in the trace"
         ax.set_title(title, fontsize=10)
         fig.tight_layout()
-        write_atomic(path, ".png", lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"), suffix=".png")
     finally:
         plt.close(fig)
