@@ -130,7 +130,6 @@ class P2PComm:
                 self._in_pos[src] = 0
         self._out_order = {dst: list(keys) for (src, dst), keys in plan.items() if src == me}
         self._out_pos = {dst: 0 for dst in self._out_order}
-        self._pending_ops: list[dist.P2POp] = []
         self._queued: dict[Hashable, list[dist.P2POp]] = {}
         self._send_works: list = []
         self._keep: list[torch.Tensor] = []
@@ -159,7 +158,7 @@ class P2PComm:
     # ------------------------------------------------------------------ send side
     def send(self, key: Hashable, dst: int, tensors: Sequence[torch.Tensor | None]) -> None:
         """Queue ``tensors`` for ``dst``; issued with the plan's group that sends ``key``."""
-        first = len(self._pending_ops)
+        ops: list[dist.P2POp] = []
         expected = self._out_order.get(dst, [])
         pos = self._out_pos.get(dst, 0)
         if pos >= len(expected) or expected[pos] != key:
@@ -179,7 +178,7 @@ class P2PComm:
                         "the same input shapes; build the pipeline with cache_shapes=False")
             else:
                 header = encode_header(tensors, self.max_tensors, self.device)
-                self._pending_ops.append(self._op(dist.isend, header, dst))
+                ops.append(self._op(dist.isend, header, dst))
                 self._keep.append(header)
                 self.headers += 1
                 self.seen[key] = metas
@@ -188,9 +187,8 @@ class P2PComm:
             t = t.contiguous()
             self._keep.append(t)
             self.bytes_sent += t.numel() * t.element_size()
-            self._pending_ops.append(self._op(dist.isend, t, dst))
-        self._queued[key] = self._pending_ops[first:]
-        del self._pending_ops[first:]
+            ops.append(self._op(dist.isend, t, dst))
+        self._queued[key] = ops
 
     def _fixed_payload(self, key: Hashable, tensors: Sequence[torch.Tensor | None],
                        fixed: list[TensorMeta]) -> list[torch.Tensor]:
@@ -238,12 +236,9 @@ class P2PComm:
             if metas is None:
                 headered.append((key, src))
                 continue
-            self._pending_ops = ops
-            self._post_payload(inc, metas, src)
-            ops = self._pending_ops
+            self._post_payload(inc, metas, src, ops)
             incs.append(inc)
-        self._pending_ops = ops
-        self._issue_pending(incs)
+        self._issue_pending(ops, incs)
         for key, src in headered:  # gloo: a header is waited for before its payload is posted
             header = torch.empty(1 + self.max_tensors * _FIELDS, dtype=torch.int64,
                                  device=self.device)
@@ -253,8 +248,9 @@ class P2PComm:
             self.headers += 1
             self.seen[key] = metas
             inc = self._incoming[key]
-            self._post_payload(inc, metas, src)
-            self._issue_pending([inc])
+            payload: list[dist.P2POp] = []
+            self._post_payload(inc, metas, src, payload)
+            self._issue_pending(payload, [inc])
         self._reap()
 
     def _reap(self) -> None:
@@ -263,7 +259,10 @@ class P2PComm:
             self._keep = []
 
     # ------------------------------------------------------------------ receive side
-    def _post_payload(self, inc: _Incoming, metas: list[TensorMeta | None], src: int) -> None:
+    def _post_payload(self, inc: _Incoming, metas: list[TensorMeta | None], src: int,
+                      ops: list[dist.P2POp]) -> None:
+        """Append to ``ops`` the receives of a message's tensors; ``inc.works`` keeps their
+        positions in ``ops`` until :meth:`_issue_pending` turns them into works."""
         inc.tensors, inc.works = [], []
         for m in metas:
             if m is None:
@@ -271,14 +270,12 @@ class P2PComm:
                 continue
             t = torch.empty(m.shape, dtype=m.dtype, device=self.device)
             inc.tensors.append(t)
-            self._pending_ops.append(self._op(dist.irecv, t, src))
-            inc.works.append(len(self._pending_ops) - 1)
+            ops.append(self._op(dist.irecv, t, src))
+            inc.works.append(len(ops) - 1)
         inc.requires_grad = [m is not None and m.requires_grad for m in metas]
 
-    def _issue_pending(self, incs: list[_Incoming]) -> None:
-        """Issue queued ops; turn the op indices stored in ``incs`` into works."""
-        ops = self._pending_ops
-        self._pending_ops = []
+    def _issue_pending(self, ops: list[dist.P2POp], incs: list[_Incoming]) -> None:
+        """Issue ``ops`` as one batch; turn the op indices stored in ``incs`` into works."""
         works = self._issue(ops)
         if len(works) != len(ops):  # a backend returning one work for the whole batch
             works = [works[0] if works else None] * len(ops)
