@@ -161,21 +161,12 @@ class PipelineRuntime(nn.Module):
             self._schedules[num_chunks] = sched
         return self._schedules[num_chunks]
 
-    @staticmethod
-    def _live(step: Step, forward_only: bool) -> tuple[Action, ...]:
-        """Actions of ``step`` that run (forward-only: the forwards)."""
-        return live_actions(step, forward_only)
-
     def _plan(self, sched: Schedule, forward_only: bool) -> CommPlan:
         """Where every rank posts its sends and receives (:mod:`.comm_plan`, cached)."""
         key = (sched.num_chunks, forward_only)
         if key not in self._plans:
             self._plans[key] = build_plan(sched, forward_only)
         return self._plans[key]
-
-    @classmethod
-    def _transfers(cls, sched: Schedule, rank: int, step: Step, op: str, forward_only: bool):
-        return step_transfers(sched, rank, step, op, forward_only)
 
     def gather_timeline(self) -> list[TimedStep]:
         """All ranks' timelines of the last step (a collective: call it on every rank).
@@ -408,7 +399,7 @@ class PipelineRuntime(nn.Module):
         st.free_sent = not return_outputs and not forward_only
         if st.free_sent:
             st.local_sends = {(t.stage, t.microbatch) for step in sched.steps[me]
-                              for t in self._transfers(sched, me, step, "send", forward_only)
+                              for t in step_transfers(sched, me, step, "send", forward_only)
                               if t.local and t.tensor == "activation"}
         slot_of = {s: sched.stages[s].slot for s in sched.stages_of(me)}
 
@@ -432,13 +423,13 @@ class PipelineRuntime(nn.Module):
             rec.start()
 
         for index, step in enumerate(sched.steps[me]):
-            live = self._live(step, forward_only)
+            live = live_actions(step, forward_only)
             if not live:
                 continue
             # issue the plan's groups due before this step, then wait for what it needs
             for group in rank_plan.groups_before(index):
                 comm.issue(group)
-            remote = [t for t in self._transfers(sched, me, step, "recv", forward_only)
+            remote = [t for t in step_transfers(sched, me, step, "recv", forward_only)
                       if not t.local]
             for t, tensors in zip(remote, comm.wait([t.key for t in remote])):
                 st.put_received(t.tensor, t.stage, t.microbatch, tensors)
@@ -446,7 +437,7 @@ class PipelineRuntime(nn.Module):
             self._compute(sched, live, step, st, slot_of, store)
             if rec is not None:
                 rec.end(index, step if len(live) == len(step.actions) else live[0], began)
-            for t in self._transfers(sched, me, step, "send", forward_only):
+            for t in step_transfers(sched, me, step, "send", forward_only):
                 tensors = st.take_for_send(t.tensor, t.stage, t.microbatch)
                 if t.local:
                     st.put_local(t.tensor, t.peer_stage, t.microbatch, tensors)
