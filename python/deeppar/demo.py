@@ -119,22 +119,13 @@ def _runtime(out: Path) -> None:
         mp.spawn(_dualpipev_worker, args=(2, str(Path(tmp) / "init"), str(out)), nprocs=2)
 
 
-def _deepseek_trace() -> Path | None:
-    here = Path(__file__).resolve()
-    for candidate in (
-        here.parents[2] / "tests" / "data" / "deepseek_v3_train_trace.json.gz",
-        here.parents[3] / "shared" / "data" / "deepseek_v3_train_trace.json.gz",
-    ):
-        if candidate.exists():
-            return candidate
-    return None
+def sample_trace() -> Path:
+    """DeepSeek's published DeepSeek-V3 training trace (one rank), shipped in ``deeppar/data``."""
+    return Path(__file__).resolve().with_name("data") / "deepseek_v3_train_trace.json.gz"
 
 
 def _trace(out: Path) -> None:
-    trace = _deepseek_trace()
-    if trace is None:
-        print("DeepSeek's published trace is not available in this installation; skipped")
-        return
+    trace = sample_trace()
     # Backward kernels are launched from autograd's thread, outside the annotated ranges:
     # --phase-fallback gives them to the range open on the main thread at that time.
     _cli("trace", "analyze", str(trace), "--phase-fallback",
@@ -171,11 +162,18 @@ def run_demo(out: Path) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from deeppar._io import require_matplotlib
+
+    require_matplotlib("the demo's pictures")  # one clear line now, not a traceback later
     return run_demo(Path(args.out))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
-    p = subparsers.add_parser("demo", help="run the built-in end-to-end demo")
-    p.add_argument("--out", default="out/demo", help="folder for pictures and reports")
+    from deeppar._io import OUTPUT_POLICY
+
+    p = subparsers.add_parser("demo", help="run the built-in end-to-end demo",
+                              epilog=OUTPUT_POLICY)
+    p.add_argument("--out", default="out/demo",
+                   help="folder for pictures and reports (created if missing)")
     p.set_defaults(func=_cmd_demo)

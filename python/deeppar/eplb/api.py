@@ -66,7 +66,8 @@ def plan_maps(
     sync_free = _sync_free(w, max_replicas)
     if sync_free:
         torch._assert_async(
-            ~bad_values(w), "weight must hold finite non-negative loads (NaN, inf or negative)"
+            ~bad_values(w), "weight must hold finite non-negative loads (NaN, inf or negative), "
+            "each layer summing to at most 2**126"
         )
     elif w.device.type == "cpu":
         check_values(w)
