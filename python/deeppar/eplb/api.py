@@ -66,8 +66,7 @@ def plan_maps(
     sync_free = _sync_free(w, max_replicas)
     if sync_free:
         torch._assert_async(
-            ~bad_values(w), "weight must hold finite non-negative loads (NaN, inf or negative), "
-            "each layer summing to at most 2**126"
+            ~bad_values(w), "weight must hold finite non-negative loads (NaN, inf or negative)"
         )
     elif w.device.type == "cpu":
         check_values(w)
