@@ -40,8 +40,7 @@ def test_native_extension_is_loaded():
     pure-Python build (DEEPPAR_NO_EXT=1) or the Python paths (DEEPPAR_DISABLE_NATIVE=1) were
     asked for."""
     if _on("DEEPPAR_NO_EXT") or _on("DEEPPAR_DISABLE_NATIVE"):
-        assert not _native.NATIVE_LOADED or not _on("DEEPPAR_DISABLE_NATIVE")
-        return
+        pytest.skip("the pure-Python paths were chosen (DEEPPAR_NO_EXT / DEEPPAR_DISABLE_NATIVE)")
     assert _native.NATIVE_LOADED, f"deeppar._C did not load: {_native.NATIVE_ERROR}"
     assert {"slot_loads", "eplb_rebalance"} <= set(_native.native_ops("cpu"))
 
