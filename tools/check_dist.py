@@ -120,7 +120,7 @@ def smoke_test(wheel: str | os.PathLike[str], native: bool = True) -> list[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPPAR_")}
         env["PYTHONPATH"] = str(site)
         code = (
-            "import sys, deeppar, deeppar._native as n; from deeppar.demo import sample_trace\n"
+            "import sys, deeppar, deeppar._native as n; from deeppar.data import sample_trace\n"
             f"assert deeppar.__file__.startswith({str(site)!r}), deeppar.__file__\n"
             f"assert n.NATIVE_LOADED or not {native}, n.NATIVE_ERROR\n"
             f"assert sample_trace().is_file() and str(sample_trace()).startswith({str(site)!r})\n"

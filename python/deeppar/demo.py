@@ -119,12 +119,9 @@ def _runtime(out: Path) -> None:
         mp.spawn(_dualpipev_worker, args=(2, str(Path(tmp) / "init"), str(out)), nprocs=2)
 
 
-def sample_trace() -> Path:
-    """DeepSeek's published DeepSeek-V3 training trace (one rank), shipped in ``deeppar/data``."""
-    return Path(__file__).resolve().with_name("data") / "deepseek_v3_train_trace.json.gz"
-
-
 def _trace(out: Path) -> None:
+    from deeppar.data import sample_trace
+
     trace = sample_trace()
     # Backward kernels are launched from autograd's thread, outside the annotated ranges:
     # --phase-fallback gives them to the range open on the main thread at that time.
