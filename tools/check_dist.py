@@ -70,7 +70,9 @@ def _metadata_problems(meta: email.message.Message, version: str) -> list[str]:
             problems.append(f"metadata lacks Requires-Dist {want!r} (has {requires})")
     if "plot" not in (meta.get_all("Provides-Extra") or []):
         problems.append("metadata lacks the extra 'plot'")
-    for key in ("License-Expression", "Classifier", "Project-URL", "Summary"):
+    if not (meta.get("License-Expression") or meta.get("License")):
+        problems.append("metadata lacks the license")
+    for key in ("Classifier", "Project-URL", "Summary"):
         if not meta.get_all(key):
             problems.append(f"metadata lacks {key}")
     pythons = [c for c in meta.get_all("Classifier") or []
