@@ -9,6 +9,7 @@ import importlib
 import os
 import queue as _queue
 import socket
+import sys
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -31,8 +32,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, cases: list[str], q,
-            module: str = __name__) -> None:
+def _worker(rank: int, world: int, port: int, cases: list[str], q) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -41,10 +41,9 @@ def _worker(rank: int, world: int, port: int, cases: list[str], q,
     except Exception:  # noqa: BLE001
         q.put((rank, "<init>", traceback.format_exc()))
         return
-    mod = importlib.import_module(module)
     for name in cases:
         try:
-            getattr(mod, name)(rank, world)
+            _case(name)(rank, world)
             q.put((rank, name, None))
         except Exception:  # noqa: BLE001
             q.put((rank, name, traceback.format_exc()))
@@ -57,16 +56,21 @@ def _worker(rank: int, world: int, port: int, cases: list[str], q,
     dist.destroy_process_group()
 
 
-def run_cases(world: int, cases: list[str], timeout: float,
-              module: str = __name__) -> dict[str, dict[int, str | None]]:
-    """Run ``cases`` (names of functions ``case(rank, world)`` in ``module``, this one by
-    default) on one spawned gloo group of ``world`` processes. Returns ``{case: {rank:
-    traceback or None}}``; a case that did not report on some rank before ``timeout`` seconds
-    gets ``"timeout"`` there."""
+def _case(name: str) -> Callable[[int, int], None]:
+    """A case function: ``name`` in this module, or ``"module:name"`` in another test module."""
+    module, _, func = name.rpartition(":")
+    return getattr(importlib.import_module(module) if module else sys.modules[__name__], func)
+
+
+def run_cases(world: int, cases: list[str], timeout: float) -> dict[str, dict[int, str | None]]:
+    """Run ``cases`` (names of functions ``case(rank, world)`` in this module, or
+    ``"module:name"``) on one spawned
+    gloo group of ``world`` processes. Returns ``{case: {rank: traceback or None}}``; a case
+    that did not report on some rank before ``timeout`` seconds gets ``"timeout"`` there."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, cases, q, module), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world, port, cases, q), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
