@@ -18,14 +18,14 @@ _results: dict[int, dict] = {}
 
 def _run(world: int) -> dict:
     if world not in _results:
-        _results[world] = h.run_cases(world, GROUPS[world], timeout=120,
-                                      module="_fused_helpers")
+        _results[world] = h.run_cases(world, [f"_fused_helpers:{c}" for c in GROUPS[world]],
+                                      timeout=120)
     return _results[world]
 
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("world,case", [(w, c) for w, cs in GROUPS.items() for c in cs])
 def test_fused_case(world: int, case: str) -> None:
-    res = _run(world)[case]
+    res = _run(world)[f"_fused_helpers:{case}"]
     bad = {r: e for r, e in res.items() if e is not None}
     assert not bad, h.failures({case: bad})
