@@ -311,3 +311,27 @@ def test_forward_substeps_no_grad_keeps_no_record() -> None:
     with torch.no_grad():
         y = forward_substeps(s, x)
     assert y.grad_fn is None and torch.equal(y, s.reference(x).detach())
+
+
+# ----------------------------------------------------------------------------- MoE blocks
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_moe_stage_pair(layers: int) -> None:
+    """MoE blocks (router, permute, experts, shared expert) on one process: the pair equals F
+    then B and MoELayer's plain graph bit for bit; forward-only overlap equals A then B."""
+    from _fused_helpers import SEQ, make_moe_stages
+
+    g = torch.Generator().manual_seed(12)
+    xi, xj = (torch.randn(2, SEQ, HIDDEN, generator=g) for _ in range(2))
+    got, want, ref = (make_moe_stages(2, layers) for _ in range(3))
+    a = fb_pair(FusedEngine(), got, xi, xj, fused=True)
+    b = fb_pair(FusedEngine(), want, xi, xj, fused=False)
+    _compare(got, want, a, b)
+    xr = xj.clone().requires_grad_()
+    crit(ref[1].reference(xr)).backward()
+    assert torch.equal(xr.grad, a[2]) and torch.equal(ref[0].reference(xi), a[0])
+    assert_bitwise(grads_of(ref[1]), grads_of(got[1]))
+    with torch.no_grad():
+        want_f = torch.cat([got[1](got[0](h)) for h in xi.chunk(2)])
+        assert torch.equal(forward_two_microbatches(got, xi, lag=2), want_f)

@@ -1,6 +1,6 @@
-"""The fused F&B engine on spawned gloo groups: EP over 2 and 4 ranks, the in-flight timeline,
-forward-only overlap, and DualPipe / DualPipeV on a PP x EP = 2 x 2 grid, each against F then B
-bit for bit."""
+"""The fused F&B engine on spawned gloo groups: token-mixing and MoE stages with EP over 2 and 4
+ranks, the in-flight timeline, forward-only overlap, and DualPipe / DualPipeV of MoE stages on a
+PP x EP = 2 x 2 grid, each against F then B bit for bit."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 pytestmark = pytest.mark.distributed
 
 GROUPS: dict[int, list[str]] = {
-    2: ["case_ep_fb", "case_timeline", "case_forward_two"],
-    4: ["case_ep_fb", "case_dualpipe_grid", "case_dualpipev_grid"],
+    2: ["case_ep_fb", "case_timeline", "case_forward_two", "case_moe_ep_fb"],
+    4: ["case_moe_ep_fb", "case_dualpipe_grid", "case_dualpipev_grid"],
 }
 _results: dict[int, dict] = {}
 
