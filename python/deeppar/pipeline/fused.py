@@ -111,7 +111,8 @@ def check_order(order: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]
 class TimelineEntry:
     """One sub-step as the engine ran it. ``name`` is e.g. ``F.attn``, ``B.mlp``, ``W.attn``,
     ``comm.dispatch.F``; ``stream`` is ``compute`` or ``comm``; times are host seconds
-    (``time.perf_counter``): for a transfer, from its start to the return of its wait."""
+    (``time.perf_counter``): for a transfer, from its start to the return of its wait, and
+    ``waited`` the part spent in the wait (on CPU: the exposed communication)."""
 
     name: str
     layer: int
@@ -119,6 +120,7 @@ class TimelineEntry:
     stream: str
     start: float
     end: float
+    waited: float = 0.0
 
 
 # ----------------------------------------------------------------------------- streams
@@ -208,10 +210,12 @@ class FusedEngine:
             if isinstance(t, torch.Tensor) and t.is_cuda:
                 t.record_stream(s)
 
-    def _comm_entry(self, name: str, layer: int, microbatch: int, began: float) -> None:
+    def _comm_entry(self, name: str, layer: int, microbatch: int, began: float,
+                    wait_began: float) -> None:
         if self.record_timeline:
-            self.timeline.append(TimelineEntry(name, layer, microbatch, "comm", began,
-                                               time.perf_counter()))
+            now = time.perf_counter()
+            self.timeline.append(TimelineEntry(name, layer, microbatch, "comm", began, now,
+                                               now - wait_began))
 
     def _host_order(self) -> tuple[tuple[str, str], ...]:
         if self.order is not None:
@@ -471,9 +475,11 @@ class _ForwardRun:
     def _finish_transfer(self, rec: _Record, began: float) -> None:
         eng, step = self.engine, rec.step
         label = f"comm.{step.name}.F[{rec.layer}].wait"
+        wait_began = time.perf_counter()
         with eng._on(self.chain, "comm", label, rec.layer, self.chain.microbatch):
             outs = _as_list(rec.transfer.wait(), f"{step.name} transfer")  # type: ignore[union-attr]
-        eng._comm_entry(f"comm.{step.name}.F", rec.layer, self.chain.microbatch, began)
+        eng._comm_entry(f"comm.{step.name}.F", rec.layer, self.chain.microbatch, began,
+                        wait_began)
         if len(outs) != len(step.outputs):
             raise ValueError(f"sub-step {step.name!r} declares {len(step.outputs)} outputs, "
                              f"its transfer gave {len(outs)}")
@@ -676,10 +682,12 @@ class _BackwardRun:
 
     def _finish_transfer(self, rec: _Record, tr: Transfer, began: float) -> None:
         eng, step = self.engine, rec.step
+        wait_began = time.perf_counter()
         with eng._on(self.chain, "comm", f"comm.{step.name}.B[{rec.layer}].wait", rec.layer,
                      self.chain.microbatch):
             grads = _as_list(tr.wait(), f"{step.name} backward transfer")
-        eng._comm_entry(f"comm.{step.name}.B", rec.layer, self.chain.microbatch, began)
+        eng._comm_entry(f"comm.{step.name}.B", rec.layer, self.chain.microbatch, began,
+                        wait_began)
         eng._cross(grads, "compute")
         for n, req, g in zip(step.inputs, rec.requires, grads):
             if req and isinstance(g, torch.Tensor):
