@@ -178,13 +178,14 @@ class FusedEngine:
         return _Chain(microbatch, self._cuda)
 
     @contextlib.contextmanager
-    def _on(self, chain: _Chain | None, stream: str, label: str, layer: int,
+    def _on(self, chain: _Chain | None, stream: str, label: str | None, layer: int,
             microbatch: int) -> Iterator[None]:
         """Run the body as a sub-step of ``chain`` on ``stream`` ("compute" or "comm"): on CUDA
         wait for the chain's event on that stream, run there, record the event; profile it
-        under ``label`` and time it into the timeline."""
+        under ``label`` and time it into the timeline (``label`` None: neither, for glue
+        work such as adding received gradients)."""
         began = time.perf_counter()
-        with torch.profiler.record_function(label):
+        with torch.profiler.record_function(label) if label else contextlib.nullcontext():
             if self._cuda:
                 s = self._comm if stream == "comm" else self._compute
                 if chain is not None and chain.recorded:
@@ -196,7 +197,7 @@ class FusedEngine:
                     chain.recorded = True
             else:
                 yield
-        if self.record_timeline and stream == "compute":
+        if label and self.record_timeline and stream == "compute":
             self.timeline.append(TimelineEntry(label.split("[")[0], layer, microbatch,
                                                stream, began, time.perf_counter()))
 
@@ -528,7 +529,9 @@ class _ForwardRun:
         for rec, began in list(self.pending):
             self.pending.remove((rec, began))
             self._finish_transfer(rec, began)
-        outs = [self.bag[n] for n in self.decl.outputs]
+        # the caller's stream (compute) must see the chain's last sub-step
+        with self.engine._on(self.chain, "compute", None, last, self.chain.microbatch):
+            outs = [self.bag[n] for n in self.decl.outputs]
         if not self.grad or not any(isinstance(o, torch.Tensor) and o.requires_grad
                                     for o in outs):
             return outs
@@ -689,9 +692,11 @@ class _BackwardRun:
         eng._comm_entry(f"comm.{step.name}.B", rec.layer, self.chain.microbatch, began,
                         wait_began)
         eng._cross(grads, "compute")
-        for n, req, g in zip(step.inputs, rec.requires, grads):
-            if req and isinstance(g, torch.Tensor):
-                self._add(n, g)
+        # the sums run on the compute stream, after the transfer (the chain's event)
+        with eng._on(self.chain, "compute", None, rec.layer, self.chain.microbatch):
+            for n, req, g in zip(step.inputs, rec.requires, grads):
+                if req and isinstance(g, torch.Tensor):
+                    self._add(n, g)
 
     def _start(self, rec: _Record, k: int) -> None:
         step: Comm = rec.step  # type: ignore[assignment]
@@ -700,11 +705,13 @@ class _BackwardRun:
                 self.grads.pop(n, None)
             return
         self._wait(set(step.outputs))
-        grads = []
-        for n, (shape, dtype, device) in zip(step.outputs, rec.out_meta):
-            g = self.grads.pop(n, None)
-            grads.append(g if g is not None else torch.zeros(shape, dtype=dtype, device=device))
         eng = self.engine
+        grads = []
+        with eng._on(self.chain, "compute", None, k, self.chain.microbatch):
+            for n, (shape, dtype, device) in zip(step.outputs, rec.out_meta):
+                g = self.grads.pop(n, None)
+                grads.append(g if g is not None
+                             else torch.zeros(shape, dtype=dtype, device=device))
         began = time.perf_counter()
         with eng._on(self.chain, "comm", f"comm.{step.name}.B[{k}]", k, self.chain.microbatch):
             eng._cross(grads, "comm")
@@ -773,11 +780,12 @@ class _BackwardRun:
             out.append(g if isinstance(x, torch.Tensor) and x.requires_grad else None)
         if deliver:
             pending = [(x, g) for x, g in zip(self.trace.inputs, out) if g is not None]
-            for x, g in pending:
-                if x.grad_fn is None:
-                    x.grad = g if x.grad is None else x.grad + g
-            nonleaf = [(x, g) for x, g in pending if x.grad_fn is not None]
-            _run_backward([x for x, _ in nonleaf], [g for _, g in nonleaf])
+            with self.engine._on(self.chain, "compute", None, 0, self.chain.microbatch):
+                for x, g in pending:
+                    if x.grad_fn is None:
+                        x.grad = g if x.grad is None else x.grad + g
+                nonleaf = [(x, g) for x, g in pending if x.grad_fn is not None]
+                _run_backward([x for x, _ in nonleaf], [g for _, g in nonleaf])
         self.trace.inputs = []
         return out
 
