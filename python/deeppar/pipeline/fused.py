@@ -357,7 +357,7 @@ class _Record:
     """One executed sub-step of one micro-batch, kept for its backward."""
 
     __slots__ = ("step", "layer", "leaves", "outputs", "transfer", "requires", "out_meta",
-                 "weight_grad")
+                 "weight_grad", "module_outs")
 
     def __init__(self, step: Compute | Comm, layer: int) -> None:
         self.step = step
@@ -368,6 +368,8 @@ class _Record:
         self.requires: list[bool] = []
         self.out_meta: list[tuple[torch.Size, torch.dtype, torch.device]] = []
         self.weight_grad: Callable[[], None] | None = None
+        #: (deferred module, its output tensors) when each was called exactly once
+        self.module_outs: list[tuple[nn.Module, list[torch.Tensor]]] | None = None
 
 
 class _Trace:
@@ -494,9 +496,18 @@ class _ForwardRun:
     def _compute(self, step: Compute, k: int) -> None:
         self._wait(set(step.inputs))
         eng = self.engine
-        with eng._on(self.chain, "compute", f"F.{step.name}[{k}]", k, self.chain.microbatch):
-            leaves = [_leaf(self.bag[n], self.grad) for n in step.inputs]
-            outs = _as_list(step.fn(*leaves), f"sub-step {step.name!r}")
+        calls: dict[int, list[Any]] = {}
+        mods = _outermost(step.deferred) if self.grad else []
+        handles = [m.register_forward_hook(
+            lambda mod, args, out: calls.setdefault(id(mod), []).append(out)) for m in mods]
+        try:
+            with eng._on(self.chain, "compute", f"F.{step.name}[{k}]", k,
+                         self.chain.microbatch):
+                leaves = [_leaf(self.bag[n], self.grad) for n in step.inputs]
+                outs = _as_list(step.fn(*leaves), f"sub-step {step.name!r}")
+        finally:
+            for h in handles:
+                h.remove()
         if len(outs) != len(step.outputs):
             raise ValueError(f"sub-step {step.name!r} declares {len(step.outputs)} outputs "
                              f"{list(step.outputs)}, its fn returned {len(outs)}")
@@ -504,6 +515,10 @@ class _ForwardRun:
         if self.grad:
             rec = _Record(step, k)
             rec.leaves, rec.outputs = leaves, outs
+            if mods and all(len(calls.get(id(m), [])) == 1 for m in mods):
+                rec.module_outs = [(m, [t for t in _as_list(calls[id(m)][0], "module")
+                                        if isinstance(t, torch.Tensor) and t.requires_grad])
+                                   for m in mods]
             self.trace.records[(k, step.name)] = rec
 
     def _start(self, step: Comm, k: int) -> None:
@@ -538,6 +553,34 @@ class _ForwardRun:
         self.trace.outputs = outs
         self.trace.anchor = torch.empty(0, requires_grad=True)
         return list(_StageFunction.apply(self.trace, self.trace.anchor, *self.trace.inputs))
+
+
+def _outermost(modules: Sequence[nn.Module]) -> list[nn.Module]:
+    """``modules`` without those inside another of them (whose W the outer one covers)."""
+    inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
+    out, seen = [], set()
+    for m in modules:
+        if id(m) not in inner and id(m) not in seen:
+            seen.add(id(m))
+            out.append(m)
+    return out
+
+
+def _weight_grad_fn(outs: list[torch.Tensor], grads: list[torch.Tensor],
+                    later: list[torch.Tensor],
+                    module_grads: list[tuple[list[torch.Tensor], list[torch.Tensor],
+                                             list[torch.Tensor]]] | None
+                    ) -> Callable[[], None]:
+    """W of one sub-step: from each deferred module's output gradients (captured during B) to
+    its parameters; without them, from the sub-step's outputs again."""
+    def weight_grad() -> None:
+        if module_grads is None:
+            torch.autograd.backward(outs, grads, inputs=later)
+            return
+        for ts, gs, params in module_grads:
+            if params:
+                torch.autograd.backward(ts, gs, inputs=params)
+    return weight_grad
 
 
 def _reachable_leaves(outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -738,12 +781,33 @@ class _BackwardRun:
                 reach = _reachable_leaves(outs)
                 later = [t for t in reach if id(t) in deferred]
                 now = [t for t in reach if id(t) not in deferred]
-                if now:
-                    torch.autograd.backward(outs, grads, inputs=now, retain_graph=bool(later))
+                # catch each deferred module's output gradient on the way, so W needs only
+                # the module's own part of the graph
+                caught: dict[tuple[int, int], torch.Tensor] = {}
+                hooks = []
+                for i, (_, ts) in enumerate(rec.module_outs or []):
+                    for j, t in enumerate(ts):
+                        hooks.append(t.register_hook(
+                            lambda g, key=(i, j): caught.__setitem__(key, g)))
+                try:
+                    if now:
+                        torch.autograd.backward(outs, grads, inputs=now,
+                                                retain_graph=bool(later))
+                finally:
+                    for h in hooks:
+                        h.remove()
+                module_grads = None
+                if rec.module_outs is not None and all(
+                        (i, j) in caught for i, (_, ts) in enumerate(rec.module_outs)
+                        for j in range(len(ts))):
+                    want = {id(t) for t in later}
+                    module_grads = [
+                        (ts, [caught[(i, j)] for j in range(len(ts))],
+                         [p for p in m.parameters() if id(p) in want])
+                        for i, (m, ts) in enumerate(rec.module_outs)]
                 if later:
-                    def weight_grad(outs=outs, grads=grads, later=later) -> None:
-                        torch.autograd.backward(outs, grads, inputs=later)
-                    rec.weight_grad = weight_grad
+                    rec.weight_grad = _weight_grad_fn(outs, grads, later, module_grads)
+                rec.module_outs = None
             elif outs:
                 torch.autograd.backward(outs, grads)
         for n, leaf in zip(step.inputs, rec.leaves or []):
