@@ -287,6 +287,9 @@ def test_forward_two_microbatches(lag: int, rows: int, grad: bool) -> None:
     assert torch.equal(got, want.detach() if grad else want)
     # the two micro-batches alternate: B's first attn comes before A's last sub-step
     tl = [(e.microbatch, e.name, e.layer) for e in eng.timeline if e.stream == "compute"]
+    # every sub-step ran once per micro-batch and stage
+    assert sorted(tl) == sorted((mb, f"F.{n}", k) for mb in (0, 1) for _ in stages
+                                for k in (0, 1) for n in ("attn", "mlp", "post"))
     assert tl.index((1, "F.attn", 0)) < tl.index((0, "F.post", 1))
     if lag == 0:
         assert tl[:2] == [(0, "F.attn", 0), (1, "F.attn", 0)]
