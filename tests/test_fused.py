@@ -264,6 +264,8 @@ def test_bad_declaration_from_a_stage() -> None:
 
     with pytest.raises(ValueError, match="missing sub-step"):
         Broken(1)(torch.randn(2, HIDDEN))
+    with pytest.raises(ValueError, match="missing sub-step"):
+        can_overlap([MixStage(1), Broken(1)])  # what a pipeline checks when it is built
     with pytest.raises(ValueError, match="stage outputs"):
         check_stage(StageSubSteps(("x",), MixStage(1).substeps().layers, ("nope",)))
     with pytest.raises(TypeError):
