@@ -372,3 +372,79 @@ def test_weight_gradient_paths(monkeypatch) -> None:
         assert sorted(paths) == sorted(fast)
         b = fb_pair(FusedEngine(), want, xi, xj, fused=False)
         _compare(got, want, a, b)
+
+
+# ----------------------------------------------------------------------------- CUDA ordering
+
+
+class _FakeStream:
+    """Stands in for a CUDA stream: a vector clock of what its next work has to follow."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.clock: dict[str, int] = {}
+
+    def wait_event(self, event: _FakeEvent) -> None:
+        for s, n in event.clock.items():
+            self.clock[s] = max(self.clock.get(s, 0), n)
+
+    def tick(self) -> dict[str, int]:
+        self.clock[self.name] = self.clock.get(self.name, 0) + 1
+        return dict(self.clock)
+
+
+class _FakeEvent:
+    def __init__(self) -> None:
+        self.clock: dict[str, int] = {}
+
+    def record(self, stream: _FakeStream) -> None:
+        self.clock = stream.tick()
+
+
+def test_cuda_event_chains_order_each_microbatch(monkeypatch) -> None:
+    """The CUDA path's streams and events, with stand-ins that track what each sub-step must
+    follow (no GPU): every sub-step of a micro-batch happens after the previous one of the same
+    chain, whichever stream each ran on; communication runs on the communication stream."""
+    import contextlib
+
+    compute, comm = _FakeStream("compute"), _FakeStream("comm")
+    current: list[_FakeStream] = [compute]
+    ran: list[tuple[int, str, str, dict[str, int]]] = []
+
+    @contextlib.contextmanager
+    def fake_stream(s: _FakeStream):
+        current.append(s)
+        yield
+        current.pop()
+
+    def bind(self, tensors, modules) -> None:
+        self._cuda, self._compute, self._comm = True, compute, comm
+
+    real_on = FusedEngine._on
+
+    @contextlib.contextmanager
+    def on(self, chain, stream, label, layer, microbatch):
+        with real_on(self, chain, stream, label, layer, microbatch):
+            if label and chain is not None:
+                s = current[-1]
+                assert s is (comm if stream == "comm" else compute)
+                ran.append((chain.microbatch, label, stream, s.tick()))
+            yield
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", fake_stream)
+    monkeypatch.setattr(FusedEngine, "_bind_device", bind)
+    monkeypatch.setattr(FusedEngine, "_on", on)
+    stages = make_stages(2, layers=2)
+    xi, xj = _data(14)
+    loss_j = crit(stages[1](xj.clone().requires_grad_()))
+    ran.clear()
+    FusedEngine().forward_backward(stages[0], [xi], crit, [], stages[1], loss_j, [], [],
+                                   microbatches=(3, 4))
+    for mb in (3, 4):
+        chain = [(label, stream, clock) for m, label, stream, clock in ran if m == mb]
+        assert len(chain) > 10
+        for (la, sa, ca), (lb, _, cb) in zip(chain, chain[1:]):
+            assert ca[sa] <= cb.get(sa, 0), f"mb {mb}: {lb} is not ordered after {la}"
+        assert {s for label, s, _ in chain if label.startswith("comm.")} == {"comm"}
+        assert {s for label, s, _ in chain if not label.startswith("comm.")} == {"compute"}
