@@ -5,6 +5,7 @@ reference the pipeline results are compared with."""
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import queue as _queue
 import socket
@@ -40,10 +41,9 @@ def _worker(rank: int, world: int, port: int, cases: list[str], q) -> None:
     except Exception:  # noqa: BLE001
         q.put((rank, "<init>", traceback.format_exc()))
         return
-    mod = sys.modules[__name__]
     for name in cases:
         try:
-            getattr(mod, name)(rank, world)
+            _case(name)(rank, world)
             q.put((rank, name, None))
         except Exception:  # noqa: BLE001
             q.put((rank, name, traceback.format_exc()))
@@ -56,8 +56,15 @@ def _worker(rank: int, world: int, port: int, cases: list[str], q) -> None:
     dist.destroy_process_group()
 
 
+def _case(name: str) -> Callable[[int, int], None]:
+    """A case function: ``name`` in this module, or ``"module:name"`` in another test module."""
+    module, _, func = name.rpartition(":")
+    return getattr(importlib.import_module(module) if module else sys.modules[__name__], func)
+
+
 def run_cases(world: int, cases: list[str], timeout: float) -> dict[str, dict[int, str | None]]:
-    """Run ``cases`` (names of functions ``case(rank, world)`` in this module) on one spawned
+    """Run ``cases`` (names of functions ``case(rank, world)`` in this module, or
+    ``"module:name"``) on one spawned
     gloo group of ``world`` processes. Returns ``{case: {rank: traceback or None}}``; a case
     that did not report on some rank before ``timeout`` seconds gets ``"timeout"`` there."""
     ctx = mp.get_context("spawn")
