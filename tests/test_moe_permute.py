@@ -160,7 +160,7 @@ def test_opcheck(pair, device):
     torch.library.opcheck(unpermute_op, (p.tokens.requires_grad_(), p.pos, w.requires_grad_(), 0))
 
 
-def test_compiles_with_fullgraph():
+def test_compiles():
     x, ids, w = _problem(10, 4, 6, 2, seed=0)
 
     def f(x, ids, w):
