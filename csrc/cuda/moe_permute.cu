@@ -18,7 +18,8 @@
 namespace deeppar {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kCountThreads = 256;
+constexpr int kThreads = 512;  // scatter and unpermute: 16 warps copying rows per block
 constexpr int64_t kMaxExperts = 2048;  // shared memory: 16 bytes per expert in the scatter
 
 int grid_size(int64_t num_sms) {
@@ -52,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(
   const int experts = static_cast<int>(num_experts);
   at::Tensor hist = at::empty({grid, num_experts}, ids.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  moe_count_kernel<<<grid, kThreads, experts * sizeof(int), stream>>>(
+  moe_count_kernel<<<grid, kCountThreads, experts * sizeof(int), stream>>>(
       ids.const_data_ptr<int64_t>(), hist.mutable_data_ptr<int64_t>(), pairs, per_chunk, experts);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t row_bytes = hidden * static_cast<int64_t>(xc.element_size());

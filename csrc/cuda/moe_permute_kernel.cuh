@@ -33,13 +33,26 @@ __global__ void moe_count_kernel(const int64_t* __restrict__ ids,  // [N] expert
   }
 }
 
-// Copies `bytes` from src to dst with the lanes of one warp (16-byte words when aligned).
+// Copies `bytes` from src to dst with the lanes of one warp: 16-byte words when aligned, four
+// loads in flight per lane before their stores.
 __device__ __forceinline__ void warp_copy_row(char* __restrict__ dst, const char* __restrict__ src,
                                               int64_t bytes, int lane, bool vec16) {
   if (vec16) {
+    constexpr int kUnroll = 4;
     const uint4* s = reinterpret_cast<const uint4*>(src);
     uint4* d = reinterpret_cast<uint4*>(dst);
-    for (int64_t w = lane; w < bytes / 16; w += 32) d[w] = s[w];
+    const int64_t words = bytes / 16;
+    for (int64_t w0 = lane; w0 < words; w0 += 32 * kUnroll) {
+      uint4 r[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (w0 + u * 32 < words) r[u] = s[w0 + u * 32];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (w0 + u * 32 < words) d[w0 + u * 32] = r[u];
+      }
+    }
   } else {
     for (int64_t b = lane; b < bytes; b += 32) dst[b] = src[b];
   }
@@ -137,9 +150,14 @@ template <> __device__ __forceinline__ __half store_acc<__half, float>(float v) 
 // VEC elements moved as one word: 16 bytes, or a single element.
 template <typename S, int VEC> struct VecWord { using type = uint4; };
 template <typename S> struct VecWord<S, 1> { using type = S; };
+template <typename S, int VEC> union Packed {
+  typename VecWord<S, VEC>::type word;
+  S elems[VEC];
+};
 
 // out[t] = sum_j w[t, j] * y[pos[t, j]] in slot order; tokens strided over the grid, VEC
-// consecutive elements per thread (VEC * sizeof(scalar_t) = 16 bytes when hidden allows).
+// consecutive elements per thread (VEC * sizeof(scalar_t) = 16 bytes when hidden allows). The
+// rows of up to kSlots slots are loaded before they are summed, to keep loads in flight.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void moe_unpermute_kernel(const scalar_t* __restrict__ y,  // [T*k, H]
                                      const int64_t* __restrict__ pos,  // [T, k]
@@ -148,25 +166,40 @@ __global__ void moe_unpermute_kernel(const scalar_t* __restrict__ y,  // [T*k, H
                                      int64_t tokens, int64_t top_k, int64_t hidden) {
   using word_t = typename VecWord<scalar_t, VEC>::type;
   static_assert(sizeof(word_t) == VEC * sizeof(scalar_t), "VEC must fill one word");
+  constexpr int kSlots = 8;
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     const int64_t* p = pos + t * top_k;
     const acc_t* wt = w + t * top_k;
     for (int64_t h = static_cast<int64_t>(threadIdx.x) * VEC; h < hidden;
          h += static_cast<int64_t>(blockDim.x) * VEC) {
       acc_t acc[VEC];
-      scalar_t v[VEC];
-      *reinterpret_cast<word_t*>(v) = *reinterpret_cast<const word_t*>(y + p[0] * hidden + h);
+      for (int64_t j0 = 0; j0 < top_k; j0 += kSlots) {
+        const int64_t n = top_k - j0 < kSlots ? top_k - j0 : kSlots;
+        Packed<scalar_t, VEC> rows[kSlots];
 #pragma unroll
-      for (int u = 0; u < VEC; ++u) acc[u] = mul_rn(wt[0], load_acc<acc_t>(v[u]));
-      for (int64_t j = 1; j < top_k; ++j) {
-        *reinterpret_cast<word_t*>(v) = *reinterpret_cast<const word_t*>(y + p[j] * hidden + h);
-        const acc_t wj = wt[j];
+        for (int s = 0; s < kSlots; ++s) {
+          if (s < n) rows[s].word = *reinterpret_cast<const word_t*>(y + p[j0 + s] * hidden + h);
+        }
 #pragma unroll
-        for (int u = 0; u < VEC; ++u) acc[u] = mul_add_rn(acc[u], wj, load_acc<acc_t>(v[u]));
+        for (int s = 0; s < kSlots; ++s) {
+          if (s < n) {
+            const acc_t wj = wt[j0 + s];
+            if (j0 + s == 0) {
+#pragma unroll
+              for (int u = 0; u < VEC; ++u) acc[u] = mul_rn(wj, load_acc<acc_t>(rows[s].elems[u]));
+            } else {
+#pragma unroll
+              for (int u = 0; u < VEC; ++u) {
+                acc[u] = mul_add_rn(acc[u], wj, load_acc<acc_t>(rows[s].elems[u]));
+              }
+            }
+          }
+        }
       }
+      Packed<scalar_t, VEC> result;
 #pragma unroll
-      for (int u = 0; u < VEC; ++u) v[u] = store_acc<scalar_t>(acc[u]);
-      *reinterpret_cast<word_t*>(out + t * hidden + h) = *reinterpret_cast<const word_t*>(v);
+      for (int u = 0; u < VEC; ++u) result.elems[u] = store_acc<scalar_t>(acc[u]);
+      *reinterpret_cast<word_t*>(out + t * hidden + h) = result.word;
     }
   }
 }
