@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .ir import Kind, Overlap, Schedule, Step
+from .walk import walk
 
 Number = float | int
 PerStage = Number | Sequence[Number]
@@ -370,34 +371,31 @@ def simulate(schedule: Schedule, costs: CostModel | Mapping[Any, float] | None =
     start: list[list[float]] = [[0.0] * len(p) for p in s.steps]
     pos = [0] * P
     free = [0.0] * P
-    progress = True
-    while progress:
-        progress = False
-        for r in range(P):
-            prog = s.steps[r]
-            while pos[r] < len(prog):
-                i = pos[r]
-                ready = free[r]
-                ok = True
-                for t in s.recvs_before(r, prog[i]):
-                    if t.key not in producer:
-                        continue  # validator's business; treat as available
-                    pr, pi = producer[t.key]
-                    if pos[pr] <= pi:
-                        ok = False
-                        break
-                    ready = max(ready, end[pr][pi] + model.latency(s, pr, r))
-                if not ok:
-                    break
-                d = float(model.duration(s, r, i, prog[i]))
-                if not d >= 0 or not math.isfinite(d):
-                    raise ValueError(f"duration {d} for rank {r} step {i} ({prog[i]}) is not a "
-                                     "finite number >= 0")
-                start[r][i] = ready
-                end[r][i] = ready + d
-                free[r] = end[r][i]
-                pos[r] += 1
-                progress = True
+
+    def advance(r: int) -> bool:
+        prog = s.steps[r]
+        i = pos[r]
+        if i >= len(prog):
+            return False
+        ready = free[r]
+        for t in s.recvs_before(r, prog[i]):
+            if t.key not in producer:
+                continue  # validator's business; treat as available
+            pr, pi = producer[t.key]
+            if pos[pr] <= pi:
+                return False
+            ready = max(ready, end[pr][pi] + model.latency(s, pr, r))
+        d = float(model.duration(s, r, i, prog[i]))
+        if not d >= 0 or not math.isfinite(d):
+            raise ValueError(f"duration {d} for rank {r} step {i} ({prog[i]}) is not a "
+                             "finite number >= 0")
+        start[r][i] = ready
+        end[r][i] = ready + d
+        free[r] = end[r][i]
+        pos[r] += 1
+        return True
+
+    walk(P, advance)
     stuck = [(r, str(s.steps[r][pos[r]])) for r in range(P) if pos[r] < len(s.steps[r])]
     if stuck:
         raise ValueError(f"schedule deadlocks: ranks blocked at {stuck}")
