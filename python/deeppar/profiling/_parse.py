@@ -40,6 +40,7 @@ META_KEYS = ("schemaVersion", "distributedInfo", "deviceProperties", "traceName"
 DEFAULT_MAX_BYTES = 32 << 30
 
 _CHUNK = 1 << 22  # bytes read per refill (more when one value is longer)
+MAX_EVENT_BYTES = 1 << 26  # one element of traceEvents longer than this is an error
 Progress = Callable[[int, "int | None"], None]  # (bytes of the file read, file size or None)
 
 
@@ -229,10 +230,14 @@ class _Parser:
                 self._check_depth(depth, off, pos, 1)
                 closed = np.flatnonzero(depth == 0)
                 if closed.size:
-                    end = pos + int(off[closed[0]]) + 1
-                    if buf[end - 1] != c + 2:
-                        raise self.error(f"invalid JSON: {chr(c)!r} closed by "
-                                         f"{chr(buf[end - 1])!r}", end - 1)
+                    k = int(closed[0]) + 1
+                    bad = _mismatched(np.frombuffer(buf, dtype=np.uint8), pos + off[:k],
+                                      steps[:k], depth[:k])
+                    if bad >= 0:
+                        i = pos + int(off[bad])
+                        raise self.error(f"invalid JSON: {chr(buf[i])!r} does not close the "
+                                         "bracket it should", i)
+                    end = pos + int(off[k - 1]) + 1
                     self.pos = end
                     return buf[pos:end]
             elif c == 0x22:  # '"'
@@ -365,6 +370,10 @@ class _Parser:
             if c == 0x7B or c == 0x5B:
                 batch = self._run(outer)
                 if batch is None:
+                    if len(self.buf) - self.pos > MAX_EVENT_BYTES:
+                        raise self.error(f"an element of 'traceEvents' longer than "
+                                         f"{MAX_EVENT_BYTES} bytes (unbalanced brackets?) "
+                                         "starts")
                     if not self.fill():
                         raise self.truncated("'traceEvents'")
                     continue
@@ -393,11 +402,13 @@ class _Parser:
             return None
         opens = off[(depth == steps) & (steps == 1)][:n]
         a = np.frombuffer(buf, dtype=np.uint8)
-        bad = np.flatnonzero(a[p + closes] != a[p + opens] + 2)
-        if bad.size:
-            i = p + int(closes[bad[0]])
-            raise self.error(f"invalid JSON: {chr(buf[p + int(opens[bad[0]])])!r} closed by "
-                             f"{chr(buf[i])!r}", i)
+        last = int(np.searchsorted(off, closes[-1])) + 1  # brackets of the complete elements
+        bad = _mismatched(a, p + off[:last], steps[:last], depth[:last])
+        if bad >= 0:
+            i = p + int(off[bad])
+            o = p + int(opens[np.searchsorted(opens, off[bad], side="right") - 1])
+            raise self.error(f"invalid JSON in the element starting at byte {self.base + o}: "
+                             f"{chr(buf[i])!r} does not close the bracket it should", i)
         if n > 1:
             ok = _gaps_ok(a, p + closes[:-1] + 1, opens[1:] - closes[:-1] - 1)
             if not ok.all():  # keep the elements before the first other separator
@@ -436,6 +447,22 @@ class _Parser:
             if rec is not None:
                 out.append(rec)
         return out
+
+
+def _mismatched(a: np.ndarray, pos: np.ndarray, steps: np.ndarray, depth: np.ndarray) -> int:
+    """Index of the first closing bracket of the wrong kind ('{' closed by ']', say), or -1.
+
+    Brackets on one nesting level alternate open, close, open, ... in text order, so a
+    stable sort by level puts each close right after its open (a radix sort: levels are
+    small integers).
+    """
+    level = (depth + (steps < 0)).astype(np.int16)
+    order = np.argsort(level, kind="stable")
+    st, lv = steps[order], level[order]
+    pair = (st[:-1] == 1) & (st[1:] == -1) & (lv[1:] == lv[:-1])
+    opens, closes = order[:-1][pair], order[1:][pair]
+    wrong = closes[a[pos[closes]] != a[pos[opens]] + 2]
+    return int(wrong.min()) if wrong.size else -1
 
 
 def _gaps_ok(a: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
