@@ -212,7 +212,7 @@ def test_phases_added_up_by_name_and_all_phases_flag(tmp_path, capsys):
     p = str(_phases(tmp_path))
     assert main(["trace", "analyze", p]) == 0
     out = capsys.readouterr().out
-    assert "phases by name (3 innermost annotation ranges in 2 names" in out
+    assert "phases by name (3 innermost ranges, 2 names; sums in us" in out
     # fwd: 2 ranges, kernels of 10 and 12 us (all compute); bwd: one NCCL kernel of 11 us,
     # nothing computes then, so all of it is exposed
     assert _table(out) == [["fwd", "2", "2", "100.0", "22.0", "0.0", "22.0", "0.0"],

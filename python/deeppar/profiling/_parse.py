@@ -69,8 +69,6 @@ _new = tuple.__new__  # builds a TraceEvent without the Python-level __new__ of 
 
 def _ident(value: Any) -> int | str | None:
     """A pid/tid as a hashable value (JSON arrays and objects as their text)."""
-    if type(value) is int or type(value) is str or value is None:
-        return value
     return json.dumps(value)
 
 
@@ -89,19 +87,27 @@ def event_record(ev: Any, offset: int = 0) -> TraceEvent | None:
         if kind is None:
             return None
         args = ev.get("args")
-        if type(args) is not dict:
-            args = {}
-        return _new(TraceEvent, (kind, "X", ev.get("ts"), ev.get("dur"),
-                                 str(ev.get("name", "")), _ident(ev.get("pid")),
-                                 _ident(ev.get("tid")), args.get("device"), args.get("stream"),
-                                 args.get("correlation"), offset))
-    if ph == "B" or ph == "E":
+        if type(args) is dict:
+            device, stream, corr = args.get("device"), args.get("stream"), args.get("correlation")
+        else:
+            device = stream = corr = None
+        dur = ev.get("dur")
+    elif ph == "B" or ph == "E":
         if kind is None and (ph == "B" or "cat" in ev):
             return None
-        return _new(TraceEvent, (kind, ph, ev.get("ts"), None, str(ev.get("name", "")),
-                                 _ident(ev.get("pid")), _ident(ev.get("tid")), None, None,
-                                 None, offset))
-    return None
+        device = stream = corr = dur = None
+    else:
+        return None
+    name = ev.get("name", "")
+    if type(name) is not str:
+        name = str(name)
+    pid, tid = ev.get("pid"), ev.get("tid")
+    if type(pid) is not int and type(pid) is not str and pid is not None:
+        pid = _ident(pid)
+    if type(tid) is not int and type(tid) is not str and tid is not None:
+        tid = _ident(tid)
+    return _new(TraceEvent, (kind, ph, ev.get("ts"), dur, name, pid, tid, device, stream, corr,
+                             offset))
 
 
 # an element holding one of these may be an event the analysis uses: a kept category, or

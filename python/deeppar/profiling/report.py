@@ -57,14 +57,13 @@ def _phase_block(r: RankReport, all_phases: bool) -> list[str]:
     if not a.annotation_ranges:
         return ["  phases: no record_function / user annotation ranges in the trace"]
     if all_phases:
-        lines = [f"  phases (every innermost annotation range, {len(r.phases)}, in CPU order; "
+        lines = [f"  phases (each of the {len(r.phases)} innermost ranges, in CPU order; "
                  "times in us):", _PHASE_HEAD]
         lines += [_phase_row(p.name, 1, p.kernels, p.cpu_dur_us, p.busy_us, p.comm_busy_us,
                              p.compute_busy_us, p.exposed_comm_us) for p in r.phases]
     else:
-        lines = [f"  phases by name ({len(r.phases)} innermost annotation ranges in "
-                 f"{len(r.phase_summary)} names, summed; times in us; --all-phases lists "
-                 "each range):", _PHASE_HEAD]
+        lines = [f"  phases by name ({len(r.phases)} innermost ranges, {len(r.phase_summary)} "
+                 "names; sums in us; --all-phases lists each range):", _PHASE_HEAD]
         lines += [_phase_row(s.name, s.count, s.kernels, s.cpu_total_us, s.busy_us,
                              s.comm_busy_us, s.compute_busy_us, s.exposed_comm_us)
                   for s in r.phase_summary]
