@@ -3,8 +3,8 @@
 Builds DeepSeek's training trace repeated 10x and 50x in time (timestamps shifted by the
 trace's length per copy) in a temporary folder, then measures, each in a fresh process:
 
-- wall time of the whole process ``python -m deeppar.profiling analyze FILE --json`` (the
-  ``trace`` command alone) and ``python -m deeppar trace analyze FILE --json`` (through the
+- wall and CPU time of the whole process ``python -m deeppar.profiling analyze FILE --json``
+  (the ``trace`` command alone) and ``python -m deeppar trace analyze FILE --json`` (through the
   dispatcher, which also imports the other areas' command modules) against
   ``python -c 'json.load(...)'``;
 - in-process: the analysis alone against ``json.load`` alone: wall time, MB/s and peak memory
@@ -23,6 +23,8 @@ import argparse
 import gzip
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,22 +96,32 @@ def run_process(cmd: list[str]) -> str:
     return res.stdout
 
 
-def process_seconds(cmd: list[str], repeats: int) -> float:
-    """Median wall seconds of the whole child process."""
-    return measure(lambda: run_process(cmd), repeats=repeats, warmup=1).median
+def process_seconds(cmd: list[str], repeats: int) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds (user + system) of the whole child process.
+
+    CPU time hardly depends on other jobs sharing the machine, wall time does."""
+    cpu: list[float] = []
+
+    def once() -> None:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        run_process(cmd)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+
+    wall = measure(once, repeats=repeats, warmup=1).median
+    return wall, statistics.median(cpu[1:])
 
 
 def measure_file(path: Path, repeats: int) -> dict[str, float]:
     size_mb = path.stat().st_size / 2**20
     py = sys.executable
     json.loads(run_process([py, "-m", "deeppar.profiling", "analyze", str(path), "--json"]))
-    res = {"size_mb": size_mb,
-           "proc_json_s": process_seconds(
-               [py, "-c", "import json,sys; json.load(open(sys.argv[1]))", str(path)], repeats),
-           "proc_ours_s": process_seconds(
-               [py, "-m", "deeppar.profiling", "analyze", str(path), "--json"], repeats),
-           "proc_cli_s": process_seconds(
-               [py, "-m", "deeppar", "trace", "analyze", str(path), "--json"], repeats)}
+    res: dict[str, float] = {"size_mb": size_mb}
+    for key, cmd in (("json", [py, "-c", "import json,sys; json.load(open(sys.argv[1]))"]),
+                     ("ours", [py, "-m", "deeppar.profiling", "analyze"]),
+                     ("cli", [py, "-m", "deeppar", "trace", "analyze"])):
+        args = [str(path)] + (["--json"] if key != "json" else [])
+        res[f"proc_{key}_s"], res[f"cpu_{key}_s"] = process_seconds(cmd + args, repeats)
     for mode in ("json", "analyze"):
         runs = [json.loads(run_process([py, "-c", _INPROC, mode, str(path)]))
                 for _ in range(repeats)]
@@ -137,7 +149,8 @@ def main() -> int:
     header = (f"{'copies':>6} {'MB':>7} | {'process: json.load':>18} {'analyze':>8} {'ratio':>6} "
               f"{'deeppar CLI':>11} {'ratio':>6} | "
               f"{'in-process: json':>16} {'analyze':>8} {'MB/s':>7} {'ratio':>6} | "
-              f"{'growth: json':>12} {'analyze':>8} {'x file':>7}")
+              f"{'growth: json':>12} {'analyze':>8} {'x file':>7} | "
+              f"{'CPU s: json':>11} {'analyze':>8} {'ratio':>6} {'CLI ratio':>9}")
     print(header)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,6 +162,8 @@ def main() -> int:
             r["proc_ratio"] = r["proc_ours_s"] / r["proc_json_s"]
             r["cli_ratio"] = r["proc_cli_s"] / r["proc_json_s"]
             r["growth_x_file"] = r["analyze_growth_mb"] / r["size_mb"]
+            r["cpu_ratio"] = r["cpu_ours_s"] / r["cpu_json_s"]
+            r["cpu_cli_ratio"] = r["cpu_cli_s"] / r["cpu_json_s"]
             rows.append(r)
             print(f"{n:>6} {r['size_mb']:>7.1f} | {r['proc_json_s']:>17.2f}s "
                   f"{r['proc_ours_s']:>7.2f}s {r['proc_ours_s'] / r['proc_json_s']:>6.2f} "
@@ -156,7 +171,9 @@ def main() -> int:
                   f"{r['json_s']:>15.2f}s {r['analyze_s']:>7.2f}s "
                   f"{r['size_mb'] / r['analyze_s']:>7.1f} {r['analyze_s'] / r['json_s']:>6.2f} | "
                   f"{r['json_growth_mb']:>10.0f}MB {r['analyze_growth_mb']:>6.0f}MB "
-                  f"{r['analyze_growth_mb'] / r['size_mb']:>7.2f}", flush=True)
+                  f"{r['analyze_growth_mb'] / r['size_mb']:>7.2f} | "
+                  f"{r['cpu_json_s']:>10.2f}s {r['cpu_ours_s']:>7.2f}s {r['cpu_ratio']:>6.2f} "
+                  f"{r['cpu_cli_ratio']:>9.2f}", flush=True)
             path.unlink()
     write_json(args.json, {"benchmark": "bench_trace", "repeats": repeats,
                            "pythonpath": PYTHONPATH, "rows": rows})
