@@ -303,3 +303,21 @@ def test_max_mb_guard(tmp_path, capsys):
     assert "more than 104 bytes of JSON text (a regular file)" in err
     assert "--max-mb must be a positive" in _error(
         ["trace", "analyze", str(_small(tmp_path)), "--max-mb", "-1"], capsys)
+
+
+def test_module_entry_point_errors_are_one_line(tmp_path, capsys):
+    from deeppar.profiling.__main__ import main as module_main
+
+    p = tmp_path / "zeros.json"
+    p.write_bytes(b"\x00" * 100)
+    assert module_main(["analyze", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deeppar trace: error:") and "first byte 0x00" in err
+    assert len(err.strip().splitlines()) == 1
+    d = tmp_path / "locked.json"
+    d.write_text("{}")
+    d.chmod(0)
+    if os.access(d, os.R_OK):  # running as root: permissions do not apply
+        return
+    assert module_main(["analyze", str(d)]) == 2
+    assert "Permission denied" in capsys.readouterr().err

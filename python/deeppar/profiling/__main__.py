@@ -16,7 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(["trace", *(sys.argv[1:] if argv is None else argv)])
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early
+        sys.stderr.close()
+        return 0
+    except (ValueError, TypeError, OSError) as exc:  # OSError: missing file, permissions
         print(f"deeppar trace: error: {exc}", file=sys.stderr)
         return 2
 
