@@ -121,7 +121,8 @@ _WS = re.compile(rb"[ \t\r\n]*+")
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
 _SCALAR = re.compile(rb"[^ \t\r\n,:\[\]{}\"]++")  # a number or literal (json checks it)
 _GAP = re.compile(rb"[ \t\r\n]*+,[ \t\r\n]*+")
-_WS_BYTES = np.array([32, 9, 10, 13], dtype=np.uint8)
+_IS_WS = np.zeros(256, dtype=bool)
+_IS_WS[[32, 9, 10, 13]] = True
 
 
 class _Source:
@@ -483,9 +484,8 @@ def _gaps_ok(a: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarr
                        for s in starts[sel].tolist()]
             continue
         rows = a[starts[sel, None] + np.arange(length)]
-        commas = (rows == 0x2C).sum(axis=1)
-        spaces = np.isin(rows, _WS_BYTES).sum(axis=1)
-        ok[sel] = (commas == 1) & (commas + spaces == length)
+        commas = rows == 0x2C
+        ok[sel] = (commas.sum(axis=1) == 1) & (commas | _IS_WS[rows]).all(axis=1)
     return ok
 
 
