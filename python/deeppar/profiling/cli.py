@@ -55,14 +55,17 @@ def _progress_for(show: bool | None) -> Callable[[str], Progress | None]:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import json
 
-    from ._lanes import parse_window
     from .analysis import analyze
     from .classify import Classifier
     from .loader import load_traces
 
-    window = parse_window(args.window) if args.window else (None, None)
-    if args.window and not (args.png or args.html):
-        raise ValueError("--window applies to the pictures: give --png and/or --html")
+    window: tuple[float | None, float | None] = (None, None)
+    if args.window:
+        if not (args.png or args.html):
+            raise ValueError("--window applies to the pictures: give --png and/or --html")
+        from ._lanes import parse_window
+
+        window = parse_window(args.window)
     if args.max_mb is not None and args.max_mb <= 0:
         raise ValueError(f"--max-mb must be a positive number of MB, got {args.max_mb}")
     max_bytes = None if args.max_mb is None else int(args.max_mb * 2**20)
