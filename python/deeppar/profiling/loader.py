@@ -234,6 +234,8 @@ def _collect(path: str, rank: int | None, batches: Iterator[list[TraceEvent]],
     for batch in batches:
         for ev in batch:
             kind, phase, t = ev.kind, ev.phase, ev.ts
+            if kind is None and not seen_begin:
+                continue  # an "E" without category before any kept "B": closes nothing
             if type(t) is not int or not -lim < t < lim:
                 t = fields.time(ev)
                 if t is None:
@@ -249,10 +251,8 @@ def _collect(path: str, rank: int | None, batches: Iterator[list[TraceEvent]],
                     seen_begin = True
                 elif kind is not None:
                     code = _E_KEPT
-                elif seen_begin:
-                    code = _E_NO_CAT  # only after a "B" of a kept category, in file order
                 else:
-                    continue
+                    code = _E_NO_CAT  # only after a "B" of a kept category, in file order
                 b_ts.append(rel)
                 b_thread.append(threads[(ev.pid, ev.tid)])
                 b_code.append(code)
