@@ -40,7 +40,7 @@ META_KEYS = ("schemaVersion", "distributedInfo", "deviceProperties", "traceName"
 DEFAULT_MAX_BYTES = 32 << 30
 
 _CHUNK = 1 << 22  # bytes read per refill (more when one value is longer)
-MAX_EVENT_BYTES = 1 << 26  # one element of traceEvents longer than this is an error
+MAX_EVENT_BYTES = 1 << 26  # an event (or other value) longer than this is an error
 Progress = Callable[[int, "int | None"], None]  # (bytes of the file read, file size or None)
 
 
@@ -259,6 +259,9 @@ class _Parser:
                 if m.end() < len(buf) or self.eof:
                     self.pos = m.end()
                     return m.group()
+            if len(buf) - pos > MAX_EVENT_BYTES:
+                raise self.error(f"a JSON value longer than {MAX_EVENT_BYTES} bytes (unbalanced "
+                                 "brackets or quotes?) starts")
             if not self.fill():
                 raise self.truncated("a value")
 
