@@ -133,7 +133,7 @@ def test_unclosed_metadata_value_is_bounded(tmp_path, monkeypatch):
     p.write_text('{"deviceProperties": "' + "x" * (3 << 20))  # the string never ends
     msg, read = _read_until_error(p)
     assert "a JSON value longer than 1048576 bytes (unbalanced brackets or quotes?) " \
-           "starts at byte 22" in msg
+           "starts at byte 21" in msg
     assert read <= (1 << 20) + 2 * _parse._CHUNK
 
 
