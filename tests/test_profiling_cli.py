@@ -63,8 +63,12 @@ def test_text_report_and_png(tmp_path, capsys):
 def test_no_gpu_events(tmp_path, capsys):
     b = TraceBuilder()
     b.cpu_op("aten::add", 0, 3)
-    assert main(["trace", "analyze", str(b.write(tmp_path / "cpu.json"))]) == 0
+    p = str(b.write(tmp_path / "cpu.json"))
+    assert main(["trace", "analyze", p]) == 0
     assert "no GPU activity" in capsys.readouterr().out
+    png, html = tmp_path / "cpu.png", tmp_path / "cpu.html"
+    assert main(["trace", "analyze", p, "--png", str(png), "--html", str(html)]) == 0
+    assert png.exists() and "no GPU activity" in html.read_text()
 
 
 def _error(args, capsys) -> str:
