@@ -14,6 +14,7 @@ import torch
 
 from deeppar import _native
 from deeppar.eplb import reference
+from deeppar.eplb._validate import Problem
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
@@ -84,18 +85,62 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be None or one of {', '.join(BACKENDS)}; got {backend!r}")
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """The backend to run: ``backend`` itself (checked), or the best one for ``device``."""
+def cuda_smem_bytes(experts: int, replicas: int, groups: int, gpus: int) -> int:
+    """Shared memory one block of the CUDA kernel needs (``Layout`` in
+    csrc/cuda/eplb_kernel.cuh): 4-byte words for 5 per-expert, 3 per-group, 6 per-slot and
+    2 per-GPU arrays."""
+    return 4 * (5 * experts + 3 * groups + 6 * replicas + 2 * gpus)
+
+
+def _cuda_smem_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+
+
+def shape_reason(
+    backend: str, problem: Problem, device: torch.device, smem_limit: int | None = None
+) -> str | None:
+    """Why ``backend`` cannot plan ``problem`` (a size limit of its kernel); None when it can.
+    ``smem_limit`` overrides the CUDA device's shared memory per block (tests)."""
+    replicas, groups, nodes, gpus = problem.kernel_args
+    if backend == "cuda":
+        need = cuda_smem_bytes(problem.experts, replicas, groups, gpus)
+        limit = _cuda_smem_limit(device) if smem_limit is None else smem_limit
+        if need > limit:
+            return (
+                f"this problem needs {need} bytes of shared memory per layer, the GPU offers "
+                f"{limit} per block"
+            )
+    if backend == "triton":  # only asked once triton imports (unavailable_reason is None)
+        from deeppar.kernels.eplb_triton import MAX_BLOCK
+
+        if max(groups, replicas // nodes) > MAX_BLOCK:
+            return f"the Triton kernel handles at most {MAX_BLOCK} items per row and node"
+    return None
+
+
+def resolve(
+    backend: str | None, device: torch.device, problem: Problem | None = None
+) -> str:
+    """The backend to run: ``backend`` itself (checked), or the best one for ``device`` that
+    can take ``problem``'s sizes (a kernel's size limit skips it rather than failing)."""
     if backend is not None:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
         why = unavailable_reason(backend, device)
+        if why is None and problem is not None:
+            why = shape_reason(backend, problem, device)
         if why is not None:
             raise BackendUnavailable(f"EPLB backend {backend!r} is not available: {why}")
         return backend
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    if device.type == "cuda":
+        order: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
+    else:
+        order = ("cpu", "reference")
     for name in order:
-        if unavailable_reason(name, device) is None:
+        if unavailable_reason(name, device) is None and (
+            problem is None or shape_reason(name, problem, device) is None
+        ):
             return name
     return "reference"
 

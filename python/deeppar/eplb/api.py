@@ -62,7 +62,7 @@ def plan_maps(
     problem = check_problem(w, num_replicas, num_groups, num_nodes, num_gpus)
     if max_replicas is not None:
         max_replicas = as_count(max_replicas, "max_replicas")
-    name = _backends.resolve(backend, w.device)
+    name = _backends.resolve(backend, w.device, problem)
     sync_free = _sync_free(w, max_replicas)
     if sync_free:
         torch._assert_async(
@@ -70,7 +70,12 @@ def plan_maps(
         )
     elif w.device.type == "cpu":
         check_values(w)
-    phy2log, phy_rank, logcnt = _backends.core(name)(w, *problem.kernel_args)
+    planned = w
+    if name == "cuda" and not sync_free:
+        # The CUDA kernel asserts on bad loads (a device-side error ends the CUDA context);
+        # here a bad load must raise ValueError after the single read below instead.
+        planned = torch.where(torch.isfinite(w) & (w >= 0), w, 0.0)
+    phy2log, phy_rank, logcnt = _backends.core(name)(planned, *problem.kernel_args)
     if max_replicas is None:
         if w.device.type == "cpu":
             width = int(logcnt.max())
@@ -109,8 +114,10 @@ def rebalance_experts(
     Args:
         weight: ``[layers, experts]`` non-negative loads (any real or integer dtype; float32 used).
         num_replicas: physical expert slots per layer, a multiple of ``num_gpus``, >= experts.
-        num_groups: expert groups; experts must be a multiple of it.
-        num_nodes: server nodes; ``num_gpus`` must be a multiple of it.
+        num_groups: expert groups; experts must be a multiple of it when the hierarchical
+            policy runs (``num_groups % num_nodes == 0``); the global policy ignores it.
+        num_nodes: server nodes; ``num_gpus`` must be a multiple of it under the
+            hierarchical policy; the global policy ignores it.
         num_gpus: GPUs; slot ``s`` lives on GPU ``s // (num_replicas // num_gpus)``.
         backend: None (best for the device), "reference", "cpu", "cuda" or "triton".
         max_replicas: fixed width of ``log2phy``: no host sync, static shapes (CUDA graphs,
