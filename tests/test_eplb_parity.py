@@ -85,8 +85,12 @@ def test_negative_zero_is_zero():
 
 @needs_cpu_kernel
 def test_native_ops_reject_bad_values():
-    with pytest.raises(RuntimeError, match="finite non-negative"):
+    with pytest.raises(ValueError, match="finite non-negative loads; found a NaN"):
         torch.ops.deeppar.eplb_rebalance(torch.full((1, 4), float("nan")), 4, 1, 1, 1)
+    with pytest.raises(ValueError, match="found a negative value"):
+        torch.ops.deeppar.eplb_rebalance(-torch.ones(1, 4), 4, 1, 1, 1)
+    with pytest.raises(ValueError, match="found an infinite value"):
+        torch.ops.deeppar.eplb_rebalance(torch.full((1, 4), float("-inf")), 4, 1, 1, 1)
     with pytest.raises(RuntimeError, match="multiple of gpus"):
         torch.ops.deeppar.eplb_rebalance(torch.ones(1, 4), 6, 1, 1, 4)
 

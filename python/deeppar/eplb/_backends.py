@@ -18,6 +18,10 @@ from deeppar.eplb._validate import Problem
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
+# Planning methods: "deepseek" is the spec's algorithm (every backend); "balanced" improves its
+# placement (C++ CPU kernel only; inputs on another device are planned on a host copy).
+METHODS = ("deepseek", "balanced")
+
 Core = Callable[[torch.Tensor, int, int, int, int], tuple[torch.Tensor, ...]]
 
 if _native.has_kernel("eplb_rebalance", "cpu") or _native.has_kernel("eplb_rebalance", "cuda"):
@@ -28,6 +32,10 @@ if _native.has_kernel("eplb_rebalance", "cpu") or _native.has_kernel("eplb_rebal
         slots = weight.new_empty((layers, num_replicas), dtype=torch.int64)
         counts = weight.new_empty((layers, experts), dtype=torch.int64)
         return slots, torch.empty_like(slots), counts
+
+    @torch.library.register_fake("deeppar::eplb_rebalance_balanced")
+    def _rebalance_balanced_fake(weight, num_replicas, num_groups, num_nodes, num_gpus):
+        return _rebalance_fake(weight, num_replicas, num_groups, num_nodes, num_gpus)
 
     @torch.library.register_fake("deeppar::eplb_pack")
     def _pack_fake(weight, num_packs):
@@ -174,8 +182,40 @@ def _triton_core(weight: torch.Tensor, *sizes: int) -> tuple[torch.Tensor, ...]:
     return eplb_rebalance_triton(weight, *sizes)
 
 
-def core(backend: str) -> Core:
+def check_method(method: object) -> str:
+    """``method`` if it is one of :data:`METHODS`, else ValueError."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+    return method  # type: ignore[return-value]
+
+
+def resolve_balanced(backend: str | None) -> str:
+    """The backend of ``method="balanced"``: the C++ CPU kernel (``None`` or ``"cpu"``)."""
+    if backend is not None and backend != "cpu":
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"backend must be None or one of {', '.join(BACKENDS)}; got {backend!r}"
+            )
+        raise BackendUnavailable(
+            f"EPLB backend {backend!r} does not implement method='balanced' (only 'cpu' does; "
+            "tensors on other devices are planned on a host copy)"
+        )
+    if not _native.has_kernel("eplb_rebalance_balanced", "cpu"):
+        raise BackendUnavailable(
+            "method='balanced' needs the C++ kernel eplb_rebalance_balanced: "
+            f"{_native_reason('cpu') or 'rebuild the extension'}"
+        )
+    return "cpu"
+
+
+def _balanced_core(weight: torch.Tensor, *sizes: int) -> tuple[torch.Tensor, ...]:
+    return torch.ops.deeppar.eplb_rebalance_balanced(weight, *sizes)
+
+
+def core(backend: str, method: str = "deepseek") -> Core:
     """The planner core of a resolved backend."""
+    if method == "balanced":
+        return _on_cpu(_balanced_core)
     if backend == "reference":
         return _on_cpu(reference.rebalance_hierarchical)
     if backend == "cpu":
