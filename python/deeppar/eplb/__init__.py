@@ -3,6 +3,7 @@
 ``import deeppar.eplb as eplb`` then ``eplb.rebalance_experts(weight, R, G, N, P)``; the exact
 rules (ties included) are in ``specs/eplb.md``. Backends: ``reference`` (plain Python, the
 oracle), ``cpu`` (C++), ``cuda`` (CUDA kernel) and ``triton``; all bit-identical.
+``method="balanced"`` plans a better placement with the same replica counts (C++ on the CPU).
 
 Names load on first use, so that ``deeppar.eplb.cli`` (imported by the command-line parser)
 does not import torch.
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "BACKENDS": "deeppar.eplb._backends",
     "BackendUnavailable": "deeppar.eplb._backends",
+    "METHODS": "deeppar.eplb._backends",
     "available": "deeppar.eplb._backends",
     "balanced_packing": "deeppar.eplb.api",
     "rebalance_experts": "deeppar.eplb.api",
@@ -28,6 +30,7 @@ _EXPORTS = {
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "METHODS",
     "Plan",
     "available",
     "balanced_packing",
@@ -38,7 +41,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from deeppar.eplb._backends import BACKENDS, BackendUnavailable, available
+    from deeppar.eplb._backends import BACKENDS, METHODS, BackendUnavailable, available
     from deeppar.eplb.api import (
         balanced_packing,
         rebalance_experts,
