@@ -191,7 +191,7 @@ def relabel(old: torch.Tensor, new: torch.Tensor, num_gpus: int, num_nodes: int,
             nodes = list(range(num_nodes))
             node_match = _greedy_match(
                 _overlaps(slot_node, slot_node, new_row, old_row), nodes, nodes)
-            allowed = lambda a, b: node_match[a // gpn] == b // gpn  # noqa: E731
+            allowed = lambda a, b, m=node_match: m[a // gpn] == b // gpn  # noqa: E731
         else:
             node_match, allowed = None, None
         pairs = _overlaps(slot_gpu, slot_gpu, new_row, old_row, allowed)
