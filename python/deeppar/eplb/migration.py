@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from deeppar.eplb import api
@@ -363,32 +364,71 @@ def _step(w, phy, cnt, slot_load, load, slot_gpu, slot_region, gpus_per_region, 
     return out, do_swap | do_hand
 
 
+def _node_of_groups(row: list[int], group_size: int, per_node: int) -> dict[int, int] | None:
+    """Node of each group in a placement row; None if some group spans several nodes."""
+    node_of: dict[int, int] = {}
+    for slot, e in enumerate(row):
+        if node_of.setdefault(e // group_size, slot // per_node) != slot // per_node:
+            return None
+    return node_of
+
+
+def group_swaps(group_load: np.ndarray, node_of: np.ndarray, num_nodes: int,
+                target: float) -> np.ndarray:
+    """Fewest-moves node assignment of groups: starting from ``node_of [G]``, swap a group of
+    the most loaded node with a lighter group of another node (the swap that lowers that
+    node's load to the smallest pair maximum) until every node load is at most ``target`` or
+    no swap helps. Deterministic (lowest indices on ties)."""
+    node_of = node_of.copy()
+    for _ in range(len(node_of)):
+        loads = np.bincount(node_of, weights=group_load, minlength=num_nodes)
+        top = int(np.argmax(loads))
+        if loads[top] <= target:
+            break
+        here = np.flatnonzero(node_of == top)
+        there = np.flatnonzero(node_of != top)
+        delta = group_load[here][:, None] - group_load[there][None, :]
+        pair = np.maximum(loads[top] - delta, loads[node_of[there]][None, :] + delta)
+        pair = np.where((delta > 0) & (pair < loads[top]), pair, np.inf)
+        best = int(np.argmin(pair))
+        if not np.isfinite(pair.flat[best]):
+            break
+        g, h = here[best // len(there)], there[best % len(there)]
+        node_of[g], node_of[h] = node_of[h], node_of[g]
+    return node_of
+
+
 def regroup(weight: torch.Tensor, old: torch.Tensor, fresh: torch.Tensor, layers: torch.Tensor,
             num_groups: int, num_nodes: int) -> torch.Tensor:
-    """Start placements for a warm search under the hierarchical policy: in each layer of
-    ``layers [L]`` (bool), the groups move to the nodes that ``fresh [L, R]`` (relabelled) gives
-    them; a group that stays keeps its slots, an arriving group takes the slots of the groups
-    that left (one replica per expert, the rest to its experts by the replication rule of the
-    spec: largest load per replica, then fewest replicas, then lowest index). Other layers, and
-    layers whose current placement splits a group over nodes, are returned unchanged."""
+    """Start placements for a warm search under the hierarchical policy, for the layers in
+    ``layers [L]`` (bool) whose node loads need other groups on some node.
+
+    Groups are swapped between nodes (:func:`group_swaps`) until no node is more loaded than
+    the most loaded node of ``fresh [L, R]``; a group that stays keeps its slots, an arriving
+    group takes the slots of the groups that left (one replica per expert, the rest by the
+    replication rule of the spec: largest load per replica, then fewest replicas, then lowest
+    index). Other layers, and layers whose current placement splits a group over nodes, are
+    returned unchanged."""
     out = old.clone()
     replicas = old.shape[1]
     group_size = weight.shape[1] // num_groups
     per_node = replicas // num_nodes
+    group_loads = weight.double().view(weight.shape[0], num_groups, group_size).sum(-1).numpy()
     for layer in layers.nonzero().flatten().tolist():
         row, w = old[layer].tolist(), weight[layer].tolist()
-        node_old: dict[int, set[int]] = defaultdict(set)
-        node_new: dict[int, int] = {}
-        for s_, (e_old, e_new) in enumerate(zip(row, fresh[layer].tolist())):
-            node_old[e_old // group_size].add(s_ // per_node)
-            node_new[e_new // group_size] = s_ // per_node
-        if any(len(n) != 1 for n in node_old.values()):
+        before = _node_of_groups(row, group_size, per_node)
+        planned = _node_of_groups(fresh[layer].tolist(), group_size, per_node)
+        if before is None or planned is None:
             continue
+        gl = group_loads[layer]
+        target = np.bincount([planned[g] for g in range(num_groups)], weights=gl,
+                             minlength=num_nodes).max()
+        start = np.array([before[g] for g in range(num_groups)])
+        after = group_swaps(gl, start, num_nodes, target * (1 + 1e-12))
         for node in range(num_nodes):
             freed = [s_ for s_ in range(node * per_node, (node + 1) * per_node)
-                     if node_new[row[s_] // group_size] != node]
-            arriving = [g for g in sorted(node_new) if node_new[g] == node
-                        and next(iter(node_old[g])) != node]
+                     if after[row[s_] // group_size] != node]
+            arriving = [g for g in range(num_groups) if after[g] == node and start[g] != node]
             experts = [g * group_size + i for g in arriving for i in range(group_size)]
             count = dict.fromkeys(experts, 1)
             for _ in range(len(freed) - len(experts)):
