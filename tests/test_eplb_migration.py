@@ -220,3 +220,18 @@ def test_regroup_moves_groups_off_an_overloaded_node():
     m = migrate(w1, current, replicas, groups, nodes, gpus)
     check_invariants(w1, m.phy2log, m.log2phy, m.logcnt, replicas, groups, nodes, gpus)
     assert (m.moved <= m.moved_relabelled).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_balanced_method_is_matched_too(shape):
+    layers, experts, replicas, groups, nodes, gpus = shape
+    w0 = zipf(layers, experts, 6)
+    current, _, _ = eplb.rebalance_experts(w0, replicas, groups, nodes, gpus, method="balanced")
+    w1 = drift(w0, 0.3, 7)
+    m = migrate(w1, current, replicas, groups, nodes, gpus, method="balanced")
+    fresh, _, cnt = eplb.rebalance_experts(w1, replicas, groups, nodes, gpus, method="balanced")
+    want = layer_balancedness(w1, fresh, cnt, gpus)
+    assert (m.layer_balancedness >= want * (1 - 1e-6)).all()
+    check_invariants(w1, m.phy2log, m.log2phy, m.logcnt, replicas, groups, nodes, gpus)
+    with pytest.raises(ValueError, match="method must be one of"):
+        migrate(w1, current, replicas, groups, nodes, gpus, method="best")
