@@ -36,6 +36,7 @@ from deeppar.eplb.planning import balancedness, gpu_loads
 
 _DONORS = 6  # spare replicas considered per search step and layer
 _ROUNDING = 1e-6  # relative float32 rounding slack when comparing balancedness
+_BUDGET_EVERY = 16  # search steps between checks of the moved-replica budget
 
 
 @dataclass(frozen=True)
@@ -263,10 +264,14 @@ def _gpu_load64(weight: torch.Tensor, phy: torch.Tensor, cnt: torch.Tensor,
 
 
 def warm_search(weight: torch.Tensor, current: torch.Tensor, target: torch.Tensor,
-                num_gpus: int, gpus_per_region: int, max_steps: int) -> torch.Tensor:
+                num_gpus: int, gpus_per_region: int, max_steps: int,
+                budget: torch.Tensor | None = None, origin: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """Local search from ``current [L, R]`` until each layer's max GPU load is at most
     ``target [L]`` (or no move helps, or ``max_steps``): swaps inside a region of
-    ``gpus_per_region`` GPUs and spare-replica hand-overs. Returns the new ``[L, R]``."""
+    ``gpus_per_region`` GPUs and spare-replica hand-overs. A layer also stops once it moves
+    more than ``budget [L]`` replicas away from ``origin [L, R]`` (checked every few steps:
+    past that, another candidate is cheaper anyway). Returns the new ``[L, R]``."""
     w = weight.to(torch.float64)
     phy = current.clone()
     layers, replicas = phy.shape
@@ -275,7 +280,9 @@ def warm_search(weight: torch.Tensor, current: torch.Tensor, target: torch.Tenso
     slot_gpu = torch.arange(replicas) // per_gpu
     slot_region = slot_gpu // gpus_per_region
     stalled = torch.zeros(layers, dtype=torch.bool)
-    for _ in range(max_steps):
+    for step in range(max_steps):
+        if budget is not None and step % _BUDGET_EVERY == _BUDGET_EVERY - 1:
+            stalled |= moved_replicas(origin, phy, num_gpus, experts) > budget
         cnt = _counts(phy, experts)
         slot_load, load = _gpu_load64(w, phy, cnt, num_gpus)
         top_val = load.max(1).values
@@ -469,7 +476,7 @@ def migrate(
         current: the placement in use, ``phy2log [L, R]``; every expert in every layer.
         tolerance: balancedness (mean / max GPU load) the result may give up per layer against
             a plan from scratch; 0.0: never worse than it.
-        max_steps: bound of the local search (moves per layer); default 256.
+        max_steps: bound of the local search (moves per layer); default 256 + 8 * num_gpus.
         method, backend: passed to the planner for the fresh plan.
     Returns:
         a :class:`Migration` (CPU tensors) with the new maps and ``source_slot``.
@@ -483,7 +490,8 @@ def migrate(
         0.0 <= tolerance < 1.0
     ):
         raise ValueError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
-    steps = 256 if max_steps is None else as_count(max_steps, "max_steps", 0)
+    steps = (256 + 8 * problem.gpus if max_steps is None
+             else as_count(max_steps, "max_steps", 0))
     extra = {} if method is None else {"method": method}
     fresh, _, _ = api.rebalance_experts(w, problem.replicas, problem.groups, problem.nodes,
                                         problem.gpus, backend=backend, **extra)
@@ -507,13 +515,14 @@ def migrate(
     # Candidates per layer, in order of preference on equal moves: warm start from the current
     # placement, warm start after regrouping (hierarchical: the fresh plan's groups-to-nodes
     # assignment, for layers the first one could not bring to the goal), relabelled fresh plan.
-    candidates = [warm_search(w, old, target, gpus, region, steps)]
+    candidates = [warm_search(w, old, target, gpus, region, steps, moved_relabelled, old)]
     if hierarchical:
         missed = bal32(candidates[0]).double() < goal
         if missed.any():
             start = regroup(w, old, relabelled, missed, problem.groups, problem.nodes)
             only_missed = torch.where(missed, target, torch.inf)
-            candidates.append(warm_search(w, start, only_missed, gpus, region, steps))
+            candidates.append(warm_search(w, start, only_missed, gpus, region, steps,
+                                          moved_relabelled, old))
     candidates = [relabel(old, c, gpus, problem.nodes, hierarchical) for c in candidates]
     candidates.append(relabelled)
     moved = torch.stack([moved_replicas(old, c, gpus, experts) for c in candidates])
