@@ -11,7 +11,9 @@ costs an expert's weights over the network. ``migrate`` keeps the cost low in th
    GPU until it is no worse than the fresh plan (minus ``tolerance``): it swaps two replicas
    (the top GPU's and one on another GPU of the same node, or any GPU under the global policy)
    or hands a spare replica (an expert with >= 2) to an expert of the top GPU. Every layer
-   searches at once, in batched torch.
+   searches at once, in batched torch. Under the hierarchical policy, a layer whose node loads
+   need other groups on a node searches again after the fewest group swaps between nodes that
+   bring every node down to the fresh plan's most loaded node.
 3. Per layer, the warm-start result is taken when it reaches the fresh plan's balancedness
    (within ``tolerance``, measured as the planner measures it, in float32) with fewer moved
    replicas; otherwise the relabelled fresh plan.
@@ -513,8 +515,8 @@ def migrate(
     region = gpus // problem.nodes if hierarchical else gpus
     moved_relabelled = moved_replicas(old, relabelled, gpus, experts)
     # Candidates per layer, in order of preference on equal moves: warm start from the current
-    # placement, warm start after regrouping (hierarchical: the fresh plan's groups-to-nodes
-    # assignment, for layers the first one could not bring to the goal), relabelled fresh plan.
+    # placement, warm start after regrouping (hierarchical: a few group swaps between nodes, for
+    # layers the first one could not bring to the goal), relabelled fresh plan.
     candidates = [warm_search(w, old, target, gpus, region, steps, moved_relabelled, old)]
     if hierarchical:
         missed = bal32(candidates[0]).double() < goal
