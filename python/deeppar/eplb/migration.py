@@ -36,7 +36,7 @@ from deeppar.eplb import api
 from deeppar.eplb._validate import as_count, as_weight, check_problem, check_values
 from deeppar.eplb.planning import balancedness, gpu_loads
 
-_DONORS = 6  # spare replicas considered per search step and layer
+_DONORS = 12  # spare replicas considered per search step and layer
 _ROUNDING = 1e-6  # relative float32 rounding slack when comparing balancedness
 _BUDGET_EVERY = 16  # search steps between checks of the moved-replica budget
 
@@ -276,6 +276,7 @@ def warm_search(weight: torch.Tensor, current: torch.Tensor, target: torch.Tenso
     past that, another candidate is cheaper anyway). Returns the new ``[L, R]``."""
     w = weight.to(torch.float64)
     phy = current.clone()
+    start = current if origin is None else origin
     layers, replicas = phy.shape
     experts = w.shape[1]
     per_gpu = replicas // num_gpus
@@ -292,14 +293,29 @@ def warm_search(weight: torch.Tensor, current: torch.Tensor, target: torch.Tenso
         if active.numel() == 0:
             break
         moved = _step(w[active], phy[active], cnt[active], slot_load[active], load[active],
-                      slot_gpu, slot_region, gpus_per_region, per_gpu)
+                      start[active], target[active], slot_gpu, slot_region, gpus_per_region,
+                      per_gpu)
         phy[active] = moved[0]
         stalled[active[~moved[1]]] = True
     return phy
 
 
-def _step(w, phy, cnt, slot_load, load, slot_gpu, slot_region, gpus_per_region, per_gpu):
-    """One move on each given layer: (new phy2log, whether a move was made)."""
+def _lexmin(score: torch.Tensor, cost: torch.Tensor, last: torch.Tensor):
+    """Per row, the smallest (score, cost, last): (score, cost, index)."""
+    best = score.min(1).values
+    tie = score == best[:, None]
+    cheapest = torch.where(tie, cost, torch.iinfo(cost.dtype).max).min(1).values
+    tie &= cost == cheapest[:, None]
+    return best, cheapest, torch.where(tie, last, torch.inf).argmin(1)
+
+
+def _step(w, phy, cnt, slot_load, load, origin, target, slot_gpu, slot_region,
+          gpus_per_region, per_gpu):
+    """One move on each given layer: (new phy2log, whether a move was made).
+
+    Moves are ranked by the max GPU load they leave (anything at or below ``target`` counts
+    the same), then by the slots they change away from ``origin`` (fewer is better), then by
+    the larger load of the two GPUs they touch."""
     layers, replicas = phy.shape
     num_gpus = load.shape[1]
     rows = torch.arange(layers)
@@ -323,8 +339,14 @@ def _step(w, phy, cnt, slot_load, load, slot_gpu, slot_region, gpus_per_region, 
                        vals[:, 1, None, None])
     ok = ((delta > 0) & (gpu_b != top[:, None, None]) & same_region[:, None, :]
           & (ea[:, :, None] != phy[:, None, :]) & (pair < top_val[:, None, None]))
-    swap_score = torch.where(ok, torch.maximum(pair, rest), torch.inf).view(layers, -1)
-    swap_best, swap_at = swap_score.min(1)
+    swap_score = torch.where(ok, torch.maximum(torch.maximum(pair, rest), target[:, None, None]),
+                             torch.inf).view(layers, -1)
+    oa = origin.gather(1, top_slots)  # [L, spg]
+    changed_before = (ea != oa).long()[:, :, None] + (phy != origin).long()[:, None, :]
+    changed_after = (phy[:, None, :] != oa[:, :, None]).long() + (
+        ea[:, :, None] != origin[:, None, :]).long()
+    swap_cost = (changed_after - changed_before).view(layers, -1)
+    swap_best, swap_cost, swap_at = _lexmin(swap_score, swap_cost, pair.view(layers, -1))
 
     # Hand-overs: a spare replica (donor slot s, expert with >= 2 replicas) of the region
     # becomes one more replica of an expert of the top GPU.
@@ -354,11 +376,15 @@ def _step(w, phy, cnt, slot_load, load, slot_gpu, slot_region, gpus_per_region, 
     hand_max = (load[:, None, None, :] + d1[:, None] + d2[:, :, None] + fix).max(-1).values
     hand_ok = donor_ok[:, None, :] & (e1[:, None, :] != ea[:, :, None]) & (
         hand_max < top_val[:, None, None])
-    hand_score = torch.where(hand_ok, hand_max, torch.inf).view(layers, -1)
-    hand_best, hand_at = hand_score.min(1)
+    hand_score = torch.where(hand_ok, torch.maximum(hand_max, target[:, None, None]),
+                             torch.inf).view(layers, -1)
+    od = origin.gather(1, donors)  # [L, D]
+    hand_cost = ((ea[:, :, None] != od[:, None, :]).long()
+                 - (e1 != od).long()[:, None, :]).view(layers, -1)
+    hand_best, hand_cost, hand_at = _lexmin(hand_score, hand_cost, hand_max.view(layers, -1))
 
     out = phy.clone()
-    use_hand = hand_best < swap_best  # equal score: a swap (same max, no count change)
+    use_hand = (hand_best < swap_best) | ((hand_best == swap_best) & (hand_cost < swap_cost))
     do_swap = torch.isfinite(swap_best) & ~use_hand
     do_hand = torch.isfinite(hand_best) & use_hand
     a = top_slots[rows, swap_at // replicas]
