@@ -108,7 +108,10 @@ def load_current(path: Path) -> dict:
         raise FileNotFoundError(f"current plan not found: {path}")
     from deeppar._jsonsafe import load_json_file
 
-    data = load_json_file(path)
+    try:
+        data = load_json_file(path)
+    except ValueError as exc:  # names the file and the byte offset
+        raise ValueError(f"cannot read the current plan: {exc}") from None
     rows = data.get("phy2log") if isinstance(data, dict) else None
     if not (isinstance(rows, list) and rows and all(
         isinstance(r, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
