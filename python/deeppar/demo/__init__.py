@@ -1,0 +1,87 @@
+"""``deeppar demo``: train a small DeepSeek-style MoE with DualPipe, expert parallelism, EPLB
+and profiling, as one system, on 4 local processes (a PP 2 x EP 2 grid).
+
+The same training runs under ``torchrun`` (``examples/train_moe.py``): :func:`main_process`
+is what every process runs; the demo only spawns the processes itself.
+
+Modules: :mod:`.config` (sizes and pieces), :mod:`.layout` (rank grid and groups),
+:mod:`.task` (synthetic next-token data), :mod:`.model` (MoE transformer stages),
+:mod:`.train` (one process of the run), :mod:`.reference` (the one-process check),
+:mod:`.report` (progress, summary, pictures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .config import TrainConfig, add_arguments, from_args
+
+
+def _section(title: str) -> None:
+    print(f"\n=== {title} " + "=" * max(0, 72 - len(title)), flush=True)
+
+
+def finish(result, out: Path) -> None:
+    """Process 0 after training: the pictures and the summary table."""
+    from .report import draw_losses, draw_schedule, summary_lines
+
+    _section("summary")
+    for line in summary_lines(result):
+        print(line)
+    _section("pictures")
+    files = list(result.files)
+    path = out / "loss.png"
+    draw_losses(result, path)
+    files.insert(0, ("loss curve", str(path)))
+    if result.timeline:
+        path = out / "schedule_timeline.png"
+        draw_schedule(result, path)
+        files.insert(1, ("DualPipe step as run and simulated", str(path)))
+    for what, p in files:
+        print(f"  {what:<38} {p}")
+    print(flush=True)
+
+
+def main_process(cfg: TrainConfig, out: str) -> None:
+    """What every process runs (under torchrun or spawned by the demo)."""
+    from .train import train
+
+    result = train(cfg, out)
+    if result is not None:
+        finish(result, Path(out))
+
+
+def run_demo(cfg: TrainConfig, out: Path) -> int:
+    """Spawn ``cfg.world`` local processes and train."""
+    from .layout import spawn_local
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    _section(f"MoE training on {cfg.world} local processes (PP {cfg.pp} x EP {cfg.ep})")
+    print(f"model: {cfg.layers} layers, hidden {cfg.hidden}, {cfg.experts} routed experts "
+          f"(top-{cfg.top_k}, {cfg.n_group} groups, {cfg.topk_group} per token) + "
+          f"{cfg.shared_experts} shared; {cfg.steps} steps of {cfg.chunks} micro-batches x "
+          f"{cfg.micro_batch} sequences x {cfg.seq} tokens per data shard", flush=True)
+    spawn_local(cfg.world, main_process, cfg, str(out))
+    print(f"[demo: {time.perf_counter() - start:.1f} s; artefacts in {out}/]")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(from_args(args), Path(args.out))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``demo`` subcommand."""
+    p = subparsers.add_parser(
+        "demo", help="train a small MoE with DualPipe, expert parallelism, EPLB and profiling",
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/demo", help="folder for pictures and reports "
+                   "(created if missing)")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+__all__ = ["TrainConfig", "finish", "main_process", "register", "run_demo"]

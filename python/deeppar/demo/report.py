@@ -1,0 +1,167 @@
+"""What the training run shows: a progress bar while it trains, then a summary table and the
+pictures in the output folder (each path printed)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+
+
+class Progress:
+    """A plain-text progress bar with the loss of each step: redrawn in place on a terminal,
+    one line per step otherwise (logs, pipes)."""
+
+    def __init__(self, total: int, width: int = 24, stream: Any = None) -> None:
+        self.total, self.width = total, width
+        self.stream = stream or sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+
+    def update(self, done: int, loss: float, seconds: float, note: str = "") -> None:
+        fill = round(self.width * done / self.total)
+        bar = "#" * fill + "." * (self.width - fill)
+        line = (f"step {done:>{len(str(self.total))}}/{self.total} [{bar}] loss {loss:.4f} "
+                f"({seconds * 1e3:.0f} ms){'  ' + note if note else ''}")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+        self.stream.write(f"trained in {time.perf_counter() - self.start:.1f} s\n")
+        self.stream.flush()
+
+
+@dataclass
+class RunResult:
+    """Everything process 0 learnt from the run, for the summary and the pictures."""
+
+    config: TrainConfig
+    layout: str
+    losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    first_step: Any = None  # reference.FirstStepCheck
+    eplb: Any = None  # rebalance outcome (dict)
+    profile: Any = None  # profiled-step outcome (dict)
+    schedule: Any = None  # the DualPipe schedule that ran
+    timeline: list[Any] = field(default_factory=list)  # measured TimedSteps, microseconds
+    missing: list[str] = field(default_factory=list)  # pieces this installation lacks
+    files: list[tuple[str, str]] = field(default_factory=list)  # (what, path)
+
+
+def _ms(steps: list[Any]) -> list[Any]:
+    from deeppar.pipeline.simulate import TimedStep
+
+    return [TimedStep(s.rank, s.index, s.step, s.start / 1e3, s.end / 1e3) for s in steps]
+
+
+def measured_result(schedule: Any, steps: list[Any]) -> Any:
+    """The measured timeline as a :class:`~deeppar.pipeline.simulate.SimResult` (milliseconds),
+    so the schedule pictures can draw the step as it ran."""
+    from deeppar.pipeline.simulate import SimResult, peak_activations
+
+    steps = sorted(_ms(steps), key=lambda t: (t.start, t.rank))
+    ranks = schedule.num_ranks
+    makespan = max((s.end for s in steps), default=0.0)
+    busy = [sum(s.duration for s in steps if s.rank == r) for r in range(ranks)]
+    return SimResult(schedule, makespan, busy, [makespan - b for b in busy],
+                     [peak_activations(schedule, r) for r in range(ranks)], steps)
+
+
+def simulated_result(schedule: Any, steps: list[Any]) -> Any:
+    """The schedule replayed by the simulator with the measured step durations (ms)."""
+    from deeppar.pipeline import simulate
+    from deeppar.pipeline.timeline import to_measured_costs
+
+    return simulate(schedule, to_measured_costs(_ms(steps)))
+
+
+def draw_losses(result: RunResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from deeppar._io import write_atomic
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    try:
+        steps = list(range(1, len(result.losses) + 1))
+        ax.plot(steps, result.losses, marker="o", markersize=3, label="training loss")
+        if result.eplb and result.eplb.get("step"):
+            ax.axvline(result.eplb["step"] + 0.5, color="tab:red", linestyle="--",
+                       label="EPLB: experts moved")
+        ax.set_xlabel("step")
+        ax.set_ylabel("next-token cross-entropy")
+        c = result.config
+        ax.set_title(f"MoE {c.layers} layers x {c.experts} experts, DualPipe PP {c.pp} x "
+                     f"EP {c.ep}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), suffix=".png")
+    finally:
+        plt.close(fig)
+
+
+def draw_schedule(result: RunResult, path: Path) -> tuple[Any, Any]:
+    """The step as it ran (measured) above the simulator's replay of the same durations."""
+    import matplotlib.pyplot as plt
+
+    from deeppar._io import write_atomic
+    from deeppar.pipeline.draw import draw_compare
+
+    measured = measured_result(result.schedule, result.timeline)
+    simulated = simulated_result(result.schedule, result.timeline)
+    fig = draw_compare([(result.schedule, measured), (result.schedule, simulated)])
+    try:
+        axes = fig.axes
+        axes[0].set_title(f"DualPipe step as run (ms): makespan {measured.makespan:.1f}",
+                          fontsize=10, loc="left")
+        axes[1].set_title(f"simulated from the measured step durations: makespan "
+                          f"{simulated.makespan:.1f}", fontsize=10, loc="left")
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), suffix=".png")
+    finally:
+        plt.close(fig)
+    return measured, simulated
+
+
+def summary_lines(result: RunResult) -> list[str]:
+    """The summary table, one claim per row with what shows it."""
+    rows: list[tuple[str, str]] = []
+    if result.losses:
+        first, last = result.losses[0], result.losses[-1]
+        rows.append(("training loss", f"{first:.3f} -> {last:.3f} in {len(result.losses)} "
+                                      f"steps ({'falls' if last < first else 'DOES NOT FALL'})"))
+    fs = result.first_step
+    if fs is not None:
+        rows.append(("first step vs one process", ("losses bit-identical" if fs.losses_identical
+                                                   else "losses DIFFER")
+                     + f", grads max cos dist {fs.max_cos_distance:.1e}"))
+    if result.eplb:
+        e = result.eplb
+        rows.append(("EPLB at step " + str(e["step"]), e["summary"]))
+    if result.profile:
+        rows.append(("profiled step", result.profile["summary"]))
+    if result.timeline:
+        measured = measured_result(result.schedule, result.timeline)
+        simulated = simulated_result(result.schedule, result.timeline)
+        rows.append(("step: measured vs simulated", f"{measured.makespan:.1f} ms vs "
+                     f"{simulated.makespan:.1f} ms (ratio "
+                     f"{measured.makespan / max(simulated.makespan, 1e-9):.2f})"))
+    for what in result.missing:
+        rows.append(("not in this installation", what))
+    width = max((len(a) for a, _ in rows), default=0)
+    return [f"  {a:<{width}}  {b}" for a, b in rows]
+
+
+__all__ = ["Progress", "RunResult", "draw_losses", "draw_schedule", "measured_result",
+           "simulated_result", "summary_lines"]

@@ -1,0 +1,154 @@
+"""One process of the MoE training run: DualPipe over the pipeline ranks, experts sharded over
+the expert-parallel group, EPLB mid-training, one profiled step.
+
+Every process runs :func:`train`; process 0 prints the progress and returns a
+:class:`~deeppar.demo.report.RunResult` (the others return None).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import model as M
+from .config import TrainConfig
+from .layout import Layout, init
+from .report import Progress, RunResult
+from .task import NextTokenTask
+
+
+class Trainer:
+    """State of one process: its two DualPipe stages, optimizer, data and recorders."""
+
+    def __init__(self, cfg: TrainConfig, layout: Layout, out: Path | None) -> None:
+        from deeppar.pipeline import DualPipe, defer_weight_grads
+
+        self.cfg, self.layout, self.out = cfg, layout, out
+        self.task = NextTokenTask(cfg.vocab, cfg.seq, cfg.seed)
+        self.moe = M.MoEParts.build(cfg, layout)
+        stages = M.build_stages(cfg, self.moe)
+        p, P = layout.pp_rank, cfg.pp
+        self.stage_ids = (p, P - 1 - p)  # DualPipe: rank r holds S_r and S_(P-1-r)
+        local = [defer_weight_grads(stages[k]) for k in self.stage_ids]
+        for m in local:
+            m.to(layout.device)
+        self.pipe = DualPipe(tuple(local), process_group=layout.pp_group,
+                             p2p_shapes=[(cfg.micro_batch, cfg.seq, cfg.hidden)],
+                             p2p_dtype=torch.float32, device=layout.device,
+                             record_timeline=True)
+        self.opt = torch.optim.Adam(self.pipe.module.parameters(), lr=cfg.lr)
+        self.is_main = layout.rank == 0
+        self.result = RunResult(config=cfg, layout=layout.describe())
+
+    # ------------------------------------------------------------------ one step
+    def batch(self, step: int) -> tuple[Any, Any]:
+        """This process's inputs and labels: its expert-parallel rank is its data shard; the
+        first half of the micro-batches enters at pipeline rank 0, the second at rank P-1,
+        and each end holds the labels of the micro-batches the other one feeds."""
+        cfg = self.cfg
+        x, y = self.task.batch(step, self.layout.ep_rank, cfg.chunks * cfg.micro_batch)
+        x, y = x.to(self.layout.device), y.to(self.layout.device)
+        half = cfg.chunks // 2 * cfg.micro_batch
+        p = self.layout.pp_rank
+        if p == 0:
+            return x[:half], y[half:]
+        if p == cfg.pp - 1:
+            return x[half:], y[:half]
+        return None, None
+
+    def loss_microbatches(self) -> list[int]:
+        """Micro-batches whose loss this process computes, in the order step returns them."""
+        n, p = self.cfg.chunks, self.layout.pp_rank
+        if p == 0:
+            return list(range(n // 2, n))
+        if p == self.cfg.pp - 1:
+            return list(range(n // 2))
+        return []
+
+    def forward_backward(self, step: int) -> torch.Tensor | None:
+        """One DualPipe step; gradients summed over the stage copies and the data shards."""
+        x, y = self.batch(step)
+        self.opt.zero_grad(set_to_none=False)
+        loss, _ = self.pipe.step(x, num_chunks=self.cfg.chunks, criterion=M.criterion,
+                                 labels=(y,))
+        self.pipe.sum_mirrored_grads()
+        self.moe.sync_dense_grads(self.pipe.module, self.layout)
+        return loss
+
+    def mean_loss(self, loss: torch.Tensor | None) -> float:
+        """Mean loss over every micro-batch of every data shard (a collective)."""
+        t = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
+        if loss is not None:
+            t[0], t[1] = loss.double().sum(), loss.numel()
+        dist.all_reduce(t)
+        return float(t[0] / t[1])
+
+    def optimizer_step(self) -> None:
+        # the step's gradient is the mean over micro-batches and data shards
+        scale = 1.0 / (self.cfg.chunks * self.cfg.ep)
+        for p in self.pipe.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        self.opt.step()
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> RunResult | None:
+        cfg, res = self.cfg, self.result
+        progress = Progress(cfg.steps) if self.is_main else None
+        for step in range(cfg.steps):
+            start = time.perf_counter()
+            loss = self.forward_backward(step)
+            if step == 0 and cfg.check:
+                self.check_first_step(loss)
+            self.optimizer_step()
+            value = self.mean_loss(loss)
+            res.losses.append(value)
+            res.step_seconds.append(time.perf_counter() - start)
+            if progress is not None:
+                progress.update(step + 1, value, res.step_seconds[-1])
+        if progress is not None:
+            progress.close()
+        self.collect_timeline()
+        return res if self.is_main else None
+
+    # ------------------------------------------------------------------ pieces
+    def check_first_step(self, loss: torch.Tensor | None) -> None:
+        """Send this process's first-step losses and gradients to process 0, which compares
+        them with the sequential one-process run (:mod:`.reference`)."""
+        from .reference import compare_first_step
+
+        mine = {
+            "losses": {(self.layout.ep_rank, m): loss[i].item()
+                       for i, m in enumerate(self.loss_microbatches())} if loss is not None
+            else {},
+            "grads": M.global_grads(self.pipe.module[0], self.stage_ids[0], self.moe,
+                                    self.layout),
+        }
+        gathered: list[Any] = [None] * self.layout.world if self.is_main else None  # type: ignore
+        dist.gather_object(mine, gathered, dst=0)
+        if self.is_main:
+            self.result.first_step = compare_first_step(self.cfg, self.task, gathered)
+
+    def collect_timeline(self) -> None:
+        """The last step's measured timeline, of the pipeline through process 0."""
+        steps = self.pipe.gather_timeline()
+        if self.is_main:
+            self.result.schedule = self.pipe.schedule(self.cfg.chunks)
+            self.result.timeline = steps
+
+
+def train(cfg: TrainConfig, out: str | None = None) -> RunResult | None:
+    """Run one process of the training (the rank layout from the environment)."""
+    torch.set_num_threads(cfg.threads)
+    layout = init(cfg.pp, cfg.ep)
+    try:
+        return Trainer(cfg, layout, Path(out) if out else None).run()
+    finally:
+        dist.destroy_process_group()
+
+
+__all__ = ["Trainer", "train"]
