@@ -84,4 +84,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-__all__ = ["TrainConfig", "finish", "main_process", "register", "run_demo"]
+__all__ = ["TrainConfig", "add_arguments", "finish", "from_args", "main_process", "register",
+           "run_demo"]
