@@ -27,6 +27,10 @@ def finish(result, out: Path) -> None:
     """Process 0 after training: the pictures and the summary table."""
     from .report import draw_losses, draw_schedule, summary_lines
 
+    if result.profile:
+        _section("profiled step (deeppar.profiling)")
+        for line in result.profile["lines"]:
+            print(line)
     _section("summary")
     for line in summary_lines(result):
         print(line)

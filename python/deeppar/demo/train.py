@@ -7,7 +7,10 @@ Every process runs :func:`train`; process 0 prints the progress and returns a
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +102,11 @@ class Trainer:
     def run(self) -> RunResult | None:
         cfg, res = self.cfg, self.result
         progress = Progress(cfg.steps) if self.is_main else None
+        profiled = cfg.steps - 1 if cfg.profile and cfg.steps > 1 else -1
         for step in range(cfg.steps):
             start = time.perf_counter()
-            loss = self.forward_backward(step)
+            with self.capture(step == profiled):
+                loss = self.forward_backward(step)
             if step == 0 and cfg.check:
                 self.check_first_step(loss)
             self.optimizer_step()
@@ -109,10 +114,14 @@ class Trainer:
             res.losses.append(value)
             res.step_seconds.append(time.perf_counter() - start)
             if progress is not None:
-                progress.update(step + 1, value, res.step_seconds[-1])
+                progress.update(step + 1, value, res.step_seconds[-1],
+                                "(profiled)" if step == profiled else "")
+            if step == (profiled - 1 if profiled > 0 else cfg.steps - 1):
+                self.collect_timeline()  # an unprofiled step, for the simulator
         if progress is not None:
             progress.close()
-        self.collect_timeline()
+        if profiled >= 0:
+            self.analyse_profile()
         return res if self.is_main else None
 
     # ------------------------------------------------------------------ pieces
@@ -132,6 +141,47 @@ class Trainer:
         dist.gather_object(mine, gathered, dst=0)
         if self.is_main:
             self.result.first_step = compare_first_step(self.cfg, self.task, gathered)
+
+    @contextlib.contextmanager
+    def capture(self, on: bool) -> Iterator[None]:
+        """Profile the step inside (every process writes its own trace) when ``on``."""
+        if not on:
+            yield
+            return
+        from deeppar.profiling import capture
+
+        engine = getattr(self.pipe, "fused_engine", None)
+        if engine is not None:
+            engine.record_timeline = True
+            engine.timeline.clear()
+        path = self.trace_folder() / f"rank{self.layout.rank}.json"
+        with warnings.catch_warnings():
+            # one step, captured without a profiler warm-up step (it would be a training step)
+            warnings.filterwarnings("ignore", message=".*warmup.*")
+            with capture(path, steps=1, warmup=0, analyze=False) as prof:
+                yield
+                prof.step()
+        if engine is not None:
+            engine.record_timeline = False
+
+    def trace_folder(self) -> Path:
+        return (self.out or Path("out/train_moe")) / "traces"
+
+    def analyse_profile(self) -> None:
+        """Process 0 analyses every process's trace of the profiled step."""
+        dist.barrier()  # every trace written
+        if not self.is_main:
+            return
+        from .profile import analyse
+
+        engine = getattr(self.pipe, "fused_engine", None)
+        entries = list(engine.timeline) if engine is not None else []
+        if engine is None:
+            self.result.missing.append("fused F&B engine (deeppar.pipeline.fused): pairs ran as "
+                                       "F then B")
+        self.result.profile = analyse(self.trace_folder(), entries,
+                                      self.out or Path("out/train_moe"))
+        self.result.files += self.result.profile["files"]
 
     def collect_timeline(self) -> None:
         """The last step's measured timeline, of the pipeline through process 0."""

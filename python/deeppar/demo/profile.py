@@ -1,0 +1,106 @@
+"""The profiled step: what ``deeppar trace`` finds in it, and what the fused engine measured.
+
+Every process captures the same training step with :func:`deeppar.profiling.capture` (one
+trace file per process); process 0 analyses them together. On GPUs the analysis measures
+kernels: overlap ratio and exposed communication per device and per phase (the runtime's and
+the engine's ``record_function`` ranges). A CPU trace has no kernels, so there the phases'
+CPU times are reported, and the overlap is the engine's own: how long each all-to-all was in
+flight (from its start to the return of its wait) while computation ran.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def engine_overlap(entries: list[Any]) -> dict[str, float]:
+    """Overlap of in-flight transfers with computation in the engine's timeline (seconds):
+    ``comm_s`` (union of transfers), ``compute_s``, ``overlap_s`` and ``ratio`` =
+    overlap / comm."""
+    from deeppar.profiling import intervals as iv
+
+    def union(stream: str) -> tuple[np.ndarray, np.ndarray]:
+        sel = [e for e in entries if e.stream == stream]
+        return iv.union(np.array([e.start for e in sel], dtype=np.float64),
+                        np.array([e.end for e in sel], dtype=np.float64))
+
+    comm, comp = union("comm"), union("compute")
+    comm_s, overlap = iv.length(*comm), iv.intersection_length(comm, comp)
+    return {"comm_s": comm_s, "compute_s": iv.length(*comp), "overlap_s": overlap,
+            "ratio": overlap / comm_s if comm_s > 0 else 0.0,
+            "transfers": sum(1 for e in entries if e.stream == "comm")}
+
+
+def phase_table(report: Any, top: int = 12) -> list[tuple[str, int, float, float, float]]:
+    """Phases aggregated by name over all ranks: (name, count, CPU ms, GPU busy ms, exposed
+    communication ms), longest CPU time first."""
+    agg: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    for rank in report.ranks:
+        for p in rank.phases:
+            a = agg[p.name]
+            a[0] += 1
+            a[1] += p.cpu_dur_us / 1e3
+            a[2] += p.busy_us / 1e3
+            a[3] += p.exposed_comm_us / 1e3
+    rows = [(n, int(a[0]), a[1], a[2], a[3]) for n, a in agg.items()]
+    rows.sort(key=lambda r: -r[2])
+    return rows[:top]
+
+
+def analyse(folder: Path, engine_entries: list[Any], pictures: Path) -> dict[str, Any]:
+    """Analyse every rank's trace in ``folder``; write the timeline pictures of the trace
+    under ``pictures``. Returns the lines to print, a one-line summary and the files."""
+    from deeppar.profiling import analyze, load_traces, write_html, write_png
+
+    traces = load_traces([str(folder)])
+    report = analyze(traces)
+    lines: list[str] = []
+    files: list[tuple[str, str]] = []
+    devices = [d for r in report.ranks for d in r.devices]
+    if devices:
+        for d in devices:
+            lines.append(f"rank {d.rank} GPU {d.device}: overlap ratio {d.overlap_ratio:.3f}, "
+                         f"exposed communication {d.exposed_comm_us / 1e3:.3f} ms of "
+                         f"{d.comm_busy_us / 1e3:.3f} ms communication, span "
+                         f"{d.span_us / 1e3:.3f} ms")
+        worst = min(devices, key=lambda d: d.overlap_ratio)
+        summary = (f"{len(devices)} GPUs, overlap ratio >= {worst.overlap_ratio:.3f}, exposed "
+                   f"comm <= {max(d.exposed_comm_us for d in devices) / 1e3:.3f} ms")
+    else:
+        lines.append(f"{len(traces)} traces, no GPU kernels in them (CPU run): per-phase CPU "
+                     "times below; the overlap is the engine's own measurement")
+        summary = ""
+    phases = phase_table(report)
+    if phases:
+        lines.append(f"  {'phase (all ranks)':<28}{'count':>7}{'CPU ms':>10}{'GPU busy ms':>13}"
+                     f"{'exposed comm ms':>17}")
+        for name, count, cpu, busy, exposed in phases:
+            lines.append(f"  {name[:27]:<28}{count:>7}{cpu:>10.2f}{busy:>13.3f}"
+                         f"{exposed:>17.3f}")
+    else:
+        lines.append("  no record_function phases in the trace")
+    if engine_entries:
+        ov = engine_overlap(engine_entries)
+        lines.append(f"fused engine, F&B pairs on process 0: {ov['transfers']} all-to-alls in "
+                     f"flight {ov['comm_s'] * 1e3:.2f} ms, of which {ov['overlap_s'] * 1e3:.2f} "
+                     f"ms ran alongside computation (ratio {ov['ratio']:.2f})")
+        if not devices:
+            summary = (f"engine overlap ratio {ov['ratio']:.2f} (all-to-all in flight during "
+                       f"computation), {len(phases)} named phases")
+    else:
+        lines.append("fused engine: no F&B pair ran on process 0 in this step")
+        summary = summary or f"{len(phases)} named phases, no GPU kernels (CPU)"
+    png, html = pictures / "trace_timeline.png", pictures / "trace_timeline.html"
+    write_png(str(png), traces, report, max_ranks=4)
+    write_html(str(html), traces, report, max_ranks=4)
+    files += [("profiled step, timeline", str(png)), ("profiled step, zoomable", str(html))]
+    return {"lines": lines, "summary": summary, "files": files,
+            "overlap": engine_overlap(engine_entries) if engine_entries else None,
+            "gpu": bool(devices)}
+
+
+__all__ = ["analyse", "engine_overlap", "phase_table"]
