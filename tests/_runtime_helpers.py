@@ -5,10 +5,10 @@ reference the pipeline results are compared with."""
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import queue as _queue
 import socket
-import sys
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -31,7 +31,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, cases: list[str], q) -> None:
+def _worker(rank: int, world: int, port: int, cases: list[str], q,
+            module: str = __name__) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -40,7 +41,7 @@ def _worker(rank: int, world: int, port: int, cases: list[str], q) -> None:
     except Exception:  # noqa: BLE001
         q.put((rank, "<init>", traceback.format_exc()))
         return
-    mod = sys.modules[__name__]
+    mod = importlib.import_module(module)
     for name in cases:
         try:
             getattr(mod, name)(rank, world)
@@ -56,14 +57,16 @@ def _worker(rank: int, world: int, port: int, cases: list[str], q) -> None:
     dist.destroy_process_group()
 
 
-def run_cases(world: int, cases: list[str], timeout: float) -> dict[str, dict[int, str | None]]:
-    """Run ``cases`` (names of functions ``case(rank, world)`` in this module) on one spawned
-    gloo group of ``world`` processes. Returns ``{case: {rank: traceback or None}}``; a case
-    that did not report on some rank before ``timeout`` seconds gets ``"timeout"`` there."""
+def run_cases(world: int, cases: list[str], timeout: float,
+              module: str = __name__) -> dict[str, dict[int, str | None]]:
+    """Run ``cases`` (names of functions ``case(rank, world)`` in ``module``, this one by
+    default) on one spawned gloo group of ``world`` processes. Returns ``{case: {rank:
+    traceback or None}}``; a case that did not report on some rank before ``timeout`` seconds
+    gets ``"timeout"`` there."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, cases, q), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world, port, cases, q, module), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()

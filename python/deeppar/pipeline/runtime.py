@@ -6,7 +6,8 @@ program, and :meth:`~deeppar.pipeline.ir.Schedule.recvs_before` /
 runtime runs the program top to bottom: receive what the step needs (:mod:`.comm`), compute it
 (``F`` forward, ``B`` full backward, ``I`` backward with the weight gradient deferred to the
 pipeline's :class:`~.weight_grad.WeightGradStore`, ``W`` the deferred part, an ``Overlap`` through
-the stage class's ``overlapped_forward_backward`` hook when it has one), then queue its sends.
+the stage class's ``overlapped_forward_backward`` hook when it has one, else on the fused engine
+(:mod:`.fused`) when the stages declare sub-steps), then queue its sends.
 
 :class:`DualPipe` and :class:`DualPipeV` fix the method; :class:`PipelineRuntime` runs any method
 the generators know (``1f1b`` for a baseline, for instance).
@@ -24,8 +25,9 @@ import torch.nn as nn
 
 from .comm import P2PComm, TensorMeta
 from .comm_plan import CommPlan, build_plan, live_actions, step_transfers
+from .fused import FusedEngine
 from .ir import Action, Kind, Overlap, Schedule, Step
-from .overlap import has_overlap_hook, run_backward, run_overlapped
+from .overlap import can_overlap, run_backward, run_overlapped
 from .simulate import TimedStep
 from .timeline import TimelineRecorder
 from .weight_grad import WeightGradStore, activate, bind_store
@@ -136,7 +138,9 @@ class PipelineRuntime(nn.Module):
                            if p2p_shapes is not None else None)
         self.p2p_dtype = p2p_dtype or torch.float32
         self.max_tensors = max_tensors
-        self.use_overlap_hook = has_overlap_hook(modules) and len(modules) > 1
+        self.use_overlap_hook = can_overlap(modules) and len(modules) > 1
+        # runs Overlap pairs of stages that declare sub-steps (when no class hook wins)
+        self.fused_engine = FusedEngine(record_timeline=False)
         self.weight_grad_store = WeightGradStore()
         bind_store(modules, self.weight_grad_store)
         self.record_timeline = record_timeline
@@ -529,7 +533,8 @@ class PipelineRuntime(nn.Module):
         try:
             outputs0, loss0 = run_overlapped(
                 self.module[slot_of[f.stage]], inputs0, criterion0, labels0,
-                self.module[slot_of[b.stage]], loss1, outs1, grads1)
+                self.module[slot_of[b.stage]], loss1, outs1, grads1,
+                engine=self.fused_engine, microbatches=(f.microbatch, b.microbatch))
         finally:
             store.enabled = False
         if b.kind is Kind.I:

@@ -1,0 +1,176 @@
+"""Migration-aware rebalancing: valid maps, transfer plan, balancedness, fewer moves, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _eplb_helpers import check_invariants
+
+import deeppar.eplb as eplb
+from deeppar.eplb.migration import migrate, moved_replicas, relabel, source_slots
+from deeppar.eplb.planning import balancedness, gpu_loads
+
+# (layers, experts, replicas, groups, nodes, gpus): hierarchical, global, one slot per GPU.
+SHAPES = [
+    (4, 16, 24, 4, 2, 4),
+    (3, 32, 40, 8, 4, 8),
+    (3, 24, 30, 4, 3, 6),  # 4 % 3 != 0: global policy
+    (2, 16, 20, 4, 2, 20),  # one slot per GPU
+    (2, 12, 16, 4, 1, 4),
+]
+
+
+def zipf(layers: int, experts: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.stack([torch.randperm(experts, generator=g) for _ in range(layers)]) + 1
+    return 1000.0 / ranks.float()
+
+
+def drift(weight: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return weight * torch.exp(torch.randn(weight.shape, generator=g) * sigma)
+
+
+def layer_balancedness(weight, phy2log, logcnt, gpus):
+    return balancedness(gpu_loads(weight.float(), phy2log, logcnt, gpus))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_valid_maps_transfers_and_balancedness(shape, seed):
+    layers, experts, replicas, groups, nodes, gpus = shape
+    w0 = zipf(layers, experts, seed)
+    current, _, _ = eplb.rebalance_experts(w0, replicas, groups, nodes, gpus)
+    w1 = drift(w0, 0.4, seed + 10)
+    m = migrate(w1, current, replicas, groups, nodes, gpus)
+    check_invariants(w1, m.phy2log, m.log2phy, m.logcnt, replicas, groups, nodes, gpus)
+    # Never worse than a fresh plan, layer by layer (tolerance 0), up to float32 rounding of
+    # GPU sums taken in another slot order.
+    fresh, _, fresh_cnt = eplb.rebalance_experts(w1, replicas, groups, nodes, gpus)
+    want = layer_balancedness(w1, fresh, fresh_cnt, gpus)
+    assert (m.layer_balancedness >= want * (1 - 1e-6)).all()
+    assert torch.equal(m.layer_balancedness, layer_balancedness(w1, m.phy2log, m.logcnt, gpus))
+    # The transfer plan: each new slot copies an old slot that held its expert.
+    src = m.source_slot
+    assert torch.equal(current.gather(1, src), m.phy2log)
+    slots = torch.arange(replicas)
+    unchanged = current == m.phy2log
+    assert torch.equal(src[unchanged], slots.expand_as(src)[unchanged])
+    per_gpu = replicas // gpus
+    remote = (src // per_gpu) != (slots // per_gpu)
+    assert torch.equal(remote.sum(1), m.moved)
+    assert torch.equal(m.moved, moved_replicas(current, m.phy2log, gpus, experts))
+    assert (m.moved <= m.moved_relabelled).all()
+    # A slot is sent from the receiver's GPU whenever that GPU held the expert.
+    for layer in range(layers):
+        for s in remote[layer].nonzero().flatten().tolist():
+            g = s // per_gpu
+            held = current[layer, g * per_gpu:(g + 1) * per_gpu].tolist()
+            assert int(m.phy2log[layer, s]) not in held
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_same_loads_move_nothing(shape):
+    layers, experts, replicas, groups, nodes, gpus = shape
+    w = zipf(layers, experts, 3)
+    current, _, _ = eplb.rebalance_experts(w, replicas, groups, nodes, gpus)
+    m = migrate(w, current, replicas, groups, nodes, gpus)
+    assert int(m.moved.sum()) == 0 and int(m.local_copies.sum()) == 0
+    assert torch.equal(m.phy2log, current)
+    assert torch.equal(m.source_slot, torch.arange(replicas).expand(layers, replicas))
+
+
+def test_relabelling_permutes_gpus_only_and_finds_a_shuffled_plan():
+    layers, experts, replicas, groups, nodes, gpus = 3, 32, 40, 8, 4, 8
+    w = zipf(layers, experts, 5)
+    plan, _, cnt = eplb.rebalance_experts(w, replicas, groups, nodes, gpus)
+    per_gpu, per_node = replicas // gpus, replicas // nodes
+    # The same plan with nodes, GPUs inside nodes and slots inside GPUs renumbered.
+    g = torch.Generator().manual_seed(0)
+    node_perm = torch.randperm(nodes, generator=g)
+    shuffled = torch.empty_like(plan)
+    for layer in range(layers):
+        order = []
+        for node in node_perm.tolist():
+            gpu_perm = torch.randperm(gpus // nodes, generator=g).tolist()
+            for gi in gpu_perm:
+                base = node * per_node + gi * per_gpu
+                order += (base + torch.randperm(per_gpu, generator=g)).tolist()
+        shuffled[layer] = plan[layer, order]
+    back = relabel(plan, shuffled, gpus, nodes, hierarchical=True)
+    assert torch.equal(back, plan)
+    loads = gpu_loads(w, shuffled, cnt, gpus).sort(1).values
+    assert torch.allclose(gpu_loads(w, back, cnt, gpus).sort(1).values, loads, rtol=1e-6)
+
+
+def test_drifted_loads_move_at_least_twice_fewer_replicas():
+    layers, experts, replicas, groups, nodes, gpus = 6, 64, 80, 8, 2, 16
+    w0 = zipf(layers, experts, 7)
+    current, _, _ = eplb.rebalance_experts(w0, replicas, groups, nodes, gpus)
+    w1 = drift(w0, 0.3, 8)
+    m = migrate(w1, current, replicas, groups, nodes, gpus)
+    assert m.balancedness >= m.balancedness_scratch * (1 - 1e-6)
+    assert 2 * int(m.moved.sum()) <= int(m.moved_scratch.sum())
+
+
+def test_tolerance_trades_balancedness_for_moves():
+    layers, experts, replicas, groups, nodes, gpus = 4, 32, 40, 8, 2, 8
+    w0 = zipf(layers, experts, 11)
+    current, _, _ = eplb.rebalance_experts(w0, replicas, groups, nodes, gpus)
+    w1 = drift(w0, 0.4, 12)
+    strict = migrate(w1, current, replicas, groups, nodes, gpus)
+    loose = migrate(w1, current, replicas, groups, nodes, gpus, tolerance=0.1)
+    assert int(loose.moved.sum()) <= int(strict.moved.sum())
+    fresh = torch.tensor(strict.balancedness_scratch)
+    assert loose.balancedness >= float(fresh) - 0.1 - 1e-6
+
+
+def test_deterministic_and_summary():
+    layers, experts, replicas, groups, nodes, gpus = 3, 24, 30, 4, 3, 6
+    w0 = zipf(layers, experts, 2)
+    current, _, _ = eplb.rebalance_experts(w0, replicas, groups, nodes, gpus)
+    w1 = drift(w0, 0.5, 3)
+    a = migrate(w1, current, replicas, groups, nodes, gpus)
+    b = migrate(w1, current, replicas, groups, nodes, gpus)
+    assert torch.equal(a.phy2log, b.phy2log) and torch.equal(a.source_slot, b.source_slot)
+    text = a.summary(expert_bytes=1000)
+    assert f"migration: {int(a.moved.sum())} of {layers * replicas} replicas" in text
+    assert f"bytes moved: {int(a.moved.sum()) * 1000}" in text
+    data = a.to_dict()
+    assert data["phy2log"] == a.phy2log.tolist() and data["source_slot"] == a.source_slot.tolist()
+
+
+def test_source_slots_prefer_same_gpu_then_same_node():
+    # 1 layer, 4 experts, 8 slots, 2 nodes of 2 GPUs (2 slots per GPU).
+    old = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    new = torch.tensor([[1, 0, 2, 0, 3, 3, 2, 1]])
+    src = source_slots(old, new, num_gpus=4, num_nodes=2)
+    # slot 0 wants 1: held by slot 1 on the same GPU; slot 1 wants 0: slot 0, same GPU.
+    # slot 3 wants 0: on node 0 only slot 0 holds it. slots 4, 5 (GPU 2) want 3: slot 7 on
+    # node 1. slot 7 wants 1: slot 5 on node 1.
+    assert src.tolist() == [[1, 0, 2, 0, 7, 7, 6, 5]]
+
+
+def test_bad_current_placement():
+    w = zipf(2, 8, 0)
+    good, _, _ = eplb.rebalance_experts(w, 12, 2, 2, 4)
+    with pytest.raises(ValueError, match=r"current placement has shape \(2, 10\).*num_replicas=12"):
+        migrate(w, good[:, :10], 12, 2, 2, 4)
+    with pytest.raises(ValueError, match=r"shape \(1, 12\)"):
+        migrate(w, good[:1], 12, 2, 2, 4)
+    uncovered = good.clone()
+    uncovered[1] = 0
+    with pytest.raises(ValueError, match="does not cover every expert: layer 1 has no replica"):
+        migrate(w, uncovered, 12, 2, 2, 4)
+    outside = good.clone()
+    outside[0, 0] = 8
+    with pytest.raises(ValueError, match=r"expert 8, outside \[0, 8\)"):
+        migrate(w, outside, 12, 2, 2, 4)
+    with pytest.raises(TypeError, match="integer expert ids"):
+        migrate(w, good.float(), 12, 2, 2, 4)
+    with pytest.raises(TypeError, match="phy2log tensor"):
+        migrate(w, good.tolist(), 12, 2, 2, 4)
+    with pytest.raises(ValueError, match="tolerance"):
+        migrate(w, good, 12, 2, 2, 4, tolerance=1.5)
+    with pytest.raises(ValueError, match="num_gpus"):
+        migrate(w, good, 12, 2, 2, 5)

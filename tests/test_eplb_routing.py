@@ -1,0 +1,157 @@
+"""Replica routing: torch, Triton and reference agree; spreading and locality rules; errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TRITON_INTERPRET, devices
+
+import deeppar.eplb as eplb
+from deeppar import _native
+from deeppar.eplb.routing import route_reference, route_to_replicas
+
+# (experts, replicas, groups, nodes, gpus, tokens, k)
+CASES = [
+    (4, 4, 1, 1, 1, 1, 1),
+    (12, 16, 4, 2, 8, 7, 2),
+    (16, 24, 4, 2, 4, 33, 3),
+    (32, 66, 4, 3, 66, 5, 8),  # global policy, one slot per GPU
+    (9, 27, 3, 1, 9, 130, 4),  # three replicas per expert
+    (64, 72, 8, 4, 8, 300, 6),
+]
+# (local_gpu index as a fraction of the GPUs or None, use node tier)
+LOCALITY = [(None, False), (0.0, False), (0.5, False), (0.99, True)]
+
+
+def make_case(experts, replicas, groups, nodes, gpus, tokens, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.rand(1, experts, generator=g) ** 4 * 100
+    _, log2phy, logcnt = eplb.rebalance_experts(weight, replicas, groups, nodes, gpus)
+    ids = torch.randint(0, experts, (tokens, k), generator=g)
+    return ids, log2phy[0], logcnt[0]
+
+
+def locality_kwargs(case, locality):
+    experts, replicas, groups, nodes, gpus = case[:5]
+    where, node_tier = locality
+    if where is None:
+        return {}
+    kwargs = {"local_gpu": int(where * gpus), "slots_per_gpu": replicas // gpus}
+    if node_tier:
+        kwargs["gpus_per_node"] = gpus // nodes
+    return kwargs
+
+
+def backends() -> list[str]:
+    return ["torch", "triton"] if _native.triton_usable("cpu") else ["torch"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("locality", LOCALITY)
+@pytest.mark.parametrize("offset", [0, 5])
+@pytest.mark.parametrize("device", devices())
+def test_torch_matches_reference(case, locality, offset, device):
+    ids, log2phy, logcnt = make_case(*case, seed=offset)
+    kwargs = locality_kwargs(case, locality)
+    want = route_reference(ids, log2phy, logcnt, offset, **kwargs)
+    got = route_to_replicas(ids.to(device), log2phy.to(device), logcnt.to(device),
+                            token_offset=offset, backend="torch", **kwargs)
+    assert got.dtype == torch.int64 and torch.equal(got.cpu(), want)
+    assert torch.equal(route_to_replicas(ids, log2phy, logcnt, token_offset=offset,
+                                         backend="reference", **kwargs), want)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not (TRITON_INTERPRET or torch.cuda.is_available()),
+                    reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("locality", LOCALITY)
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+def test_triton_matches_reference(case, locality, ids_dtype):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids, log2phy, logcnt = make_case(*case, seed=1)
+    kwargs = locality_kwargs(case, locality)
+    want = route_reference(ids, log2phy, logcnt, 3, **kwargs)
+    got = route_to_replicas(ids.to(device, ids_dtype), log2phy.to(device), logcnt.to(device),
+                            token_offset=3, backend="triton", **kwargs)
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not (TRITON_INTERPRET or torch.cuda.is_available()),
+                    reason="Triton needs a GPU or TRITON_INTERPRET=1")
+def test_triton_custom_op_passes_opcheck():
+    from deeppar.kernels.replica_routing import route_replicas_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids, log2phy, logcnt = make_case(16, 24, 4, 2, 4, 9, 2, seed=2)
+    args = (ids.reshape(-1).to(device), log2phy.to(device), logcnt.to(device), 2, 1, 1, 6, 2)
+    torch.library.opcheck(route_replicas_triton, args)
+    empty = route_replicas_triton(torch.zeros(0, dtype=torch.int64, device=device),
+                                  *args[1:])
+    assert empty.shape == (0,)
+
+
+def test_tokens_spread_evenly_over_replicas():
+    # Expert 0 has 3 replicas; 10 consecutive tokens all pick it: 4/3/3 per replica.
+    log2phy = torch.tensor([[5, 2, 7], [0, -1, -1]])
+    logcnt = torch.tensor([3, 1])
+    ids = torch.zeros(10, 1, dtype=torch.long)
+    for backend in backends():
+        slots = route_to_replicas(ids, log2phy, logcnt, backend=backend).flatten().tolist()
+        assert slots[:4] == [5, 2, 7, 5]
+        assert sorted(slots.count(s) for s in (5, 2, 7)) == [3, 3, 4]
+        single = route_to_replicas(ids[:1], log2phy, logcnt, token_offset=4, backend=backend)
+        assert single.item() == 2  # offset 4 -> replica 1
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_locality_prefers_own_gpu_then_node(backend):
+    # 8 slots, 2 per GPU, 2 GPUs per node. Expert 0 on slots 1 (GPU 0), 5 (GPU 2), 6 (GPU 3).
+    log2phy = torch.tensor([[1, 5, 6], [0, -1, -1]])
+    logcnt = torch.tensor([3, 1])
+    ids = torch.tensor([[0], [0], [0], [1]])
+
+    def route(**kw):
+        return route_to_replicas(ids, log2phy, logcnt, slots_per_gpu=2, backend=backend,
+                                 **kw).flatten().tolist()
+
+    assert route(local_gpu=0) == [1, 1, 1, 0]  # own GPU holds one replica
+    assert route(local_gpu=3) == [6, 6, 6, 0]
+    assert route(local_gpu=1) == [1, 5, 6, 0]  # none on GPU 1: all replicas
+    assert route(local_gpu=1, gpus_per_node=2) == [1, 1, 1, 0]  # GPU 0 is on its node
+    assert route(local_gpu=2, gpus_per_node=2) == [5, 5, 5, 0]
+
+
+def test_empty_tokens():
+    ids, log2phy, logcnt = make_case(12, 16, 4, 2, 8, 1, 2, seed=0)
+    for backend in backends():
+        out = route_to_replicas(ids[:0], log2phy, logcnt, backend=backend)
+        assert out.shape == (0, 2)
+
+
+def test_bad_input():
+    ids, log2phy, logcnt = make_case(12, 16, 4, 2, 8, 4, 2, seed=0)
+    with pytest.raises(ValueError, match=r"expert id 12, outside \[0, 12\)"):
+        route_to_replicas(ids.clamp(max=0) + 12, log2phy, logcnt)
+    with pytest.raises(ValueError, match="expert id -1"):
+        route_to_replicas(ids - 100, log2phy, logcnt)
+    with pytest.raises(ValueError, match=r"topk_ids must be \[tokens, k\]"):
+        route_to_replicas(ids.flatten(), log2phy, logcnt)
+    with pytest.raises(ValueError, match="one layer's"):
+        route_to_replicas(ids, log2phy[None], logcnt)
+    with pytest.raises(ValueError, match=r"logcnt must be \[experts=12\]"):
+        route_to_replicas(ids, log2phy, logcnt[:5])
+    with pytest.raises(TypeError, match="integer tensor"):
+        route_to_replicas(ids.float(), log2phy, logcnt)
+    with pytest.raises(ValueError, match="slots_per_gpu"):
+        route_to_replicas(ids, log2phy, logcnt, local_gpu=1)
+    with pytest.raises(ValueError, match="gpus_per_node needs local_gpu"):
+        route_to_replicas(ids, log2phy, logcnt, gpus_per_node=2)
+    with pytest.raises(ValueError, match="logcnt must be in"):
+        route_to_replicas(ids, log2phy, logcnt * 0)
+    with pytest.raises(ValueError, match="backend must be"):
+        route_to_replicas(ids, log2phy, logcnt, backend="cuda")
+    if not _native.triton_usable("cpu"):
+        with pytest.raises(ValueError, match="Triton cannot run here"):
+            route_to_replicas(ids, log2phy, logcnt, backend="triton")
