@@ -46,51 +46,34 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
-class SwiGLU(nn.Module):
-    """One expert (routed or shared): ``down(silu(gate(x)) * up(x))``."""
-
-    def __init__(self, hidden: int, inner: int) -> None:
-        super().__init__()
-        self.gate = nn.Linear(hidden, inner, bias=False)
-        self.up = nn.Linear(hidden, inner, bias=False)
-        self.down = nn.Linear(inner, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
 class Block(nn.Module):
-    """Attention, then the MoE feed-forward: ``h + shared(norm(h)) + routed(norm(h))``."""
+    """Attention, then the MoE feed-forward (routed experts and the shared expert):
+    ``h = x + attn(x)``, ``out = h + moe(norm(h))``."""
 
-    def __init__(self, cfg: TrainConfig, routed: nn.Module | None) -> None:
+    def __init__(self, cfg: TrainConfig, group: Any = None) -> None:
+        from deeppar.moe import MoELayer
+
         super().__init__()
         self.attn = Attention(cfg.hidden, cfg.heads)
         self.ffn_norm = RMSNorm(cfg.hidden)
-        self.shared = nn.ModuleList(SwiGLU(cfg.hidden, cfg.expert_hidden)
-                                    for _ in range(cfg.shared_experts))
-        self.routed = routed
+        self.moe = MoELayer(cfg.hidden, cfg.expert_hidden, cfg.experts, cfg.top_k, group=group,
+                            shared_intermediate=cfg.expert_hidden * cfg.shared_experts,
+                            n_group=cfg.n_group, topk_group=cfg.topk_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x + self.attn(x)
-        y = self.ffn_norm(h)
-        out = h
-        for expert in self.shared:
-            out = out + expert(y)
-        if self.routed is not None:
-            b, t, d = y.shape
-            out = out + self.routed(y.reshape(b * t, d)).view(b, t, d)
-        return out
+        return h + self.moe(self.ffn_norm(h))
 
 
 class Stage(nn.Module):
     """Model stage ``index`` of ``cfg.pp``: token ids in (first stage) or hidden states in,
     hidden states out, or logits out (last stage)."""
 
-    def __init__(self, cfg: TrainConfig, index: int, blocks: list[Block]) -> None:
+    def __init__(self, cfg: TrainConfig, index: int, group: Any = None) -> None:
         super().__init__()
         self.index = index
         self.embed = nn.Embedding(cfg.vocab, cfg.hidden) if index == 0 else None
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(Block(cfg, group) for _ in range(cfg.layers // cfg.pp))
         last = index == cfg.pp - 1
         self.norm = RMSNorm(cfg.hidden) if last else None
         self.head = nn.Linear(cfg.hidden, cfg.vocab, bias=False) if last else None
@@ -110,57 +93,60 @@ def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-class MoEParts:
-    """How the routed experts are built and named on this process (filled in with
-    :mod:`deeppar.moe`)."""
-
-    def __init__(self, cfg: TrainConfig, layout: Any = None) -> None:
-        self.cfg, self.layout = cfg, layout
-        self.available = False
-
-    @classmethod
-    def build(cls, cfg: TrainConfig, layout: Any = None) -> MoEParts:
-        return cls(cfg, layout)
-
-    def routed(self, layer: int) -> nn.Module | None:
-        return None
-
-    def is_expert(self, name: str) -> bool:
-        return False
-
-    def global_name(self, stage: int, name: str) -> str:
-        return f"S{stage}.{name}"
-
-    def sync_dense_grads(self, stages: nn.Module, layout: Any) -> None:
-        """Sum the gradients of the parameters every expert-parallel rank holds (attention,
-        shared experts, router, embeddings) over the group: they ran on different data."""
-        if layout.ep == 1:
-            return
-        grads = [p.grad for n, p in stages.named_parameters()
-                 if p.grad is not None and not self.is_expert(n)]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=layout.ep_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+EXPERT_BANKS = ("moe.experts.",)  # parameters stacked over the experts (dim 0)
 
 
-def build_stages(cfg: TrainConfig, moe: MoEParts) -> list[Stage]:
-    """All ``cfg.pp`` stages, initialised from ``cfg.seed`` in one fixed order, so every
-    process (and the one-process reference) starts from the same weights."""
+def is_expert(name: str) -> bool:
+    """True for the routed experts' stacked weights (sharded over the EP group)."""
+    return any(key in name for key in EXPERT_BANKS)
+
+
+def build_full(cfg: TrainConfig) -> list[Stage]:
+    """All ``cfg.pp`` stages with every expert, initialised from ``cfg.seed``: the weights
+    every process starts from (built before torch.distributed is initialised, so each MoE
+    layer holds all its experts)."""
     torch.manual_seed(cfg.seed)
-    per_stage = cfg.layers // cfg.pp
-    stages = []
-    for k in range(cfg.pp):
-        blocks = [Block(cfg, moe.routed(k * per_stage + i)) for i in range(per_stage)]
-        stages.append(Stage(cfg, k, blocks))
-    return stages
+    return [Stage(cfg, k) for k in range(cfg.pp)]
 
 
-def global_grads(stage: nn.Module, index: int, moe: MoEParts, layout: Any
-                 ) -> dict[str, torch.Tensor]:
-    """Gradients of one stage keyed by model-wide names (experts by logical id)."""
-    prefix = "_orig_mod."
-    return {moe.global_name(index, n.removeprefix(prefix)): p.grad.detach().cpu().clone()
+def build_sharded(cfg: TrainConfig, full: list[Stage], index: int, group: Any,
+                  ep_rank: int) -> Stage:
+    """Stage ``index`` with only this expert-parallel rank's experts (slots ``ep_rank * E/ep``
+    on), its weights copied from ``full``."""
+    stage = Stage(cfg, index, group)
+    local = cfg.experts // cfg.ep
+    source = full[index].state_dict()
+    with torch.no_grad():
+        for name, t in stage.state_dict().items():
+            src = source[name]
+            if is_expert(name):
+                src = src[ep_rank * local:(ep_rank + 1) * local]
+            t.copy_(src)
+    return stage
+
+
+def moe_layers(stage: Stage, cfg: TrainConfig) -> list[tuple[int, nn.Module]]:
+    """``(global layer index, MoE layer)`` of a stage."""
+    per = cfg.layers // cfg.pp
+    return [(stage.index * per + i, b.moe) for i, b in enumerate(stage.blocks)]
+
+
+def sync_dense_grads(stages: nn.Module, group: Any) -> None:
+    """Sum over the expert-parallel group the gradients of the parameters every rank of it
+    holds (attention, router, shared expert, embeddings): they ran on different data."""
+    grads = [p.grad for n, p in stages.named_parameters()
+             if p.grad is not None and not is_expert(n)]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def named_grads(stage: Stage, first_slot: int = 0) -> dict[str, tuple[int, torch.Tensor]]:
+    """``{"S<index>.<name>": (first expert, grad)}``: expert banks carry the logical id of
+    their first row (slots = experts before any rebalance), other parameters 0."""
+    return {f"S{stage.index}.{n.removeprefix('_orig_mod.')}":
+            (first_slot if is_expert(n) else 0, p.grad.detach().cpu().clone())
             for n, p in stage.named_parameters() if p.grad is not None}

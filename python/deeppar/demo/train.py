@@ -27,18 +27,21 @@ from .task import NextTokenTask
 class Trainer:
     """State of one process: its two DualPipe stages, optimizer, data and recorders."""
 
-    def __init__(self, cfg: TrainConfig, layout: Layout, out: Path | None) -> None:
-        from deeppar.pipeline import DualPipe, defer_weight_grads
+    def __init__(self, cfg: TrainConfig, layout: Layout, out: Path | None,
+                 full: list[M.Stage], reference: Any = None) -> None:
+        from deeppar.pipeline import DualPipe
+
+        from .balance import ExpertBalancer
 
         self.cfg, self.layout, self.out = cfg, layout, out
+        self.reference = reference
         self.task = NextTokenTask(cfg.vocab, cfg.seq, cfg.seed)
-        self.moe = M.MoEParts.build(cfg, layout)
-        stages = M.build_stages(cfg, self.moe)
         p, P = layout.pp_rank, cfg.pp
         self.stage_ids = (p, P - 1 - p)  # DualPipe: rank r holds S_r and S_(P-1-r)
-        local = [defer_weight_grads(stages[k]) for k in self.stage_ids]
-        for m in local:
-            m.to(layout.device)
+        local = [M.build_sharded(cfg, full, k, layout.ep_group, layout.ep_rank).to(layout.device)
+                 for k in self.stage_ids]
+        self.balancer = ExpertBalancer(
+            cfg, [pair for m in local for pair in M.moe_layers(m, cfg)], layout.device)
         self.pipe = DualPipe(tuple(local), process_group=layout.pp_group,
                              p2p_shapes=[(cfg.micro_batch, cfg.seq, cfg.hidden)],
                              p2p_dtype=torch.float32, device=layout.device,
@@ -79,7 +82,8 @@ class Trainer:
         loss, _ = self.pipe.step(x, num_chunks=self.cfg.chunks, criterion=M.criterion,
                                  labels=(y,))
         self.pipe.sum_mirrored_grads()
-        self.moe.sync_dense_grads(self.pipe.module, self.layout)
+        if self.cfg.ep > 1:
+            M.sync_dense_grads(self.pipe.module, self.layout.ep_group)
         return loss
 
     def mean_loss(self, loss: torch.Tensor | None) -> float:
@@ -130,17 +134,17 @@ class Trainer:
         them with the sequential one-process run (:mod:`.reference`)."""
         from .reference import compare_first_step
 
+        local = self.cfg.experts // self.cfg.ep
         mine = {
             "losses": {(self.layout.ep_rank, m): loss[i].item()
                        for i, m in enumerate(self.loss_microbatches())} if loss is not None
             else {},
-            "grads": M.global_grads(self.pipe.module[0], self.stage_ids[0], self.moe,
-                                    self.layout),
+            "grads": M.named_grads(self.pipe.module[0], self.layout.ep_rank * local),
         }
         gathered: list[Any] = [None] * self.layout.world if self.is_main else None  # type: ignore
         dist.gather_object(mine, gathered, dst=0)
         if self.is_main:
-            self.result.first_step = compare_first_step(self.cfg, self.task, gathered)
+            self.result.first_step = compare_first_step(self.reference, gathered)
 
     @contextlib.contextmanager
     def capture(self, on: bool) -> Iterator[None]:
@@ -192,11 +196,25 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, out: str | None = None) -> RunResult | None:
-    """Run one process of the training (the rank layout from the environment)."""
+    """Run one process of the training (the rank layout from the environment).
+
+    The model with every expert is built first, before torch.distributed starts, so that each
+    MoE layer holds all its experts: process 0 runs the one-process reference on a copy of
+    it, and every process takes its stages and experts from it."""
+    import copy
+    import os
+
     torch.set_num_threads(cfg.threads)
+    full = M.build_full(cfg)
+    reference = None
+    if cfg.check and int(os.environ.get("RANK", "0")) == 0:
+        from .reference import sequential_first_step
+
+        task = NextTokenTask(cfg.vocab, cfg.seq, cfg.seed)
+        reference = sequential_first_step(cfg, task, copy.deepcopy(full))
     layout = init(cfg.pp, cfg.ep)
     try:
-        return Trainer(cfg, layout, Path(out) if out else None).run()
+        return Trainer(cfg, layout, Path(out) if out else None, full, reference).run()
     finally:
         dist.destroy_process_group()
 
