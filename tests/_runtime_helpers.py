@@ -41,10 +41,9 @@ def _worker(rank: int, world: int, port: int, cases: list[str], q,
     except Exception:  # noqa: BLE001
         q.put((rank, "<init>", traceback.format_exc()))
         return
-    mod = importlib.import_module(module)
     for name in cases:
         try:
-            getattr(mod, name)(rank, world)
+            _case(name, module)(rank, world)
             q.put((rank, name, None))
         except Exception:  # noqa: BLE001
             q.put((rank, name, traceback.format_exc()))
@@ -57,12 +56,18 @@ def _worker(rank: int, world: int, port: int, cases: list[str], q,
     dist.destroy_process_group()
 
 
+def _case(name: str, default: str = __name__) -> Callable[[int, int], None]:
+    """A case function: ``name`` in module ``default``, or ``"module:name"`` in another one."""
+    module, _, func = name.rpartition(":")
+    return getattr(importlib.import_module(module or default), func)
+
+
 def run_cases(world: int, cases: list[str], timeout: float,
               module: str = __name__) -> dict[str, dict[int, str | None]]:
     """Run ``cases`` (names of functions ``case(rank, world)`` in ``module``, this one by
-    default) on one spawned gloo group of ``world`` processes. Returns ``{case: {rank:
-    traceback or None}}``; a case that did not report on some rank before ``timeout`` seconds
-    gets ``"timeout"`` there."""
+    default, or ``"module:name"``) on one spawned gloo group of ``world`` processes. Returns
+    ``{case: {rank: traceback or None}}``; a case that did not report on some rank before
+    ``timeout`` seconds gets ``"timeout"`` there."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("eplb", "pipeline", "profiling", "dualpipe", "ops")
+_SUBMODULES = ("eplb", "pipeline", "profiling", "dualpipe", "ops", "moe")
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import dualpipe, eplb, ops, pipeline, profiling  # noqa: F401
+    from . import dualpipe, eplb, moe, ops, pipeline, profiling  # noqa: F401
 
 
 def info() -> dict[str, Any]:
