@@ -4,6 +4,11 @@
 rules (ties included) are in ``specs/eplb.md``. Backends: ``reference`` (plain Python, the
 oracle), ``cpu`` (C++), ``cuda`` (CUDA kernel) and ``triton``; all bit-identical.
 
+Around the planner: ``LoadRecorder`` (per-layer expert loads counted on the device),
+``migrate`` (a new plan that moves few replicas, with its transfer plan),
+``rearrange_expert_weights`` (moves expert weights between ranks, all or nothing) and
+``route_to_replicas`` (each token's physical slot).
+
 Names load on first use, so that ``deeppar.eplb.cli`` (imported by the command-line parser)
 does not import torch.
 """
@@ -23,18 +28,30 @@ _EXPORTS = {
     "replicate_experts": "deeppar.eplb.api",
     "Plan": "deeppar.eplb.planning",
     "plan": "deeppar.eplb.planning",
+    "LoadRecorder": "deeppar.eplb.recorder",
+    "Migration": "deeppar.eplb.migration",
+    "migrate": "deeppar.eplb.migration",
+    "RearrangeStats": "deeppar.eplb.rearrange",
+    "rearrange_expert_weights": "deeppar.eplb.rearrange",
+    "route_to_replicas": "deeppar.eplb.routing",
 }
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "LoadRecorder",
+    "Migration",
     "Plan",
+    "RearrangeStats",
     "available",
     "balanced_packing",
+    "migrate",
     "plan",
+    "rearrange_expert_weights",
     "rebalance_experts",
     "rebalance_experts_hierarchical",
     "replicate_experts",
+    "route_to_replicas",
 ]
 
 if TYPE_CHECKING:
@@ -45,7 +62,11 @@ if TYPE_CHECKING:
         rebalance_experts_hierarchical,
         replicate_experts,
     )
+    from deeppar.eplb.migration import Migration, migrate
     from deeppar.eplb.planning import Plan, plan
+    from deeppar.eplb.rearrange import RearrangeStats, rearrange_expert_weights
+    from deeppar.eplb.recorder import LoadRecorder
+    from deeppar.eplb.routing import route_to_replicas
 
 
 def __getattr__(name: str) -> Any:

@@ -32,6 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", type=int, help="GPUs (P)")
     p.add_argument("--backend", choices=("reference", "cpu", "cuda", "triton"),
                    help="planner backend (default: best available)")
+    p.add_argument("--method", choices=("deepseek", "balanced"),
+                   help="planning method, passed to the planner (default: its own, deepseek)")
+    p.add_argument("--current", type=Path, metavar="PLAN.json",
+                   help="plan in use (JSON written by --out): plan with few moved replicas and "
+                   "print the transfer summary; sizes default to the file's")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="with --current: balancedness that may be given up per layer against "
+                   "a plan from scratch (default 0)")
+    p.add_argument("--expert-bytes", type=int, metavar="N",
+                   help="with --current: bytes of one expert replica, to report bytes moved")
     p.add_argument("--seed", type=int, default=0, help="seed of the --demo loads")
     p.add_argument("--out", type=Path, help="write the maps and metrics as JSON")
     p.add_argument("--png", type=Path, help="draw per-GPU loads (needs matplotlib)")
@@ -89,9 +99,48 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_atomic(path, write)
 
 
+SIZE_KEYS = (("replicas", "num_replicas"), ("groups", "num_groups"), ("nodes", "num_nodes"),
+             ("gpus", "num_gpus"))
+
+
+def load_current(path: Path) -> dict:
+    """A plan JSON as ``--out`` writes it: a dict with ``phy2log`` (a list of rows of ints)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"current plan not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read the current plan {path}: {exc}") from None
+    rows = data.get("phy2log") if isinstance(data, dict) else None
+    if not (isinstance(rows, list) and rows and all(
+        isinstance(r, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+        for r in rows
+    )):
+        raise ValueError(f"current plan {path} has no phy2log [layers, replicas] of integers")
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError(f"current plan {path}: phy2log rows differ in length")
+    return data
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     import deeppar.eplb as eplb
 
+    current = load_current(args.current) if args.current else None
+    if current is not None:
+        for flag, key in SIZE_KEYS:
+            value = current.get(key)
+            if getattr(args, flag) is None and isinstance(value, int):
+                setattr(args, flag, value)
+        if isinstance(current.get("num_gpus"), int) and current["num_gpus"] != args.gpus:
+            raise ValueError(f"the current plan is for {current['num_gpus']} GPUs, "
+                             f"--gpus is {args.gpus}")
+        if args.png:
+            raise ValueError("--png draws a fresh plan; it is not available with --current")
+    elif args.expert_bytes is not None or args.tolerance:
+        raise ValueError("--expert-bytes and --tolerance need --current")
+    if args.expert_bytes is not None and args.expert_bytes < 1:
+        raise ValueError(f"--expert-bytes must be positive, got {args.expert_bytes}")
+    extra = {} if args.method is None else {"method": args.method}
     if args.demo:
         weight = demo_loads(args.seed)
         defaults = dict(zip(("replicas", "groups", "nodes", "gpus"), DEMO_SHAPE[2:]))
@@ -104,8 +153,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                    if getattr(args, k) is None]
         if missing:
             raise ValueError(f"{', '.join(missing)} required with --loads")
+    if current is not None:
+        import torch
+
+        from deeppar.eplb.migration import migrate
+
+        moved = migrate(weight, torch.tensor(current["phy2log"]), args.replicas, args.groups,
+                        args.nodes, args.gpus, tolerance=args.tolerance, backend=args.backend,
+                        **extra)
+        print(moved.summary(args.expert_bytes))
+        if args.out:
+            write_json_atomic(args.out, moved.to_dict())
+            print(f"maps and transfers written to {args.out}")
+        return 0
     plan = eplb.plan(weight, args.replicas, args.groups, args.nodes, args.gpus,
-                     backend=args.backend)
+                     backend=args.backend, **extra)
     print(plan.summary())
     if args.out:
         write_json_atomic(args.out, plan.to_dict())
