@@ -811,3 +811,142 @@ def case_shape_cache(rank: int, world: int) -> None:
             assert torch.equal(loss, torch.stack(losses))
         assert_grads_match(local[0], ref[rank], "slot0")
         assert_grads_match(local[1], ref[2 * P - 1 - rank], "slot1")
+
+
+# ----------------------------------------------------------------------------- agreement
+
+
+def case_program_mismatch(rank: int, world: int) -> None:
+    """Ranks whose programs differ (method, rank mapping, p2p shapes) get the same ValueError
+    naming the difference, before any message; a consistent step afterwards works."""
+    from deeppar.pipeline import PipelineRuntime
+
+    stages = make_model(2 * world)
+    local = [stages[rank], stages[2 * world - 1 - rank]]
+    n = 2 * world
+    x, y = make_data(n)
+    inp, lab = (x, y) if rank == 0 else (None, None)
+    method = "zbv" if rank == 0 else "dualpipev"
+    pipe = PipelineRuntime(local, method=method)
+    expect_error(lambda: pipe.step(inp, num_chunks=n, criterion=criterion, labels=(lab,)),
+                 "ranks disagree on method", "'zbv'", "'dualpipev'", "schedule hash")
+    # rank 1 maps itself to pipeline rank 0 too: both take the inputs of rank 0
+    mapping = list(range(world)) if rank != 1 else [1, 0] + list(range(2, world))
+    pipe = PipelineRuntime(local, method="dualpipev", rank_mapping=mapping)
+    expect_error(lambda: pipe.step(x if pipe.rank == 0 else None, num_chunks=n,
+                                   criterion=criterion, labels=(y if pipe.rank == 0 else None,)),
+                 "ranks disagree on rank_mapping", "group rank 1 (pipeline rank 0)")
+    shapes = [(MB, HIDDEN)] if rank == 0 else [(MB, 2 * HIDDEN)]
+    pipe = PipelineRuntime(local, method="dualpipev", p2p_shapes=shapes)
+    expect_error(lambda: pipe.step(inp, num_chunks=n, criterion=criterion, labels=(lab,)),
+                 "ranks disagree on p2p_shapes")
+    # every argument agreed once is not re-gathered; a change on one rank is seen by all
+    pipe = PipelineRuntime(local, method="dualpipev")
+    checks = []
+    for n_step, rows in ((n, n * MB), (n, n * MB), (n, 2 * n * MB), (n, 2 * n * MB)):
+        xs, ys = make_data(rows // MB)
+        before = pipe.full_agreements
+        pipe.step(xs if rank == 0 else None, num_chunks=n_step, criterion=criterion,
+                  labels=(ys if rank == 0 else None,))
+        checks.append(pipe.full_agreements - before)
+    assert checks == [1, 0, 1, 0], checks
+    # after the cached agreement, a bad argument on one rank still fails on every rank
+    expect_error(lambda: pipe.step(x if rank == 0 else x[:1], num_chunks=n,
+                                   criterion=criterion, labels=(lab,)), "inputs")
+    expect_error(lambda: pipe.step(inp, num_chunks=n + (rank == world - 1),
+                                   criterion=criterion, labels=(lab,)),
+                 "ranks disagree on num_chunks")
+    pipe.step(inp, num_chunks=n, criterion=criterion, labels=(lab,))
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+class FailAt(nn.Module):
+    """Wraps a stage; on ``rank`` its ``at``-th forward (or backward) call raises."""
+
+    def __init__(self, inner: nn.Module, fail: bool, at: int, backward: bool) -> None:
+        super().__init__()
+        self.inner, self.fail, self.at, self.backward = inner, fail, at, backward
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.fail and self.calls == self.at:
+            if not self.backward:
+                raise RuntimeError(f"stage failed at forward call {self.at}")
+            x = _RaiseInBackward.apply(x)
+        return self.inner(x)
+
+
+class _RaiseInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        raise RuntimeError("stage failed in backward")
+
+
+FAIL_BOUND_S = 10.0
+
+
+def _one_failure(rank: int, world: int, failing: int, at: int, backward: bool,
+                 good_steps: int, **pipe_kw) -> None:
+    import time
+
+    from deeppar.pipeline import DualPipeV
+    from deeppar.pipeline.coordination import PipelineFailure
+
+    stages = make_model(2 * world)
+    local = [FailAt(stages[rank], False, 0, False),
+             FailAt(stages[2 * world - 1 - rank], False, 0, False)]
+    pipe = DualPipeV(tuple(local), **pipe_kw)
+    n = 2 * world + 1
+    x, y = make_data(n)
+    inp, lab = (x, y) if rank == 0 else (None, None)
+    for _ in range(good_steps):
+        pipe.step(inp, num_chunks=n, criterion=criterion, labels=(lab,))
+    if rank == failing:
+        local[1].fail, local[1].at, local[1].backward = True, local[1].calls + at, backward
+    t0 = time.monotonic()
+    err: BaseException | None = None
+    for _ in range(2):  # a rank whose step ended before the failure fails on the next one
+        try:
+            pipe.step(inp, num_chunks=n, criterion=criterion, labels=(lab,))
+        except Exception as e:  # noqa: BLE001
+            err = e
+            break
+    elapsed = time.monotonic() - t0
+    assert err is not None, "no rank error after a failing step"
+    assert elapsed < FAIL_BOUND_S, f"failed after {elapsed:.1f}s"
+    what = "in backward" if backward else f"at forward call {at}"
+    if rank == failing:
+        assert type(err) is RuntimeError and f"stage failed {what}" in str(err), repr(err)
+    else:
+        assert isinstance(err, PipelineFailure), repr(err)
+        assert f"on rank {failing}: RuntimeError: stage failed {what}" in str(err), str(err)
+    # the pipeline stays failed; the process group stays usable
+    try:
+        pipe.step(inp, num_chunks=n, criterion=criterion, labels=(lab,))
+    except PipelineFailure as e:
+        assert f"rank {failing}" in str(e)
+    else:
+        raise AssertionError("a failed pipeline stepped again")
+    dist.barrier()
+
+
+def case_failure_headers(rank: int, world: int) -> None:
+    """First step (shapes in headers): the last rank's second stage raises in a forward."""
+    _one_failure(rank, world, world - 1, 2, False, good_steps=0)
+
+
+def case_failure_cached_shapes(rank: int, world: int) -> None:
+    """Shapes agreed on an earlier step (no headers): rank 0 raises in a backward."""
+    _one_failure(rank, world, 0, 2, True, good_steps=1)
+
+
+def case_failure_fixed_shapes(rank: int, world: int) -> None:
+    """Fixed p2p shapes: a middle rank raises at its third forward."""
+    _one_failure(rank, world, world // 2, 3, False, good_steps=0, p2p_shapes=[(MB, HIDDEN)])

@@ -36,11 +36,7 @@ def set_p2p_tensor_shapes(shapes: Sequence[Sequence[int]] | None) -> None:
     if shapes is None:
         _P2P["shapes"] = None
         return
-    if not isinstance(shapes, (list, tuple)) or not shapes or not all(
-            isinstance(s, (list, tuple, torch.Size)) for s in shapes):
-        raise TypeError("shapes must be a non-empty list of shapes, e.g. "
-                        "[(batch, seq, hidden)], or None to reset")
-    _P2P["shapes"] = [tuple(int(d) for d in s) for s in shapes]
+    _P2P["shapes"] = _runtime.check_p2p_shapes(shapes, "shapes")
 
 
 def set_p2p_tensor_dtype(dtype: torch.dtype | None) -> None:

@@ -12,6 +12,12 @@ DeepSeek's ``set_p2p_tensor_shapes``: every message carries those tensors) or fr
 header sent before each message (shape, dtype, requires-grad and presence of every tensor), so
 stages may return several tensors of any shapes and dtypes, some without gradient.
 
+A rank whose step failed finishes its part of the plan with :meth:`P2PComm.drain`: messages it
+never computed go out as placeholders (zeros of the agreed shapes, or a *failure header*, count
+-1, where the receiver expects a header), and it receives everything its peers send, so no peer
+waits for a message that never comes. A receiver that meets a failure header raises
+:class:`~.coordination.PipelineFailure`.
+
 Sends are queued after the compute that produces them; :meth:`P2PComm.issue` issues the groups of
 the comm plan (:mod:`.comm_plan`, one ``batch_isend_irecv`` each) and a step waits only for its
 own receives. Send works are kept (their tensors alive) until they complete or the step ends.
@@ -33,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .comm_plan import Group
+from .coordination import PipelineFailure
 
 MAX_DIMS = 8
 _FIELDS = 4 + MAX_DIMS  # present, requires_grad, dtype code, ndim, dims...
@@ -42,6 +49,7 @@ _DTYPES: tuple[torch.dtype, ...] = (
     torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
 )
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
+FAILED = -1  # tensor count of a failure header
 
 
 @dataclass(frozen=True)
@@ -75,9 +83,18 @@ def encode_header(tensors: Sequence[torch.Tensor | None], max_tensors: int,
     return torch.tensor(h, dtype=torch.int64, device=device)
 
 
-def decode_header(header: torch.Tensor) -> list[TensorMeta | None]:
-    """Inverse of :func:`encode_header`."""
+def failure_header(max_tensors: int, device: torch.device) -> torch.Tensor:
+    """The header a failed rank sends in place of a message it never computed."""
+    h = torch.zeros(1 + max_tensors * _FIELDS, dtype=torch.int64, device=device)
+    h[0] = FAILED
+    return h
+
+
+def decode_header(header: torch.Tensor) -> list[TensorMeta | None] | None:
+    """Inverse of :func:`encode_header`; ``None`` for a failure header."""
     h = header.tolist()
+    if h[0] == FAILED:
+        return None
     out: list[TensorMeta | None] = []
     for i in range(h[0]):
         base = 1 + i * _FIELDS
@@ -106,12 +123,15 @@ class P2PComm:
 
     ``group_ranks`` maps pipeline rank -> rank in ``group``. ``plan[(src, dst)]`` is the ordered
     list of message keys ``src`` sends to ``dst`` in this step (both sides compute it from the
-    schedule). ``fixed`` (per message kind) gives fixed tensor shapes instead of headers.
+    schedule); ``groups`` this rank's comm-plan groups, issued in that order. ``fixed`` (per
+    message kind) gives fixed tensor shapes instead of headers; ``known`` the shapes of the
+    messages agreed on an earlier step (no headers for them).
     """
 
     def __init__(self, group: dist.ProcessGroup | None, group_ranks: Sequence[int], me: int,
                  device: torch.device, plan: dict[tuple[int, int], list[Hashable]],
-                 fixed: dict[str, list[TensorMeta]] | None = None, max_tensors: int = 16,
+                 groups: Sequence[Group], fixed: dict[str, list[TensorMeta]] | None = None,
+                 max_tensors: int = 16,
                  known: dict[Hashable, list[TensorMeta | None]] | None = None) -> None:
         self.group = group
         self.global_ranks = [dist.get_global_rank(group, g) if group is not None else g
@@ -137,6 +157,9 @@ class P2PComm:
         self.known = known
         self.seen: dict[Hashable, list[TensorMeta | None]] = {}
         self.headers = 0
+        self._groups = list(groups)
+        self._issued = 0  # groups of the plan issued so far
+        self._draining = False
 
     # ------------------------------------------------------------------ helpers
     def _peer(self, rank: int) -> int:
@@ -146,10 +169,19 @@ class P2PComm:
         return dist.P2POp(fn, tensor, self._peer(rank), self.group)
 
     def _issue(self, ops: list[dist.P2POp]) -> list:
+        """Issue ``ops`` as one batch; one work per op. Backends return either one work per
+        op (gloo) or one for the whole batch (NCCL's coalesced group: waiting on it waits for
+        every op), which then stands for each op; anything else is an error, since the step
+        could not tell when its tensors are ready or free."""
         if not ops:
             return []
-        works = dist.batch_isend_irecv(ops)
-        return list(works) if works is not None else []
+        works = list(dist.batch_isend_irecv(ops) or [])
+        if len(works) == len(ops):
+            return works
+        if len(works) == 1:
+            return works * len(ops)
+        raise RuntimeError(f"rank {self.me}: batch_isend_irecv returned {len(works)} works for "
+                           f"{len(ops)} operations; expected one per operation or one in all")
 
     @staticmethod
     def _kind(key: Hashable) -> str:
@@ -159,12 +191,6 @@ class P2PComm:
     def send(self, key: Hashable, dst: int, tensors: Sequence[torch.Tensor | None]) -> None:
         """Queue ``tensors`` for ``dst``; issued with the plan's group that sends ``key``."""
         ops: list[dist.P2POp] = []
-        expected = self._out_order.get(dst, [])
-        pos = self._out_pos.get(dst, 0)
-        if pos >= len(expected) or expected[pos] != key:
-            raise RuntimeError(f"rank {self.me}: send {key} to rank {dst} is out of the "
-                               "schedule's channel order")
-        self._out_pos[dst] = pos + 1
         fixed = self.fixed.get(self._kind(key)) if self.fixed is not None else None
         if fixed is not None:
             payload = self._fixed_payload(key, tensors, fixed)
@@ -188,7 +214,16 @@ class P2PComm:
             self._keep.append(t)
             self.bytes_sent += t.numel() * t.element_size()
             ops.append(self._op(dist.isend, t, dst))
+        self._advance_out(key, dst)
         self._queued[key] = ops
+
+    def _advance_out(self, key: Hashable, dst: int) -> None:
+        expected = self._out_order.get(dst, [])
+        pos = self._out_pos.get(dst, 0)
+        if pos >= len(expected) or expected[pos] != key:
+            raise RuntimeError(f"rank {self.me}: send {key} to rank {dst} is out of the "
+                               "schedule's channel order")
+        self._out_pos[dst] = pos + 1
 
     def _fixed_payload(self, key: Hashable, tensors: Sequence[torch.Tensor | None],
                        fixed: list[TensorMeta]) -> list[torch.Tensor]:
@@ -210,6 +245,9 @@ class P2PComm:
         :meth:`send`) first, then its receives. With headers (gloo only, see the runtime), each
         received message's header is waited for and its payload posted before the next one,
         keeping every channel's op order the same on both sides."""
+        if self._issued >= len(self._groups) or self._groups[self._issued] != group:
+            raise RuntimeError(f"rank {self.me}: comm-plan group issued out of order")
+        self._issued += 1
         ops: list[dist.P2POp] = []
         for key, _dst in group.sends:
             if key not in self._queued:
@@ -239,6 +277,7 @@ class P2PComm:
             self._post_payload(inc, metas, src, ops)
             incs.append(inc)
         self._issue_pending(ops, incs)
+        failed_peer: int | None = None
         for key, src in headered:  # gloo: a header is waited for before its payload is posted
             header = torch.empty(1 + self.max_tensors * _FIELDS, dtype=torch.int64,
                                  device=self.device)
@@ -246,12 +285,18 @@ class P2PComm:
                 w.wait()
             metas = decode_header(header)
             self.headers += 1
-            self.seen[key] = metas
             inc = self._incoming[key]
+            if metas is None:  # the sender failed and sends nothing more of this message
+                inc.tensors, inc.works, inc.requires_grad = [], [], []
+                failed_peer = src if failed_peer is None else failed_peer
+                continue
+            self.seen[key] = metas
             payload: list[dist.P2POp] = []
             self._post_payload(inc, metas, src, payload)
             self._issue_pending(payload, [inc])
         self._reap()
+        if failed_peer is not None and not self._draining:
+            raise PipelineFailure(f"rank {self.me}: rank {failed_peer} failed during the step")
 
     def _reap(self) -> None:
         if self._send_works and all(w.is_completed() for w in self._send_works):
@@ -277,11 +322,8 @@ class P2PComm:
     def _issue_pending(self, ops: list[dist.P2POp], incs: list[_Incoming]) -> None:
         """Issue ``ops`` as one batch; turn the op indices stored in ``incs`` into works."""
         works = self._issue(ops)
-        if len(works) != len(ops):  # a backend returning one work for the whole batch
-            works = [works[0] if works else None] * len(ops)
         recv_idx = {i for inc in incs for i in inc.works if isinstance(i, int)}
-        self._send_works.extend(w for i, w in enumerate(works)
-                                if i not in recv_idx and w is not None)
+        self._send_works.extend(w for i, w in enumerate(works) if i not in recv_idx)
         for inc in incs:
             inc.works = [works[i] if isinstance(i, int) else i for i in inc.works]
 
@@ -295,8 +337,7 @@ class P2PComm:
                                    "not posted its receive")
             inc = self._incoming.pop(key)
             for w in inc.works:
-                if w is not None:
-                    w.wait()
+                w.wait()
             for t, rg in zip(inc.tensors, inc.requires_grad):  # type: ignore[arg-type]
                 if t is not None and rg:
                     t.requires_grad_(True)
@@ -317,5 +358,42 @@ class P2PComm:
         if left:
             raise RuntimeError(f"rank {self.me}: messages received but never used: {left}")
 
+    def drain(self) -> None:
+        """After a failure on this rank: issue the rest of the plan, with placeholders for the
+        messages never computed, and wait for every receive and send, so that every peer's
+        matching operations complete."""
+        self._draining = True
+        for group in self._groups[self._issued:]:
+            for key, dst in group.sends:
+                if key not in self._queued:
+                    self._queue_placeholder(key, dst)
+            self.issue(group)
+        for inc in self._incoming.values():
+            for w in inc.works:
+                w.wait()
+        for w in self._send_works:
+            w.wait()
+        self._incoming.clear()
+        self._queued.clear()
+        self._send_works = []
+        self._keep = []
 
-__all__ = ["MAX_DIMS", "P2PComm", "TensorMeta", "decode_header", "encode_header"]
+    def _queue_placeholder(self, key: Hashable, dst: int) -> None:
+        """Queue zeros of the message's agreed shapes, or a failure header when the receiver
+        expects a header."""
+        fixed = self.fixed.get(self._kind(key)) if self.fixed is not None else None
+        metas = fixed if fixed is not None else (self.known or {}).get(key)
+        if metas is None:
+            self._advance_out(key, dst)
+            header = failure_header(self.max_tensors, self.device)
+            self._keep.append(header)
+            self._queued[key] = [self._op(dist.isend, header, dst)]
+            return
+        self.send(key, dst, [None if m is None else
+                             torch.zeros(m.shape, dtype=m.dtype, device=self.device
+                                         ).requires_grad_(m.requires_grad)
+                             for m in metas])
+
+
+__all__ = ["FAILED", "MAX_DIMS", "P2PComm", "TensorMeta", "decode_header", "encode_header",
+           "failure_header"]

@@ -2,12 +2,25 @@
 
 The runtime owns no step logic of its own: :func:`deeppar.pipeline.build` gives every rank its
 program, and :meth:`~deeppar.pipeline.ir.Schedule.recvs_before` /
-:meth:`~deeppar.pipeline.ir.Schedule.sends_after` say what each step receives and sends. The
-runtime runs the program top to bottom: receive what the step needs (:mod:`.comm`), compute it
-(``F`` forward, ``B`` full backward, ``I`` backward with the weight gradient deferred to the
-pipeline's :class:`~.weight_grad.WeightGradStore`, ``W`` the deferred part, an ``Overlap`` through
-the stage class's ``overlapped_forward_backward`` hook when it has one, else on the fused engine
-(:mod:`.fused`) when the stages declare sub-steps), then queue its sends.
+:meth:`~deeppar.pipeline.ir.Schedule.sends_after` say what each step receives and sends. A step
+reads top to bottom:
+
+1. *agree* (:mod:`.coordination`): every rank's program and messages must fit together (same
+   schedule, rank mapping, p2p shapes; arguments that fit); checked in full only when something
+   changed on some rank, and the same ``ValueError`` on every rank otherwise;
+2. *prepare*: this rank's program (every step's receives, sends and comm-plan groups, computed
+   once per schedule and mode), the step's state, the messages (:mod:`.comm`);
+3. *loop*: receive what a step needs, compute it (``F`` forward, ``B`` full backward, ``I``
+   backward with the weight gradient deferred to the pipeline's
+   :class:`~.weight_grad.WeightGradStore`, ``W`` the deferred part, an ``Overlap`` through the
+   stage class's ``overlapped_forward_backward`` hook when it has one, else on the fused engine
+   (:mod:`.fused`) when the stages declare sub-steps), queue its sends; each
+   step runs inside a ``record_function`` range named after its kind when a profiler records;
+4. *collect*: losses and outputs.
+
+A rank whose step raises posts a failure notice and finishes its communication with placeholder
+tensors, so its peers fail at the end of their step (or at their next agreement) with an error
+naming it, instead of waiting for the process group's timeout.
 
 :class:`DualPipe` and :class:`DualPipeV` fix the method; :class:`PipelineRuntime` runs any method
 the generators know (``1f1b`` for a baseline, for instance).
@@ -15,8 +28,10 @@ the generators know (``1f1b`` for a baseline, for instance).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,15 +39,69 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .comm import P2PComm, TensorMeta
-from .comm_plan import CommPlan, build_plan, live_actions, step_transfers
+from .comm_plan import CommPlan, Group, build_plan, live_actions, step_transfers
+from .coordination import PipelineFailure, StepCoordinator
 from .fused import FusedEngine
-from .ir import Action, Kind, Overlap, Schedule, Step
+from .ir import Action, Kind, Overlap, Schedule, Step, Transfer
 from .overlap import can_overlap, run_backward, run_overlapped
 from .simulate import TimedStep
 from .timeline import TimelineRecorder
 from .weight_grad import WeightGradStore, activate, bind_store
 
 Tensors = list[torch.Tensor | None]
+
+
+def check_p2p_shapes(shapes: Any, name: str = "p2p_shapes") -> list[tuple[int, ...]]:
+    """``shapes`` as a list of int tuples; ``TypeError`` naming ``name`` unless it is a
+    non-empty list of shapes (the one check of DeepSeek's ``set_p2p_tensor_shapes`` convention,
+    used by the runtime and by :mod:`deeppar.dualpipe`)."""
+    if not isinstance(shapes, (list, tuple)) or not shapes or not all(
+            isinstance(s, (list, tuple, torch.Size)) for s in shapes):
+        raise TypeError(f"{name} must be a non-empty list of shapes, e.g. [(mb, hidden)]")
+    return [tuple(int(d) for d in s) for s in shapes]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How a pipeline runs (everything but its stages).
+
+    ``rank_mapping[i]`` is the pipeline rank of group rank ``i`` (identity by default).
+    ``p2p_shapes``/``p2p_dtype`` fix the tensors every message carries (no headers); without
+    them the first step sends a small header with each message's shapes, and with
+    ``cache_shapes`` later steps whose inputs have the same shapes on every rank (and the same
+    grad mode, autocast state and trainable parameters) reuse them without headers (a stage
+    whose output shapes then change raises an error: set ``cache_shapes=False`` for
+    data-dependent shapes). ``record_timeline`` keeps the per-step times of the last step in
+    :attr:`PipelineRuntime.timeline`. ``max_tensors`` bounds the tensors of one message.
+    """
+
+    method: str = ""
+    batch_dim: int = 0
+    process_group: dist.ProcessGroup | None = None
+    rank_mapping: tuple[int, ...] | None = None
+    p2p_shapes: tuple[tuple[int, ...], ...] | None = None
+    p2p_dtype: torch.dtype | None = None
+    device: torch.device | str | None = None
+    record_timeline: bool = False
+    max_tensors: int = 16
+    cache_shapes: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.method or not isinstance(self.method, str):
+            raise ValueError("method: give the schedule method, e.g. '1f1b'")
+        if not isinstance(self.batch_dim, int) or isinstance(self.batch_dim, bool):
+            raise TypeError(f"batch_dim must be an int, got {type(self.batch_dim).__name__}")
+        if self.p2p_shapes is None and self.p2p_dtype is not None:
+            raise ValueError("p2p_dtype is given without p2p_shapes")
+        if self.p2p_shapes is not None:
+            object.__setattr__(self, "p2p_shapes", tuple(check_p2p_shapes(self.p2p_shapes)))
+        if self.p2p_dtype is not None and not isinstance(self.p2p_dtype, torch.dtype):
+            raise TypeError(f"p2p_dtype must be a torch.dtype, got "
+                            f"{type(self.p2p_dtype).__name__}")
+        if self.rank_mapping is not None:
+            object.__setattr__(self, "rank_mapping", tuple(int(r) for r in self.rank_mapping))
+        if not isinstance(self.max_tensors, int) or self.max_tensors < 1:
+            raise ValueError(f"max_tensors must be an int >= 1, got {self.max_tensors!r}")
 
 
 def _as_list(outputs: Any, what: str) -> list[torch.Tensor]:
@@ -51,109 +120,170 @@ def _split(tensors: Sequence[torch.Tensor | None], n: int, dim: int) -> list[lis
     return [[p[m] for p in parts] for m in range(n)]
 
 
+@dataclass(frozen=True)
+class _ProgramStep:
+    """One live step of this rank's program with what the loop needs, computed once."""
+
+    index: int  # in the schedule's program of this rank
+    step: Step
+    live: tuple[Action, ...]
+    timed: Step  # what the timeline records (the live forward of a forward-only pair)
+    label: str  # the profiler range: "pipeline.F", ".B", ".I", ".W" or ".FB"
+    groups: tuple[Group, ...]  # comm-plan groups issued before the step
+    recvs: tuple[Transfer, ...]  # remote receives it waits for
+    sends: tuple[Transfer, ...]  # sends and local hand-overs after it
+
+
+@dataclass(frozen=True)
+class _Program:
+    """This rank's part of a schedule in one mode (training or forward-only)."""
+
+    plan: CommPlan
+    steps: tuple[_ProgramStep, ...]
+    final_groups: tuple[Group, ...]
+    slot_of: dict[int, int]  # stage id -> local slot
+    in_mbs: tuple[int, ...]  # micro-batches whose input this rank gives
+    entry: dict[int, int]  # micro-batch -> stage id where it enters
+    loss_mbs: tuple[int, ...]  # micro-batches whose loss this rank computes
+    local_sends: frozenset[tuple[int, int]]  # (stage, mb) activations handed over locally
+    deferred: frozenset[tuple[int, int]]  # (stage, mb) whose backward is an I
+
+
+def _build_program(sched: Schedule, me: int, forward_only: bool) -> _Program:
+    plan = build_plan(sched, forward_only)
+    groups_at: dict[int, list[Group]] = {}
+    for g in plan.ranks[me].groups:
+        groups_at.setdefault(g.before, []).append(g)
+    steps = []
+    for index, step in enumerate(sched.steps[me]):
+        live = live_actions(step, forward_only)
+        if not live:
+            continue
+        timed = step if len(live) == len(step.actions) else live[0]
+        kind = "FB" if isinstance(timed, Overlap) else timed.kind.value
+        recvs = tuple(t for t in step_transfers(sched, me, step, "recv", forward_only)
+                      if not t.local)
+        steps.append(_ProgramStep(index, step, live, timed, f"pipeline.{kind}",
+                                  tuple(groups_at.get(index, ())), recvs,
+                                  step_transfers(sched, me, step, "send", forward_only)))
+    local_sends = frozenset((t.stage, t.microbatch) for ps in steps for t in ps.sends
+                            if t.local and t.tensor == "activation")
+    deferred = frozenset((a.stage, a.microbatch) for a in sched.rank_actions(me)
+                         if a.kind is Kind.I and not forward_only)
+    return _Program(plan, tuple(steps), tuple(groups_at.get(len(sched.steps[me]), ())),
+                    {s: sched.stages[s].slot for s in sched.stages_of(me)},
+                    tuple(m for m in range(sched.num_chunks) if sched.input_rank(m) == me),
+                    dict(enumerate(sched.entry)),
+                    tuple(m for m in range(sched.num_chunks) if sched.loss_rank(m) == me),
+                    local_sends, deferred)
+
+
+@dataclass(frozen=True)
+class _Payload:
+    """What one rank contributes to the pre-step agreement (see :mod:`.coordination`)."""
+
+    rank: int  # pipeline rank
+    problems: tuple[str, ...]  # its own argument problems
+    program: tuple[tuple[str, Any], ...]  # what must be equal on every rank, by name
+    shapes: tuple  # input shapes and message state: the shape-cache key
+    info: tuple  # batch sizes per micro-batch, label count (cross-checked)
+
+
 class PipelineRuntime(nn.Module):
     """Runs the schedule ``method`` over the ranks of ``process_group``.
 
-    ``modules`` are this rank's stages in slot order (as the schedule's placement says).
-    ``rank_mapping[i]`` is the pipeline rank of group rank ``i`` (identity by default).
-    ``p2p_shapes``/``p2p_dtype`` fix the tensors every message carries (no headers); without
-    them the first step sends a small header with each message's shapes, and with
-    ``cache_shapes`` later steps whose inputs have the same shapes on every rank (and the same
-    grad mode, autocast state and trainable parameters) reuse them without headers (a stage
-    whose output shapes then change raises an error: set ``cache_shapes=False`` for
-    data-dependent shapes). ``record_timeline`` keeps the per-step
-    times of the last step in :attr:`timeline`.
+    ``modules`` are this rank's stages in slot order (as the schedule's placement says); the
+    other options are the fields of :class:`PipelineConfig` (given as keywords, or as
+    ``config=``). Construction is local; the first :meth:`step` is collective.
     """
 
     method: str = ""
 
-    def __init__(
-        self,
-        modules: Sequence[nn.Module],
-        batch_dim: int = 0,
-        process_group: dist.ProcessGroup | None = None,
-        rank_mapping: Sequence[int] | None = None,
-        *,
-        method: str | None = None,
-        p2p_shapes: Sequence[Sequence[int]] | None = None,
-        p2p_dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        record_timeline: bool = False,
-        max_tensors: int = 16,
-        cache_shapes: bool = True,
-    ) -> None:
+    def __init__(self, modules: Sequence[nn.Module] | nn.Module, batch_dim: int = 0,
+                 process_group: dist.ProcessGroup | None = None,
+                 rank_mapping: Sequence[int] | None = None, *,
+                 config: PipelineConfig | None = None, **options: Any) -> None:
         super().__init__()
-        if method is not None:
-            self.method = method
-        if not self.method:
-            raise ValueError("method: give the schedule method, e.g. '1f1b'")
+        if config is None:
+            options.setdefault("method", self.method)
+            config = PipelineConfig(batch_dim=batch_dim, process_group=process_group,
+                                    rank_mapping=rank_mapping, **options)
+        elif options:
+            raise TypeError(f"give either config or options, not both: {sorted(options)}")
+        self.config = config
+        self.method = config.method
         if isinstance(modules, nn.Module) and not isinstance(modules, (nn.ModuleList,
                                                                        nn.Sequential)):
             modules = (modules,)
         modules = list(modules)
         if not modules or not all(isinstance(m, nn.Module) for m in modules):
             raise TypeError("modules must be a tuple of nn.Module (this rank's stages)")
-        if not isinstance(batch_dim, int):
-            raise TypeError(f"batch_dim must be an int, got {type(batch_dim).__name__}")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call "
                                "dist.init_process_group first")
         self.module = nn.ModuleList(modules)
-        self.batch_dim = batch_dim
-        self.group = process_group
-        self.num_ranks = dist.get_world_size(process_group)
-        group_rank = dist.get_rank(process_group)
-        if rank_mapping is None:
-            rank_mapping = list(range(self.num_ranks))
-        rank_mapping = list(rank_mapping)
-        if sorted(rank_mapping) != list(range(self.num_ranks)):
-            raise ValueError(f"rank_mapping must be a permutation of 0..{self.num_ranks - 1}, "
-                             f"got {rank_mapping}")
-        self.rank = rank_mapping[group_rank]
-        self.group_ranks = [0] * self.num_ranks  # pipeline rank -> group rank
-        for g, p in enumerate(rank_mapping):
-            self.group_ranks[p] = g
-        if device is None:
-            param = next(self.module.parameters(), None)
-            device = param.device if param is not None else torch.device("cpu")
-        self.device = torch.device(device)
-        if dist.get_backend(process_group) == "nccl":
-            if self.device.type != "cuda":
-                raise ValueError("device: the NCCL backend needs the stages on a CUDA device")
-            # NCCL works on the current device: messages on another one would hang or fail
-            current = torch.cuda.current_device()
-            if self.device.index is None:
-                self.device = torch.device("cuda", current)
-            elif self.device.index != current:
-                raise ValueError(f"device: with the NCCL backend the stages must be on the "
-                                 f"current CUDA device cuda:{current}, got {self.device}; call "
-                                 f"torch.cuda.set_device({self.device.index}) first")
-        if p2p_shapes is None and p2p_dtype is not None:
-            raise ValueError("p2p_dtype is given without p2p_shapes")
-        if p2p_shapes is not None and (
-                not isinstance(p2p_shapes, (list, tuple)) or not p2p_shapes
-                or not all(isinstance(s, (list, tuple, torch.Size)) for s in p2p_shapes)):
-            raise TypeError("p2p_shapes must be a non-empty list of shapes, e.g. [(mb, hidden)]")
-        self.p2p_shapes = ([tuple(int(d) for d in s) for s in p2p_shapes]
-                           if p2p_shapes is not None else None)
-        self.p2p_dtype = p2p_dtype or torch.float32
-        self.max_tensors = max_tensors
+        self.batch_dim = config.batch_dim
+        self.group = config.process_group
+        self.num_ranks = dist.get_world_size(self.group)
+        self.rank_mapping, self.group_ranks = self._resolve_ranks(config.rank_mapping)
+        self.group_rank = dist.get_rank(self.group)
+        self.rank = self.rank_mapping[self.group_rank]
+        self.device = self._resolve_device(config.device)
+        self.p2p_shapes = list(config.p2p_shapes) if config.p2p_shapes is not None else None
+        self.p2p_dtype = config.p2p_dtype or torch.float32
+        self.max_tensors = config.max_tensors
+        self.cache_shapes = config.cache_shapes
+        self.record_timeline = config.record_timeline
         self.use_overlap_hook = can_overlap(modules) and len(modules) > 1
         # runs Overlap pairs of stages that declare sub-steps (when no class hook wins)
         self.fused_engine = FusedEngine(record_timeline=False)
         self.weight_grad_store = WeightGradStore()
         bind_store(modules, self.weight_grad_store)
-        self.record_timeline = record_timeline
         self.timeline: list[TimedStep] = []
-        self._schedules: dict[int, Schedule] = {}
-        self._plans: dict[tuple[int, bool], CommPlan] = {}
-        self.cache_shapes = cache_shapes
-        self._shape_cache: tuple[Any, dict] | None = None
         self.last_step_headers = 0  # header messages sent + received in the last step
+        self.full_agreements = 0  # steps whose agreement compared every rank's payload
+        self._schedules: dict[int, tuple[Schedule, str]] = {}  # num_chunks -> (sched, hash)
+        self._programs: dict[tuple[int, bool], _Program] = {}
+        self._shape_cache: tuple[Any, dict] | None = None
+        self._coord = StepCoordinator(self.group, self.group_rank, self.num_ranks,
+                                      f"{type(self).__name__}.step")
+
+    def _resolve_ranks(self, mapping: Sequence[int] | None) -> tuple[list[int], list[int]]:
+        """(pipeline rank of each group rank, group rank of each pipeline rank)."""
+        mapping = list(range(self.num_ranks)) if mapping is None else list(mapping)
+        if sorted(mapping) != list(range(self.num_ranks)):
+            raise ValueError(f"rank_mapping must be a permutation of 0..{self.num_ranks - 1}, "
+                             f"got {mapping}")
+        group_ranks = [0] * self.num_ranks
+        for g, p in enumerate(mapping):
+            group_ranks[p] = g
+        return mapping, group_ranks
+
+    def _resolve_device(self, device: torch.device | str | None) -> torch.device:
+        if device is None:
+            param = next(self.module.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+        device = torch.device(device)
+        if dist.get_backend(self.group) != "nccl":
+            return device
+        if device.type != "cuda":
+            raise ValueError("device: the NCCL backend needs the stages on a CUDA device")
+        # NCCL works on the current device: messages on another one would hang or fail
+        current = torch.cuda.current_device()
+        if device.index is None:
+            return torch.device("cuda", current)
+        if device.index != current:
+            raise ValueError(f"device: with the NCCL backend the stages must be on the "
+                             f"current CUDA device cuda:{current}, got {device}; call "
+                             f"torch.cuda.set_device({device.index}) first")
+        return device
 
     # ------------------------------------------------------------------ schedule
     def schedule(self, num_chunks: int) -> Schedule:
         """The schedule this runtime executes for ``num_chunks`` micro-batches (cached)."""
+        return self._schedule_and_hash(num_chunks)[0]
+
+    def _schedule_and_hash(self, num_chunks: int) -> tuple[Schedule, str]:
         if num_chunks not in self._schedules:
             from .schedules import build
 
@@ -162,15 +292,15 @@ class PipelineRuntime(nn.Module):
             if len(mine) != len(self.module):
                 raise ValueError(f"modules: {self.method} places {len(mine)} stages on each "
                                  f"rank, got {len(self.module)} modules")
-            self._schedules[num_chunks] = sched
+            digest = hashlib.sha1(sched.to_json().encode()).hexdigest()[:16]
+            self._schedules[num_chunks] = (sched, digest)
         return self._schedules[num_chunks]
 
-    def _plan(self, sched: Schedule, forward_only: bool) -> CommPlan:
-        """Where every rank posts its sends and receives (:mod:`.comm_plan`, cached)."""
+    def _program(self, sched: Schedule, forward_only: bool) -> _Program:
         key = (sched.num_chunks, forward_only)
-        if key not in self._plans:
-            self._plans[key] = build_plan(sched, forward_only)
-        return self._plans[key]
+        if key not in self._programs:
+            self._programs[key] = _build_program(sched, self.rank, forward_only)
+        return self._programs[key]
 
     def gather_timeline(self) -> list[TimedStep]:
         """All ranks' timelines of the last step (a collective: call it on every rank).
@@ -287,27 +417,47 @@ class PipelineRuntime(nn.Module):
                             + ", ".join(f"rank {r}: {c}" for r, c in counts.items()))
         return problems
 
-    def _agree(self, problems: list[str], signature: tuple, shapes: tuple,
-               sched: Schedule | None = None, info: tuple = (None, None, 0)) -> tuple:
-        """Share every rank's problems and batch sizes (one collective, before any send or
-        receive) and raise the same error on all ranks when any rank has a problem or the
-        ranks' batches do not fit together. Returns all ranks' ``shapes`` (the step's
-        shape-cache key: input shapes and :meth:`_message_state`), so a change on any rank
-        invalidates the cache on every rank."""
-        gathered: list[Any] = [None] * self.num_ranks
-        dist.all_gather_object(gathered, (self.rank, problems, signature, shapes, info),
-                               group=self.group)
-        gathered.sort(key=lambda g: g[0])
-        sigs = {g[2] for g in gathered}
-        msgs = [f"rank {r}: {p}" for r, ps, *_ in gathered for p in ps]
-        if len(sigs) > 1:
-            msgs.append("ranks disagree on (num_chunks, grad mode): "
-                        + ", ".join(f"rank {g[0]}: {g[2]}" for g in gathered))
-        if not msgs and sched is not None:
-            msgs = self._cross_check(sched, {g[0]: g[4] for g in gathered})
-        if msgs:
-            raise ValueError(f"{type(self).__name__}.step: " + "; ".join(msgs))
-        return tuple(g[3] for g in gathered)
+    # ------------------------------------------------------------------ agreement
+    def _program_signature(self, sched_hash: str | None, num_chunks: Any,
+                           forward_only: bool) -> tuple[tuple[str, Any], ...]:
+        """Everything that makes the ranks' programs and messages consistent, by name."""
+        return (("method", self.method), ("ranks", self.num_ranks),
+                ("num_chunks", num_chunks),
+                ("grad mode", "forward-only" if forward_only else "training"),
+                ("rank_mapping", tuple(self.rank_mapping)),
+                ("p2p_shapes", tuple(self.p2p_shapes) if self.p2p_shapes is not None else None),
+                ("p2p_dtype", str(self.p2p_dtype) if self.p2p_shapes is not None else None),
+                ("max_tensors", self.max_tensors), ("cache_shapes", self.cache_shapes),
+                ("schedule hash", sched_hash))
+
+    def _agree(self, payload: _Payload, sched: Schedule | None) -> tuple:
+        """Share every rank's payload (:mod:`.coordination`; in full only when one changed)
+        and raise the same ``ValueError`` on all ranks when any rank has a problem, the
+        ranks' programs differ, or their batches do not fit together. Returns the step's
+        shape-cache key: every rank's input shapes and :meth:`_message_state`."""
+        payloads, unchanged = self._coord.exchange(payload)
+        if not unchanged:
+            self.full_agreements += 1
+            msgs = [f"rank {p.rank}: {m}" for p in payloads for m in p.problems]
+            msgs += self._disagreements(payloads)
+            if not msgs and sched is not None:
+                msgs = self._cross_check(sched, {p.rank: p.info for p in payloads})
+            if msgs:
+                raise ValueError(f"{type(self).__name__}.step: " + "; ".join(msgs))
+            self._coord.accept(payloads)
+        return tuple(p.shapes for p in payloads)
+
+    @staticmethod
+    def _disagreements(payloads: Sequence[_Payload]) -> list[str]:
+        """One message per program field whose value differs between ranks (group order)."""
+        msgs = []
+        for i, (name, _) in enumerate(payloads[0].program):
+            values = [p.program[i][1] for p in payloads]
+            if len(set(map(repr, values))) > 1:
+                msgs.append(f"ranks disagree on {name}: " + ", ".join(
+                    f"group rank {g} (pipeline rank {p.rank}): {v!r}"
+                    for g, (p, v) in enumerate(zip(payloads, values))))
+        return msgs
 
     def _message_state(self) -> tuple:
         """What can change this rank's messages (their shapes, dtypes, ``requires_grad``)
@@ -342,182 +492,206 @@ class PipelineRuntime(nn.Module):
         its share of the micro-batches) does not divide is an error, as are labels whose
         micro-batches differ in size from the inputs' and, on a rank that computes losses with
         a criterion, missing labels (``labels=()`` says the criterion takes only the outputs).
-        All such errors are the same ``ValueError`` on every rank, raised before any send.
+        All such errors, and ranks whose programs differ (method, schedule, rank mapping, p2p
+        shapes), are the same ``ValueError`` on every rank, raised before any send.
+
+        If a rank's stage raises during the step, that rank raises its exception and every
+        other rank raises :class:`~.coordination.PipelineFailure` naming it, at the end of its
+        step or at its next step's start; the pipeline cannot step again.
         """
         forward_only = not torch.is_grad_enabled()
         labels_given = labels is not None
-        if labels is None:
-            labels = ()
-        elif isinstance(labels, torch.Tensor):
-            labels = (labels,)
-        labels = tuple(labels)
+        labels = () if labels is None else (labels,) if isinstance(labels, torch.Tensor) \
+            else tuple(labels)
         problems: list[str] = []
-        sched = None
+        sched = sched_hash = None
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int):
             problems.append(f"num_chunks must be an int, got {type(num_chunks).__name__}")
         else:
             try:
-                sched = self.schedule(num_chunks)
+                sched, sched_hash = self._schedule_and_hash(num_chunks)
             except ValueError as e:
                 problems.append(f"num_chunks: {e}")
         problems += self._check(sched, inputs, labels, criterion, forward_only, labels_given)
         shapes = tuple((tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else None
                        for x in inputs)
-        info = self._batch_info(sched, inputs, labels)
-        all_shapes = self._agree(problems, (num_chunks, forward_only),
-                                 (shapes, self._message_state()), sched, info)
+        payload = _Payload(self.rank, tuple(problems),
+                           self._program_signature(sched_hash, num_chunks, forward_only),
+                           (shapes, self._message_state()),
+                           self._batch_info(sched, inputs, labels))
+        all_shapes = self._agree(payload, sched)
         if sched is None:  # _agree raised for a bad num_chunks; this guards the invariant
             raise RuntimeError(f"{type(self).__name__}.step: no schedule for num_chunks="
                                f"{num_chunks!r}")
         cache_key = (num_chunks, forward_only, all_shapes)
+        prog = self._program(sched, forward_only)
+        comm = self._open_comm(prog, forward_only, cache_key)
         try:
+            st = self._prepare(prog, inputs, labels, criterion, return_outputs, forward_only)
             with activate(self.weight_grad_store):
-                return self._run(sched, inputs, labels, criterion, return_outputs,
-                                 forward_only, cache_key)
-        except BaseException:
-            # deferred weight-gradient closures hold activations: drop them with the step
-            self.weight_grad_store.clear()
-            raise
+                self._loop(sched, prog, st, comm)
+            self._finish(comm, cache_key)
+        except BaseException as exc:
+            self._fail(comm, exc)
+            raise  # _fail raises; this satisfies the type checker
+        return self._collect(prog, st)
 
-    def _run(self, sched: Schedule, inputs: Sequence[Any], labels: Sequence[Any],
-             criterion: Callable | None, return_outputs: bool, forward_only: bool,
-             cache_key: Any = None):
-        me = self.rank
-        store = self.weight_grad_store
-        store.clear()
-        in_mbs = [m for m in range(sched.num_chunks) if sched.input_rank(m) == me]
-        loss_mbs = [m for m in range(sched.num_chunks) if sched.loss_rank(m) == me]
-        st = _StepState()
-        if in_mbs:
-            for m, xs in zip(in_mbs, _split(list(inputs), len(in_mbs), self.batch_dim)):
-                st.inputs[(sched.entry[m], m)] = [x for x in xs if x is not None]
-        if loss_mbs:
-            lab = [x for x in labels if x is not None]
-            for m, ls in zip(loss_mbs, _split(lab, len(loss_mbs), self.batch_dim)):
-                st.labels[m] = ls
-        st.criterion = criterion
-        st.return_outputs = return_outputs
-        st.forward_only = forward_only
-        # sent activations are freed once sent (their backward needs only the graph and the
-        # gradient), except those handed over locally and when outputs are returned
-        st.free_sent = not return_outputs and not forward_only
-        if st.free_sent:
-            st.local_sends = {(t.stage, t.microbatch) for step in sched.steps[me]
-                              for t in step_transfers(sched, me, step, "send", forward_only)
-                              if t.local and t.tensor == "activation"}
-        slot_of = {s: sched.stages[s].slot for s in sched.stages_of(me)}
-
+    def _open_comm(self, prog: _Program, forward_only: bool, cache_key: Any) -> P2PComm:
+        """The step's messages: fixed shapes, shapes agreed on an earlier step, or headers."""
         fixed = None
         if self.p2p_shapes is not None:
-            fixed = {
-                "activation": [TensorMeta(s, self.p2p_dtype, not forward_only)
-                               for s in self.p2p_shapes],
-                "gradient": [TensorMeta(s, self.p2p_dtype, False) for s in self.p2p_shapes],
-            }
+            fixed = {"activation": [TensorMeta(s, self.p2p_dtype, not forward_only)
+                                    for s in self.p2p_shapes],
+                     "gradient": [TensorMeta(s, self.p2p_dtype, False) for s in self.p2p_shapes]}
         known = None
         if self.cache_shapes and self._shape_cache is not None \
                 and self._shape_cache[0] == cache_key:
             known = self._shape_cache[1]
-        plan = self._plan(sched, forward_only)
-        rank_plan = plan.ranks[me]
-        comm = P2PComm(self.group, self.group_ranks, me, self.device,
-                       plan.channels, fixed, self.max_tensors, known)
-        rec = TimelineRecorder(me, self.device) if self.record_timeline else None
+        return P2PComm(self.group, self.group_ranks, self.rank, self.device, prog.plan.channels,
+                       prog.plan.ranks[self.rank].groups, fixed, self.max_tensors, known)
+
+    def _prepare(self, prog: _Program, inputs: Sequence[Any], labels: Sequence[Any],
+                 criterion: Callable | None, return_outputs: bool,
+                 forward_only: bool) -> _StepState:
+        """The step's state: this rank's input and label micro-batches, keyed for the loop."""
+        self.weight_grad_store.clear()
+        first_inputs: dict[tuple[int, int], list[torch.Tensor]] = {}
+        if prog.in_mbs:
+            for m, xs in zip(prog.in_mbs, _split(list(inputs), len(prog.in_mbs),
+                                                 self.batch_dim)):
+                first_inputs[(prog.entry[m], m)] = [x for x in xs if x is not None]
+        mb_labels: dict[int, list[torch.Tensor]] = {}
+        if prog.loss_mbs:
+            given = [x for x in labels if x is not None]
+            for m, ls in zip(prog.loss_mbs, _split(given, len(prog.loss_mbs), self.batch_dim)):
+                mb_labels[m] = ls
+        # sent activations are freed once sent (their backward needs only the graph and the
+        # gradient), except those handed over locally and when outputs are returned
+        return _StepState(criterion=criterion, return_outputs=return_outputs,
+                          forward_only=forward_only,
+                          free_sent=not return_outputs and not forward_only,
+                          local_sends=prog.local_sends, deferred=prog.deferred,
+                          slot_of=prog.slot_of, labels=mb_labels, inputs=first_inputs)
+
+    def _loop(self, sched: Schedule, prog: _Program, st: _StepState, comm: P2PComm) -> None:
+        """Run this rank's program: issue the plan's groups due before each step, wait for the
+        receives it needs, compute it, queue its sends."""
+        rec = TimelineRecorder(self.rank, self.device) if self.record_timeline else None
         if rec is not None:
             rec.start()
-
-        for index, step in enumerate(sched.steps[me]):
-            live = live_actions(step, forward_only)
-            if not live:
-                continue
-            # issue the plan's groups due before this step, then wait for what it needs
-            for group in rank_plan.groups_before(index):
+        profiling = torch.autograd.profiler._is_profiler_enabled
+        for ps in prog.steps:
+            for group in ps.groups:
                 comm.issue(group)
-            remote = [t for t in step_transfers(sched, me, step, "recv", forward_only)
-                      if not t.local]
-            for t, tensors in zip(remote, comm.wait([t.key for t in remote])):
-                st.put_received(t.tensor, t.stage, t.microbatch, tensors)
+            if ps.recvs:
+                for t, tensors in zip(ps.recvs, comm.wait([t.key for t in ps.recvs])):
+                    st.put_received(t.tensor, t.stage, t.microbatch, tensors)
             began = rec.begin() if rec is not None else None
-            self._compute(sched, live, step, st, slot_of, store)
+            with (torch.autograd.profiler.record_function(ps.label, str(ps.timed))
+                  if profiling else contextlib.nullcontext()):
+                self._compute(sched, ps, st)
             if rec is not None:
-                rec.end(index, step if len(live) == len(step.actions) else live[0], began)
-            for t in step_transfers(sched, me, step, "send", forward_only):
+                rec.end(ps.index, ps.timed, began)
+            for t in ps.sends:
                 tensors = st.take_for_send(t.tensor, t.stage, t.microbatch)
                 if t.local:
                     st.put_local(t.tensor, t.peer_stage, t.microbatch, tensors)
                 else:
                     comm.send(t.key, t.peer, tensors)
-        for group in rank_plan.groups_before(len(sched.steps[me])):
+        for group in prog.final_groups:
             comm.issue(group)
-        comm.finish()
-        self.last_step_headers = comm.headers
-        if fixed is None and known is None and self.cache_shapes:
-            self._shape_cache = (cache_key, comm.seen)
-        if not store.empty():
-            raise RuntimeError(f"rank {me}: deferred weight gradients left after the schedule")
         if rec is not None:
             self.timeline = rec.finish()
 
+    def _finish(self, comm: P2PComm, cache_key: Any) -> None:
+        """Wait for the last sends; keep the shapes learnt from headers; make sure no rank
+        failed during the step (its placeholders would have reached this one)."""
+        comm.finish()
+        self.last_step_headers = comm.headers
+        if comm.fixed is None and comm.known is None and self.cache_shapes:
+            self._shape_cache = (cache_key, comm.seen)
+        if not self.weight_grad_store.empty():
+            raise RuntimeError(f"rank {self.rank}: deferred weight gradients left after the "
+                               "schedule")
+        self._coord.raise_if_failed()
+
+    def _fail(self, comm: P2PComm, exc: BaseException) -> None:
+        """A step raised on this rank: publish it (the first failure wins), send placeholders
+        for what this rank still owes its peers and receive what they send, then raise: this
+        rank's own exception if it failed first, else the failure of the rank that did."""
+        # deferred weight-gradient closures hold activations: drop them with the step
+        self.weight_grad_store.clear()
+        self._shape_cache = None
+        notice = self._coord.post_failure(self.rank, exc)
+        try:
+            comm.drain()
+        except Exception as drain_error:  # noqa: BLE001 - reported with the original error
+            exc.add_note(f"rank {self.rank}: finishing the step's messages failed too: "
+                         f"{type(drain_error).__name__}: {drain_error}")
+        if isinstance(exc, PipelineFailure) or not notice.startswith(f"rank {self.rank}: "):
+            raise PipelineFailure(f"{type(self).__name__}.step: the pipeline failed on "
+                                  f"{notice}") from exc
+        raise exc
+
+    def _collect(self, prog: _Program, st: _StepState) -> tuple[torch.Tensor | None, Any]:
+        """(losses stacked in micro-batch order, outputs concatenated) of this rank."""
+        if not prog.loss_mbs:
+            return None, None
         loss = outputs = None
-        if loss_mbs:
-            if criterion is not None:
-                loss = torch.stack([st.losses[m].detach() for m in loss_mbs])
-            if return_outputs:
-                per_mb = [st.final_outputs[m] for m in loss_mbs]
-                outputs = tuple(torch.cat([o[i] for o in per_mb], dim=self.batch_dim)
-                                for i in range(len(per_mb[0])))
-                if len(outputs) == 1:
-                    outputs = outputs[0]
+        if st.criterion is not None:
+            loss = torch.stack([st.losses[m].detach() for m in prog.loss_mbs])
+        if st.return_outputs:
+            per_mb = [st.final_outputs[m] for m in prog.loss_mbs]
+            outputs = tuple(torch.cat([o[i] for o in per_mb], dim=self.batch_dim)
+                            for i in range(len(per_mb[0])))
+            if len(outputs) == 1:
+                outputs = outputs[0]
         return loss, outputs
 
     # ------------------------------------------------------------------ compute
-    def _compute(self, sched: Schedule, live: tuple[Action, ...], step: Step,
-                 st: _StepState, slot_of: dict[int, int], store: WeightGradStore) -> None:
-        if len(live) == 2 and isinstance(step, Overlap):
-            f, b = live
-            if self.use_overlap_hook:
-                self._overlapped(sched, f, b, st, slot_of, store)
-                return
+    def _compute(self, sched: Schedule, ps: _ProgramStep, st: _StepState) -> None:
+        live = ps.live
+        if len(live) == 2 and isinstance(ps.step, Overlap) and self.use_overlap_hook:
+            self._overlapped(sched, live[0], live[1], st)
+            return
         for a in live:
             if a.kind is Kind.F:
-                self._forward(sched, a, st, slot_of)
+                self._forward(sched, a, st)
             elif a.kind is Kind.W:
-                store.pop((a.stage, a.microbatch))
+                self.weight_grad_store.pop((a.stage, a.microbatch))
             else:
-                self._backward(sched, a, st, store)
+                self._backward(sched, a, st)
 
-    def _forward(self, sched: Schedule, a: Action, st: _StepState,
-                 slot_of: dict[int, int]) -> None:
+    def _forward(self, sched: Schedule, a: Action, st: _StepState) -> None:
         info = sched.stages[a.stage]
-        module = self.module[slot_of[a.stage]]
+        module = self.module[st.slot_of[a.stage]]
         inputs = st.inputs[(a.stage, a.microbatch)]
         if st.forward_only:
             del st.inputs[(a.stage, a.microbatch)]
-        outputs = _as_list(module(*inputs), f"stage {info.model_stage}")
-        loss = None
-        if info.is_last and st.criterion is not None:
-            loss = st.criterion(*outputs, *st.labels.get(a.microbatch, []))
+        with self.weight_grad_store.capturing((a.stage, a.microbatch) in st.deferred):
+            outputs = _as_list(module(*inputs), f"stage {info.model_stage}")
+            loss = None
+            if info.is_last and st.criterion is not None:
+                loss = st.criterion(*outputs, *st.labels.get(a.microbatch, []))
         st.after_forward(a, info.is_last, outputs, loss)
 
-    def _backward(self, sched: Schedule, a: Action, st: _StepState,
-                  store: WeightGradStore) -> None:
+    def _backward(self, sched: Schedule, a: Action, st: _StepState) -> None:
         info = sched.stages[a.stage]
+        store = self.weight_grad_store
         store.enabled = a.kind is Kind.I
         try:
             if info.is_last:
-                loss = st.losses[a.microbatch]
-                loss.backward()
+                st.losses[a.microbatch].backward()
             else:
-                outs, grads = st.backward_pairs(a)
-                run_backward(outs, grads)
+                run_backward(*st.backward_pairs(a))
         finally:
             store.enabled = False
         if a.kind is Kind.I:
             store.flush((a.stage, a.microbatch))
         st.after_backward(a, info.is_last)
 
-    def _overlapped(self, sched: Schedule, f: Action, b: Action, st: _StepState,
-                    slot_of: dict[int, int], store: WeightGradStore) -> None:
+    def _overlapped(self, sched: Schedule, f: Action, b: Action, st: _StepState) -> None:
+        """An overlapped pair through the stage class's ``overlapped_forward_backward``."""
         finfo, binfo = sched.stages[f.stage], sched.stages[b.stage]
         inputs0 = st.inputs[(f.stage, f.microbatch)]
         if finfo.is_last and st.criterion is not None:
@@ -529,12 +703,14 @@ class PipelineRuntime(nn.Module):
         else:
             loss1 = None
             outs1, grads1 = st.backward_pairs(b)
+        store = self.weight_grad_store
         store.enabled = b.kind is Kind.I
         try:
-            outputs0, loss0 = run_overlapped(
-                self.module[slot_of[f.stage]], inputs0, criterion0, labels0,
-                self.module[slot_of[b.stage]], loss1, outs1, grads1,
-                engine=self.fused_engine, microbatches=(f.microbatch, b.microbatch))
+            with store.capturing((f.stage, f.microbatch) in st.deferred):
+                outputs0, loss0 = run_overlapped(
+                    self.module[st.slot_of[f.stage]], inputs0, criterion0, labels0,
+                    self.module[st.slot_of[b.stage]], loss1, outs1, grads1,
+                    engine=self.fused_engine, microbatches=(f.microbatch, b.microbatch))
         finally:
             store.enabled = False
         if b.kind is Kind.I:
@@ -543,22 +719,25 @@ class PipelineRuntime(nn.Module):
         st.after_backward(b, binfo.is_last)
 
 
+@dataclass
 class _StepState:
-    """Tensors of one step, keyed by (stage id, micro-batch)."""
+    """Tensors of one step, keyed by (stage id, micro-batch), and the step's settings."""
 
-    def __init__(self) -> None:
-        self.inputs: dict[tuple[int, int], list[torch.Tensor]] = {}
-        self.outputs: dict[tuple[int, int], list[torch.Tensor]] = {}
-        self.out_grads: dict[tuple[int, int], Tensors] = {}
-        self.in_grads: dict[tuple[int, int], Tensors] = {}
-        self.labels: dict[int, list[torch.Tensor]] = {}
-        self.losses: dict[int, torch.Tensor] = {}
-        self.final_outputs: dict[int, list[torch.Tensor]] = {}
-        self.criterion: Callable | None = None
-        self.return_outputs = False
-        self.forward_only = False
-        self.free_sent = False
-        self.local_sends: set[tuple[int, int]] = set()
+    criterion: Callable | None
+    return_outputs: bool
+    forward_only: bool
+    free_sent: bool  # free the storage of sent activations (see take_for_send)
+    local_sends: frozenset[tuple[int, int]]
+    deferred: frozenset[tuple[int, int]]
+    slot_of: dict[int, int]
+    labels: dict[int, list[torch.Tensor]]
+    inputs: dict[tuple[int, int], list[torch.Tensor]]
+    outputs: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict)
+    out_grads: dict[tuple[int, int], Tensors] = field(default_factory=dict)
+    in_grads: dict[tuple[int, int], Tensors] = field(default_factory=dict)
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    final_outputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
 
     def put_received(self, tensor: str, stage: int, mb: int, tensors: Tensors) -> None:
         if tensor == "activation":

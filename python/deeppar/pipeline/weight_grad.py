@@ -14,10 +14,11 @@ pipelines in one process never share one.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 
 import torch
 import torch.nn as nn
@@ -30,10 +31,17 @@ class WeightGradStore:
     ``put`` adds a closure to the current group (or runs it at once when disabled), ``flush``
     closes the group, ``pop`` runs the oldest group. Counters let tests check that deferred work
     really happened: ``deferred`` closures queued, ``executed`` closures run from the queue.
+
+    ``capture`` says whether forwards now record the deferrable graph (:class:`DeferredLinear`
+    through its autograd function); otherwise they run the plain op, whose backward computes
+    the weight gradient at once. True by default; the runtime turns it on only for the forwards
+    whose backward a schedule runs as an ``I`` (see :meth:`capturing`), so the other backwards
+    run the native kernels without Python closures.
     """
 
     def __init__(self) -> None:
         self.enabled: bool = False
+        self.capture: bool = True
         self.cache: list[Callable[[], None]] = []
         self.queue: deque[tuple[Hashable, list[Callable[[], None]]]] = deque()
         self.deferred: int = 0
@@ -73,6 +81,15 @@ class WeightGradStore:
             fn()
             self.executed += 1
 
+    @contextlib.contextmanager
+    def capturing(self, flag: bool) -> Iterator[None]:
+        """Set :attr:`capture` to ``flag`` inside the block."""
+        before, self.capture = self.capture, flag
+        try:
+            yield
+        finally:
+            self.capture = before
+
     def clear(self) -> None:
         """Drop everything queued (the counters stay)."""
         self.enabled = False
@@ -91,9 +108,38 @@ class WeightGradStore:
 #: variable, so pipelines stepping in different threads never see each other's store.
 _ACTIVE: contextvars.ContextVar[tuple[WeightGradStore, ...]] = contextvars.ContextVar(
     "deeppar_active_weight_grad_stores", default=())
-#: every store inside a step, in any thread (only for threads the autograd engine starts)
-_LIVE: list[WeightGradStore] = []
-_LIVE_LOCK = threading.Lock()
+
+
+class _EngineThreadStores:
+    """The stores inside a step, in any thread: the one piece of process-wide state, read only
+    from threads Python did not start (the autograd engine's device threads run GPU backwards
+    and do not inherit the caller's context variables, so a closure queued there by an unbound
+    layer or by DeepSeek's class-level store has no other way to find its pipeline)."""
+
+    def __init__(self) -> None:
+        self._stores: list[WeightGradStore] = []
+        self._lock = threading.Lock()
+
+    def add(self, store: WeightGradStore) -> None:
+        with self._lock:
+            self._stores.append(store)
+
+    def remove(self, store: WeightGradStore) -> None:
+        with self._lock:
+            self._stores.remove(store)
+
+    def only(self) -> WeightGradStore | None:
+        """The single store inside a step, None when there are none or several."""
+        with self._lock:
+            return self._stores[0] if len(self._stores) == 1 else None
+
+
+_ENGINE_THREAD_STORES = _EngineThreadStores()
+
+
+def _started_by_python() -> bool:
+    # threading gives threads it did not start a placeholder object ("dummy" thread)
+    return not isinstance(threading.current_thread(), threading._DummyThread)
 
 
 def active_store() -> WeightGradStore | None:
@@ -109,10 +155,8 @@ def active_store() -> WeightGradStore | None:
     stack = _ACTIVE.get()
     if stack:
         return stack[-1]
-    if isinstance(threading.current_thread(), threading._DummyThread):
-        with _LIVE_LOCK:
-            if len(_LIVE) == 1:
-                return _LIVE[0]
+    if not _started_by_python():
+        return _ENGINE_THREAD_STORES.only()
     return None
 
 
@@ -126,13 +170,11 @@ class activate:
 
     def __enter__(self) -> WeightGradStore:
         self._token = _ACTIVE.set(_ACTIVE.get() + (self.store,))
-        with _LIVE_LOCK:
-            _LIVE.append(self.store)
+        _ENGINE_THREAD_STORES.add(self.store)
         return self.store
 
     def __exit__(self, *exc: object) -> None:
-        with _LIVE_LOCK:
-            _LIVE.remove(self.store)
+        _ENGINE_THREAD_STORES.remove(self.store)
         if self._token is not None:
             _ACTIVE.reset(self._token)
             self._token = None
@@ -190,9 +232,13 @@ class DeferredLinear(nn.Linear):
     weight_grad_store: WeightGradStore | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() or not (
+        store = self.weight_grad_store
+        if store is None:
+            store = active_store()
+        if not torch.is_grad_enabled() or (store is not None and not store.capture) or not (
             self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
         ):
+            # no W slot will run this backward: the native op computes dW in the backward
             return F.linear(x, self.weight, self.bias)
         # weight and bias are passed so that autograd reaches this node; the closure, not
         # autograd, accumulates their gradients (the function returns None for them).
