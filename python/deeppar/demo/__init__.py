@@ -27,6 +27,10 @@ def finish(result, out: Path) -> None:
     """Process 0 after training: the pictures and the summary table."""
     from .report import draw_losses, draw_schedule, summary_lines
 
+    if result.eplb:
+        _section(f"EPLB after step {result.eplb['step']} (deeppar.eplb)")
+        for line in result.eplb["lines"]:
+            print(line)
     if result.profile:
         _section("profiled step (deeppar.profiling)")
         for line in result.profile["lines"]:
@@ -43,6 +47,12 @@ def finish(result, out: Path) -> None:
         path = out / "schedule_timeline.png"
         draw_schedule(result, path)
         files.insert(1, ("DualPipe step as run and simulated", str(path)))
+    if result.eplb:
+        from deeppar.eplb.plot import draw_plan
+
+        path = out / "eplb_placement.png"
+        draw_plan(result.eplb["plan"], path)
+        files.insert(2, ("EPLB placement before/after the move", str(path)))
     for what, p in files:
         print(f"  {what:<38} {p}")
     print(flush=True)

@@ -53,6 +53,7 @@ class ExpertBalancer:
         self.recorder = LoadRecorder(cfg.layers, cfg.experts, window=max(cfg.steps, 1),
                                      device=device)
         self.recording = True
+        self.plans_bound = 1.0
         self.phy2log = torch.arange(cfg.experts).repeat(cfg.layers, 1)  # identity at first
         self._maps(device)
         for index, moe in self.layers:
@@ -96,15 +97,56 @@ class ExpertBalancer:
         from deeppar.eplb.migration import migrate
 
         out["migration"] = migrate(loads, self.phy2log, *args[1:])
+        self.plans_bound = out["deepseek"].balancedness_bound
         return out
 
-    def moe_layers(self) -> list[tuple[int, nn.Module]]:
-        return self.layers
+    def move_experts(self, new_phy2log: torch.Tensor, source_slot: torch.Tensor,
+                     optimizer: torch.optim.Optimizer, group: Any) -> Any:
+        """Move this process's expert weights, and the optimizer's state of them, to the new
+        placement (a collective of the expert-parallel group, all or nothing), then route by
+        it. Returns the :class:`~deeppar.eplb.rearrange.RearrangeStats`."""
+        from deeppar.eplb.rearrange import rearrange_expert_weights
 
-    def adopt(self, phy2log: torch.Tensor) -> None:
-        """Route by the new placement from now on (after the weights moved)."""
-        self.phy2log = phy2log.clone().cpu()
+        weights, rows = [], []
+        for index, moe in self.layers:
+            per_slot = []
+            for p in moe.experts.parameters():
+                per_slot.append(p.data)
+                state = optimizer.state.get(p, {})
+                per_slot += [state[k] for k in sorted(state) if isinstance(state[k], torch.Tensor)
+                             and state[k].dim() > 0 and state[k].shape[0] == p.shape[0]]
+            weights.append(per_slot)
+            rows.append(index)
+        stats = rearrange_expert_weights(weights, self.phy2log[rows], new_phy2log[rows],
+                                         source_slot[rows], group=group)
+        self.phy2log = new_phy2log.clone().cpu()
         self._maps(self.log2phy.device)
+        return stats
+
+    def balancedness(self, loads: torch.Tensor, phy2log: torch.Tensor | None = None) -> float:
+        """Mean over layers of mean / max expert-parallel rank load under a placement."""
+        from deeppar.eplb.planning import balancedness, gpu_loads
+
+        phy = self.phy2log if phy2log is None else phy2log
+        _, logcnt = log2phy_of(phy, self.cfg.experts)
+        return float(balancedness(gpu_loads(loads, phy, logcnt, self.cfg.ep)).mean())
+
+    def applied_plan(self, loads: torch.Tensor, migration: Any) -> Any:
+        """The migration as a :class:`~deeppar.eplb.planning.Plan` (for its picture): its
+        "before" is the contiguous placement the run starts from."""
+        from deeppar.eplb.planning import Plan, balancedness, gpu_loads, identity_loads
+
+        c = self.cfg
+        after = gpu_loads(loads, migration.phy2log, migration.logcnt, c.ep)
+        before = identity_loads(loads, c.ep)
+        return Plan(weight=loads.float(), phy2log=migration.phy2log,
+                    log2phy=migration.log2phy, logcnt=migration.logcnt, gpu_load=after,
+                    gpu_load_before=before, layer_balancedness=balancedness(after),
+                    balancedness=float(balancedness(after).mean()),
+                    balancedness_before=float(balancedness(before).mean()),
+                    balancedness_bound=self.plans_bound, policy="migration-aware",
+                    backend="", num_replicas=c.experts, num_groups=c.n_group, num_nodes=1,
+                    num_gpus=c.ep)
 
 
 __all__ = ["ExpertBalancer", "log2phy_of"]

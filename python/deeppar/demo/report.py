@@ -57,6 +57,38 @@ class RunResult:
     files: list[tuple[str, str]] = field(default_factory=list)  # (what, path)
 
 
+def eplb_outcome(step: int, loads: Any, plans: dict[str, Any], before: dict, after: dict,
+                 moved_slots: int, moved_bytes: int) -> dict[str, Any]:
+    """What the rebalance did, as lines to print and a summary row."""
+    mig = plans["migration"]
+    identical = bool(before) and before == after and all(
+        a == b for a, b in ((before[k], after[k]) for k in before))
+    total = [int(loads.sum().item()), loads.shape[0], loads.shape[1]]
+    lines = [f"loads recorded over {step} steps: {total[0]} token choices, {total[1]} layers x "
+             f"{total[2]} experts (per-layer max/min expert load "
+             f"{float((loads.max(1).values / loads.min(1).values.clamp_min(1)).mean()):.2f})",
+             f"deepseek plan (from scratch): balancedness {plans['deepseek'].balancedness:.4f} "
+             f"(bound {plans['deepseek'].balancedness_bound:.4f})"]
+    if plans.get("balanced") is not None:
+        b = plans["balanced"]
+        lines.append(f"balanced plan (from scratch): balancedness {b.balancedness:.4f}")
+    else:
+        lines.append("balanced plan: not available in this installation")
+    lines += [f"migration-aware plan from the placement in use: {line}"
+              for line in mig.summary().splitlines()]
+    lines.append(f"expert weights and their Adam state moved between ranks: {moved_slots} "
+                 f"slots received over all processes ({moved_bytes} bytes), all or nothing")
+    lines.append(f"held-out losses before and after the move: "
+                 f"{'bit-identical' if identical else 'DIFFERENT'} ({len(before)} micro-batches)")
+    summary = (f"balancedness {mig.balancedness_current:.3f} -> {mig.balancedness:.3f}, "
+               f"{int(mig.moved.sum())} replicas moved (from scratch "
+               f"{int(mig.moved_scratch.sum())}), losses "
+               f"{'unchanged' if identical else 'CHANGED'} by the move")
+    return {"step": step, "lines": lines, "summary": summary, "identical": identical,
+            "balancedness_before": mig.balancedness_current,
+            "balancedness_after": mig.balancedness, "moved": int(mig.moved.sum())}
+
+
 def _ms(steps: list[Any]) -> list[Any]:
     from deeppar.pipeline.simulate import TimedStep
 
@@ -148,7 +180,11 @@ def summary_lines(result: RunResult) -> list[str]:
                      + f", grads max cos dist {fs.max_cos_distance:.1e}"))
     if result.eplb:
         e = result.eplb
-        rows.append(("EPLB at step " + str(e["step"]), e["summary"]))
+        rows.append((f"EPLB after step {e['step']}", e["summary"]))
+        if "after_move" in e:
+            a = e["after_move"]
+            rows.append(("loads after the move", f"balancedness {a['old_placement']:.3f} "
+                         f"under the old placement, {a['new_placement']:.3f} under the new"))
     if result.profile:
         rows.append(("profiled step", result.profile["summary"]))
     if result.timeline:
@@ -163,5 +199,5 @@ def summary_lines(result: RunResult) -> list[str]:
     return [f"  {a:<{width}}  {b}" for a, b in rows]
 
 
-__all__ = ["Progress", "RunResult", "draw_losses", "draw_schedule", "measured_result",
-           "simulated_result", "summary_lines"]
+__all__ = ["Progress", "RunResult", "draw_losses", "draw_schedule", "eplb_outcome",
+           "measured_result", "simulated_result", "summary_lines"]

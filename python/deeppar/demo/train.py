@@ -23,6 +23,8 @@ from .layout import Layout, init
 from .report import Progress, RunResult
 from .task import NextTokenTask
 
+HELD_OUT = 1_000_000  # "step" of the held-out batch the move is checked on
+
 
 class Trainer:
     """State of one process: its two DualPipe stages, optimizer, data and recorders."""
@@ -122,8 +124,12 @@ class Trainer:
                                 "(profiled)" if step == profiled else "")
             if step == (profiled - 1 if profiled > 0 else cfg.steps - 1):
                 self.collect_timeline()  # an unprofiled step, for the simulator
+            if step + 1 == cfg.rebalance_step:
+                self.rebalance(step + 1)
         if progress is not None:
             progress.close()
+        if cfg.rebalance_step:
+            self.loads_after_move()
         if profiled >= 0:
             self.analyse_profile()
         return res if self.is_main else None
@@ -145,6 +151,55 @@ class Trainer:
         dist.gather_object(mine, gathered, dst=0)
         if self.is_main:
             self.result.first_step = compare_first_step(self.reference, gathered)
+
+    # ------------------------------------------------------------------ EPLB
+    def eval_losses(self) -> dict[tuple[int, int], float]:
+        """Forward-only losses of a held-out batch, all processes' (on process 0)."""
+        self.balancer.recording = False
+        try:
+            x, y = self.batch(HELD_OUT)
+            with torch.no_grad():
+                loss, _ = self.pipe.step(x, num_chunks=self.cfg.chunks,
+                                         criterion=M.criterion, labels=(y,))
+        finally:
+            self.balancer.recording = True
+        mine = ({(self.layout.ep_rank, m): loss[i].item()
+                 for i, m in enumerate(self.loss_microbatches())} if loss is not None else {})
+        gathered: list[Any] = [None] * self.layout.world if self.is_main else None  # type: ignore
+        dist.gather_object(mine, gathered, dst=0)
+        return {k: v for g in gathered for k, v in g.items()} if self.is_main else {}
+
+    def rebalance(self, steps_done: int) -> None:
+        """Plan from the loads recorded so far and move the experts to the migration-aware
+        plan; the held-out losses before and after the move must be bit-identical."""
+        loads = self.balancer.loads()
+        plans = self.balancer.plans(loads)
+        mig = plans["migration"]
+        before = self.eval_losses()
+        stats = self.balancer.move_experts(mig.phy2log, mig.source_slot, self.opt,
+                                           self.layout.ep_group)
+        after = self.eval_losses()
+        moved = torch.tensor([stats.received, stats.bytes_received], dtype=torch.long)
+        dist.all_reduce(moved)  # every process's share (each EP group moves its copies)
+        self.balancer.recorder.reset()  # from now on: loads under the new placement
+        if not self.is_main:
+            return
+        from .report import eplb_outcome
+
+        self.result.eplb = eplb_outcome(steps_done, loads, plans, before, after,
+                                        int(moved[0]), int(moved[1]))
+        self.result.missing += plans["missing"]
+        self.result.eplb["plan"] = self.balancer.applied_plan(loads, mig)  # drawn at the end
+
+    def loads_after_move(self) -> None:
+        """Balancedness of the loads recorded after the move, under the old and the new
+        placement: what the move bought on real traffic."""
+        loads = self.balancer.loads()
+        if self.is_main and self.result.eplb is not None:
+            identity = torch.arange(self.cfg.experts).repeat(self.cfg.layers, 1)
+            self.result.eplb["after_move"] = {
+                "old_placement": self.balancer.balancedness(loads, identity),
+                "new_placement": self.balancer.balancedness(loads)}
 
     @contextlib.contextmanager
     def capture(self, on: bool) -> Iterator[None]:
