@@ -159,6 +159,20 @@ def make_stages(n: int, layers: int = 2, group: dist.ProcessGroup | None = None,
     return [cls(layers, HIDDEN, group) for _ in range(n)]
 
 
+SEQ = 3  # tokens per sample of the MoE stages ([batch, SEQ, HIDDEN] inputs)
+
+
+def make_moe_stages(n: int, layers: int = 2, group: dist.ProcessGroup | None = None,
+                    seed: int = 0) -> list[nn.Module]:
+    """``n`` stages of MoE blocks (4 experts, top-2, a shared expert), seeded alike on every
+    rank; the experts are split over ``group``."""
+    from deeppar.moe.block import MoEBlock, MoEStage
+
+    torch.manual_seed(seed)
+    return [MoEStage([MoEBlock(HIDDEN, 2, 2 * HIDDEN, 4, 2, shared_intermediate=HIDDEN,
+                               group=group) for _ in range(layers)]) for _ in range(n)]
+
+
 def crit(y: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
     return (y if label is None else y - label).pow(2).mean()
 
@@ -207,6 +221,31 @@ def case_ep_fb(rank: int, world: int) -> None:
     crit(ref[1].reference(xr)).backward()
     assert torch.equal(xr.grad, g1)
     assert_bitwise(grads_of(ref[1]), grads_of(got[1]))
+
+
+def case_moe_ep_fb(rank: int, world: int) -> None:
+    """MoE blocks with EP over every rank: one F&B pair equals F then B bit for bit, and the
+    sub-step records equal MoELayer's plain autograd graph."""
+    from deeppar.pipeline.fused import FusedEngine
+
+    g = torch.Generator().manual_seed(200 + rank)
+    xi, xj = (torch.randn(2, SEQ, HIDDEN, generator=g) for _ in range(2))
+    got, want, ref = (make_moe_stages(2) for _ in range(3))
+    o1, l1, g1 = fb_pair(FusedEngine(), got, xi, xj, fused=True)
+    o2, l2, g2 = fb_pair(FusedEngine(), want, xi, xj, fused=False)
+    assert torch.equal(o1, o2) and torch.equal(l1, l2) and torch.equal(g1, g2)
+    for s, r in zip(got, want):
+        assert_bitwise(grads_of(s), grads_of(r))
+    xr = xj.clone().requires_grad_()
+    crit(ref[1].reference(xr)).backward()
+    assert torch.equal(xr.grad, g1)
+    assert_bitwise(grads_of(ref[1]), grads_of(got[1]))
+    with torch.no_grad():
+        from deeppar.pipeline.fused import forward_two_microbatches
+
+        want_f = torch.cat([got[1](got[0](h)) for h in xi.chunk(2)])
+        for lag in (0, 2):
+            assert torch.equal(forward_two_microbatches(got, xi, lag=lag), want_f)
 
 
 #: (transfer, the computation it must be in flight across), per layer, on CPU
@@ -284,8 +323,8 @@ def _grid_case(rank: int, method: str) -> None:
     n_chunks = 6
     n_stages = 2 if method == "dualpipe" else 4
     g = torch.Generator().manual_seed(7 + e)
-    x = torch.randn(n_chunks * MB, HIDDEN, generator=g)
-    y = torch.randn(n_chunks * MB, HIDDEN, generator=g)
+    x = torch.randn(n_chunks * MB, SEQ, HIDDEN, generator=g)
+    y = torch.randn(n_chunks * MB, SEQ, HIDDEN, generator=g)
     if method == "dualpipe":
         slots = (p, 1 - p)
         half = n_chunks // 2
@@ -298,7 +337,7 @@ def _grid_case(rank: int, method: str) -> None:
         cls = DualPipeV
     results = []
     for fused in (True, False):
-        stages = make_stages(n_stages, group=ep)
+        stages = make_moe_stages(n_stages, layers=1, group=ep)
         pipe = cls(tuple(stages[s] for s in slots), process_group=pp)
         pipe.fused_engine.record_timeline = True
         if not fused:

@@ -71,7 +71,8 @@ def run_cases(world: int, cases: list[str], timeout: float,
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, cases, q, module), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world, port, cases, q, module),
+                         daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()

@@ -78,11 +78,41 @@ ORDER_HOST: tuple[tuple[str, str], ...] = (
 )
 
 
+#: what each chain must have done before an action (within one layer)
+_NEEDS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
+    (F_SIDE, DISPATCH): ((F_SIDE, ATTN),),
+    (F_SIDE, MLP): ((F_SIDE, DISPATCH),),
+    (F_SIDE, COMBINE): ((F_SIDE, MLP),),
+    (B_SIDE, MLP): ((B_SIDE, COMBINE),),
+    (B_SIDE, "mlp.W"): ((B_SIDE, MLP),),
+    (B_SIDE, DISPATCH): ((B_SIDE, MLP),),
+    (B_SIDE, ATTN): ((B_SIDE, DISPATCH),),
+    (B_SIDE, "attn.W"): ((B_SIDE, ATTN),),
+}
+
+
+def check_order(order: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Check a per-layer order: each of the ten (side, action) pairs of :data:`ORDER_DEVICE`
+    exactly once, every action after what its own chain needs first. ValueError otherwise."""
+    order = tuple(tuple(a) for a in order)  # type: ignore[misc]
+    if sorted(order) != sorted(ORDER_DEVICE):
+        raise ValueError(f"order must hold each of {list(ORDER_DEVICE)} exactly once, got "
+                         f"{list(order)}")
+    at = {a: i for i, a in enumerate(order)}
+    for a, needs in _NEEDS.items():
+        for n in needs:
+            if at[n] > at[a]:
+                raise ValueError(f"order: {a[0]}.{a[1]} comes before {n[0]}.{n[1]}, which its "
+                                 "chain needs first")
+    return order  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class TimelineEntry:
     """One sub-step as the engine ran it. ``name`` is e.g. ``F.attn``, ``B.mlp``, ``W.attn``,
     ``comm.dispatch.F``; ``stream`` is ``compute`` or ``comm``; times are host seconds
-    (``time.perf_counter``): for a transfer, from its start to the return of its wait."""
+    (``time.perf_counter``): for a transfer, from its start to the return of its wait, and
+    ``waited`` the part spent in the wait (on CPU: the exposed communication)."""
 
     name: str
     layer: int
@@ -90,6 +120,7 @@ class TimelineEntry:
     stream: str
     start: float
     end: float
+    waited: float = 0.0
 
 
 # ----------------------------------------------------------------------------- streams
@@ -115,7 +146,7 @@ class FusedEngine:
                  order: Sequence[tuple[str, str]] | None = None) -> None:
         self.record_timeline = record_timeline
         self.timeline: list[TimelineEntry] = []
-        self.order = tuple(order) if order is not None else None
+        self.order = check_order(order) if order is not None else None
         self._comm_streams: dict[int, Any] = {}
         self._cuda = False
         self._compute: Any = None
@@ -179,10 +210,12 @@ class FusedEngine:
             if isinstance(t, torch.Tensor) and t.is_cuda:
                 t.record_stream(s)
 
-    def _comm_entry(self, name: str, layer: int, microbatch: int, began: float) -> None:
+    def _comm_entry(self, name: str, layer: int, microbatch: int, began: float,
+                    wait_began: float) -> None:
         if self.record_timeline:
-            self.timeline.append(TimelineEntry(name, layer, microbatch, "comm", began,
-                                               time.perf_counter()))
+            now = time.perf_counter()
+            self.timeline.append(TimelineEntry(name, layer, microbatch, "comm", began, now,
+                                               now - wait_began))
 
     def _host_order(self) -> tuple[tuple[str, str], ...]:
         if self.order is not None:
@@ -347,6 +380,9 @@ class _Trace:
         self.outputs: list[torch.Tensor] = []
         self.capture = False
         self.captured: tuple[torch.Tensor | None, ...] | None = None
+        #: an empty leaf input of the outputs' node, so they require grad (and a target that
+        #: stops a captured backward at the node)
+        self.anchor: torch.Tensor | None = None
 
 
 class _StageFunction(torch.autograd.Function):
@@ -365,6 +401,7 @@ class _StageFunction(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
         trace: _Trace = ctx.deeppar_trace
         ctx.deeppar_trace = None
+        trace.anchor = None
         nothing = (None, None) + (None,) * len(trace.inputs)
         if trace.capture:
             trace.captured = grads
@@ -438,9 +475,11 @@ class _ForwardRun:
     def _finish_transfer(self, rec: _Record, began: float) -> None:
         eng, step = self.engine, rec.step
         label = f"comm.{step.name}.F[{rec.layer}].wait"
+        wait_began = time.perf_counter()
         with eng._on(self.chain, "comm", label, rec.layer, self.chain.microbatch):
             outs = _as_list(rec.transfer.wait(), f"{step.name} transfer")  # type: ignore[union-attr]
-        eng._comm_entry(f"comm.{step.name}.F", rec.layer, self.chain.microbatch, began)
+        eng._comm_entry(f"comm.{step.name}.F", rec.layer, self.chain.microbatch, began,
+                        wait_began)
         if len(outs) != len(step.outputs):
             raise ValueError(f"sub-step {step.name!r} declares {len(step.outputs)} outputs, "
                              f"its transfer gave {len(outs)}")
@@ -494,8 +533,8 @@ class _ForwardRun:
                                     for o in outs):
             return outs
         self.trace.outputs = outs
-        anchor = torch.empty(0, requires_grad=True)
-        return list(_StageFunction.apply(self.trace, anchor, *self.trace.inputs))
+        self.trace.anchor = torch.empty(0, requires_grad=True)
+        return list(_StageFunction.apply(self.trace, self.trace.anchor, *self.trace.inputs))
 
 
 def _reachable_leaves(outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -519,12 +558,14 @@ def _reachable_leaves(outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return leaves + found
 
 
-def _find_trace(roots: Sequence[torch.Tensor | None]) -> _Trace | None:
-    """The one stage record reachable from ``roots`` (searching up to the first record on
-    each path), or None when there is none or more than one."""
+def _graph_walk(roots: Sequence[torch.Tensor | None]
+                ) -> tuple[list[_Trace], list[torch.Tensor]]:
+    """From ``roots``' autograd nodes down to the first stage record on each path: the records
+    met, and the leaves (parameters) met on the way (a criterion's own weights)."""
     seen: set[int] = set()
     stack = [r.grad_fn for r in roots if isinstance(r, torch.Tensor) and r.grad_fn is not None]
     traces: dict[int, _Trace] = {}
+    leaves: list[torch.Tensor] = []
     while stack:
         node = stack.pop()
         if id(node) in seen:
@@ -534,31 +575,37 @@ def _find_trace(roots: Sequence[torch.Tensor | None]) -> _Trace | None:
         if isinstance(trace, _Trace):
             traces[id(trace)] = trace
             continue
+        var = getattr(node, "variable", None)
+        if isinstance(var, torch.Tensor):
+            leaves.append(var)
         for nxt, _ in node.next_functions:
             if nxt is not None:
                 stack.append(nxt)
-    return next(iter(traces.values())) if len(traces) == 1 else None
+    return list(traces.values()), leaves
 
 
 def _start_backward(engine: FusedEngine, module: nn.Module, loss: torch.Tensor | None,
                     outputs: list[torch.Tensor], grads: list[torch.Tensor],
                     chain: _Chain) -> _BackwardRun:
     """Find ``module``'s record behind ``loss`` / ``outputs``, run the part of the backward
-    that comes after the stage (the criterion's) and capture the stage outputs' gradients."""
+    that comes after the stage (the criterion's) and capture the stage outputs' gradients. The
+    backward is limited to the criterion's leaves and the record's anchor, so nothing before
+    the stage runs (or is freed) yet."""
     if not declares_substeps(module):
         raise TypeError(f"module1 ({type(module).__name__}) does not declare sub-steps")
     roots = [loss] if loss is not None else outputs
-    trace = _find_trace(roots)
-    if trace is None:
-        raise ValueError(f"the backward of {type(module).__name__} needs outputs made by "
-                         "forward_substeps (the stage's forward must call it)")
+    traces, leaves = _graph_walk(roots)
+    if len(traces) != 1 or traces[0].anchor is None:
+        raise ValueError(f"the backward of {type(module).__name__} needs outputs made by one "
+                         "call of forward_substeps (the stage's forward must call it)")
+    trace = traces[0]
     trace.capture = True
     try:
         with torch.profiler.record_function("B.head"):
             if loss is not None:
-                loss.backward()
+                _run_backward([loss], [torch.ones_like(loss)], [trace.anchor, *leaves])
             else:
-                _run_backward(outputs, grads)
+                _run_backward(outputs, grads, [trace.anchor])
     finally:
         trace.capture = False
     if trace.captured is None:
@@ -566,12 +613,14 @@ def _start_backward(engine: FusedEngine, module: nn.Module, loss: torch.Tensor |
     return _BackwardRun(engine, trace, list(trace.captured), chain)
 
 
-def _run_backward(tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
-    """Backward without autograd's shape check (sent outputs may be emptied placeholders)."""
+def _run_backward(tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                  inputs: Sequence[torch.Tensor] = ()) -> None:
+    """Backward without autograd's shape check (sent outputs may be emptied placeholders),
+    optionally only towards ``inputs``."""
     if tensors:
         Variable._execution_engine.run_backward(  # type: ignore[attr-defined]
             tuple(tensors), tuple(grads), keep_graph=False, create_graph=False,
-            allow_unreachable=True, accumulate_grad=True)
+            inputs=tuple(inputs), allow_unreachable=True, accumulate_grad=True)
 
 
 class _BackwardRun:
@@ -596,18 +645,24 @@ class _BackwardRun:
     def _add(self, name: str, g: torch.Tensor) -> None:
         self.grads[name] = self.grads[name] + g if name in self.grads else g
 
-    def action(self, name: str, k: int) -> None:
+    def _take(self, k: int, name: str, keep: bool = False) -> _Record:
         recs = self.trace.records
+        if (k, name) not in recs:
+            raise RuntimeError(f"backward of {name}[{k}]: no record (its backward already ran, "
+                               "or the order runs it before what it needs)")
+        return recs[(k, name)] if keep else recs.pop((k, name))
+
+    def action(self, name: str, k: int) -> None:
         if name == COMBINE:
-            if (k, POST) in recs:
-                self._backward(recs.pop((k, POST)), k, split=False)
-            self._start(recs.pop((k, COMBINE)), k)
+            if (k, POST) in self.trace.records:
+                self._backward(self._take(k, POST), k, split=False)
+            self._start(self._take(k, COMBINE), k)
         elif name == DISPATCH:
-            self._start(recs.pop((k, DISPATCH)), k)
+            self._start(self._take(k, DISPATCH), k)
         elif name in (MLP, ATTN):
-            self._backward(recs[(k, name)], k, split=self.split)
+            self._backward(self._take(k, name, keep=True), k, split=self.split)
         elif name in ("mlp.W", "attn.W"):
-            self._weight(recs.pop((k, name.split(".")[0])), k)
+            self._weight(self._take(k, name.split(".")[0]), k)
         else:
             raise ValueError(f"unknown backward action {name!r}")
 
@@ -627,10 +682,12 @@ class _BackwardRun:
 
     def _finish_transfer(self, rec: _Record, tr: Transfer, began: float) -> None:
         eng, step = self.engine, rec.step
+        wait_began = time.perf_counter()
         with eng._on(self.chain, "comm", f"comm.{step.name}.B[{rec.layer}].wait", rec.layer,
                      self.chain.microbatch):
             grads = _as_list(tr.wait(), f"{step.name} backward transfer")
-        eng._comm_entry(f"comm.{step.name}.B", rec.layer, self.chain.microbatch, began)
+        eng._comm_entry(f"comm.{step.name}.B", rec.layer, self.chain.microbatch, began,
+                        wait_began)
         eng._cross(grads, "compute")
         for n, req, g in zip(step.inputs, rec.requires, grads):
             if req and isinstance(g, torch.Tensor):
@@ -730,6 +787,7 @@ __all__ = [
     "ORDER_HOST",
     "FusedEngine",
     "TimelineEntry",
+    "check_order",
     "forward_substeps",
     "forward_two_microbatches",
 ]
