@@ -8,6 +8,7 @@ are sharded over the expert-parallel group.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,74 +19,71 @@ import torch.nn.functional as F
 from .config import TrainConfig
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+def make_block(cfg: TrainConfig, group: Any = None) -> nn.Module:
+    """One transformer block: causal attention, then the MoE feed-forward (routed experts
+    behind group-limited top-k routing, plus the shared expert)."""
+    from deeppar.moe.block import MoEBlock
+
+    return MoEBlock(cfg.hidden, cfg.heads, cfg.expert_hidden, cfg.experts, cfg.top_k,
+                    shared_intermediate=cfg.expert_hidden * cfg.shared_experts, group=group,
+                    n_group=cfg.n_group, topk_group=cfg.topk_group)
+
+
+class StageLayer(nn.Module):
+    """A block, with the token embedding in front (first layer of the first stage) or the
+    final norm and vocabulary projection behind (last layer of the last stage), declared as
+    the block's sub-steps with those folded into its ``attn`` and ``post``."""
+
+    def __init__(self, cfg: TrainConfig, group: Any = None, *, first: bool = False,
+                 last: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.embed = nn.Embedding(cfg.vocab, cfg.hidden) if first else None
+        self.block = make_block(cfg, group)
+        self.norm = nn.RMSNorm(cfg.hidden) if last else None
+        self.head = nn.Linear(cfg.hidden, cfg.vocab, bias=False) if last else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+    def attn_step(self, tokens: torch.Tensor) -> tuple:
+        return self.block.attn_step(self.embed(tokens))
 
+    def post_step(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.block.post_step(*args)))
 
-class Attention(nn.Module):
-    """Causal multi-head self-attention (pre-norm, residual added by the block)."""
+    def declare(self) -> Any:
+        from deeppar.pipeline.substeps import LayerSubSteps
 
-    def __init__(self, hidden: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm = RMSNorm(hidden)
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
-        self.out = nn.Linear(hidden, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2), is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
-
-
-class Block(nn.Module):
-    """Attention, then the MoE feed-forward (routed experts and the shared expert):
-    ``h = x + attn(x)``, ``out = h + moe(norm(h))``."""
-
-    def __init__(self, cfg: TrainConfig, group: Any = None) -> None:
-        from deeppar.moe import MoELayer
-
-        super().__init__()
-        self.attn = Attention(cfg.hidden, cfg.heads)
-        self.ffn_norm = RMSNorm(cfg.hidden)
-        self.moe = MoELayer(cfg.hidden, cfg.expert_hidden, cfg.experts, cfg.top_k, group=group,
-                            shared_intermediate=cfg.expert_hidden * cfg.shared_experts,
-                            n_group=cfg.n_group, topk_group=cfg.topk_group)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attn(x)
-        return h + self.moe(self.ffn_norm(h))
+        steps = []
+        for step in self.block.declare().steps:
+            if step.name == "attn" and self.embed is not None:
+                step = replace(step, fn=self.attn_step, modules=(self.embed, *step.modules))
+            elif step.name == "post" and self.head is not None:
+                step = replace(step, fn=self.post_step,
+                               modules=(*step.modules, self.norm, self.head))
+            steps.append(step)
+        return LayerSubSteps(self, tuple(steps))
 
 
 class Stage(nn.Module):
     """Model stage ``index`` of ``cfg.pp``: token ids in (first stage) or hidden states in,
-    hidden states out, or logits out (last stage)."""
+    hidden states out, or logits out (last stage). Declares its layers' sub-steps, so the
+    pipeline runs its F&B pairs on the fused engine."""
 
     def __init__(self, cfg: TrainConfig, index: int, group: Any = None) -> None:
         super().__init__()
         self.index = index
-        self.embed = nn.Embedding(cfg.vocab, cfg.hidden) if index == 0 else None
-        self.blocks = nn.ModuleList(Block(cfg, group) for _ in range(cfg.layers // cfg.pp))
-        last = index == cfg.pp - 1
-        self.norm = RMSNorm(cfg.hidden) if last else None
-        self.head = nn.Linear(cfg.hidden, cfg.vocab, bias=False) if last else None
+        n = cfg.layers // cfg.pp
+        self.layers = nn.ModuleList(
+            StageLayer(cfg, group, first=index == 0 and i == 0,
+                       last=index == cfg.pp - 1 and i == n - 1) for i in range(n))
+
+    def substeps(self) -> Any:
+        from deeppar.pipeline.substeps import StageSubSteps
+
+        return StageSubSteps(("x",), tuple(layer.declare() for layer in self.layers), ("x",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.embed is not None:
-            x = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
-        if self.head is not None:
-            x = self.head(self.norm(x))
-        return x
+        from deeppar.pipeline.fused import forward_substeps
+
+        return forward_substeps(self, x)  # type: ignore[return-value]
 
 
 def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -128,7 +126,7 @@ def build_sharded(cfg: TrainConfig, full: list[Stage], index: int, group: Any,
 def moe_layers(stage: Stage, cfg: TrainConfig) -> list[tuple[int, nn.Module]]:
     """``(global layer index, MoE layer)`` of a stage."""
     per = cfg.layers // cfg.pp
-    return [(stage.index * per + i, b.moe) for i, b in enumerate(stage.blocks)]
+    return [(stage.index * per + i, layer.block.moe) for i, layer in enumerate(stage.layers)]
 
 
 def sync_dense_grads(stages: nn.Module, group: Any) -> None:

@@ -10,6 +10,7 @@ flight (from its start to the return of its wait) while computation ran.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,13 @@ def engine_overlap(entries: list[Any]) -> dict[str, float]:
 
 
 def phase_table(report: Any, top: int = 12) -> list[tuple[str, int, float, float, float]]:
-    """Phases aggregated by name over all ranks: (name, count, CPU ms, GPU busy ms, exposed
-    communication ms), longest CPU time first."""
+    """Phases aggregated by name over all ranks and layers (``F.attn[1]`` counts as
+    ``F.attn``): (name, count, CPU ms, GPU busy ms, exposed communication ms), longest CPU
+    time first."""
     agg: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
     for rank in report.ranks:
         for p in rank.phases:
-            a = agg[p.name]
+            a = agg[re.sub(r"\[\d+\]", "", p.name)]
             a[0] += 1
             a[1] += p.cpu_dur_us / 1e3
             a[2] += p.busy_us / 1e3

@@ -84,15 +84,17 @@ def _moe_over_shards(moe: nn.Module, ys: list[torch.Tensor]) -> list[torch.Tenso
 
 
 def _stage_over_shards(stage: M.Stage, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``stage`` on every shard's micro-batch; per shard except inside the MoE layers."""
-    if stage.embed is not None:
-        xs = [stage.embed(x) for x in xs]
-    for block in stage.blocks:
-        hs = [x + block.attn(x) for x in xs]
-        moe_out = _moe_over_shards(block.moe, [block.ffn_norm(h) for h in hs])
+    """``stage`` on every shard's micro-batch, as plain autograd code: per shard except
+    inside the MoE layers (the same operations as the block's sub-steps)."""
+    for layer in stage.layers:
+        block = layer.block
+        if layer.embed is not None:
+            xs = [layer.embed(x) for x in xs]
+        hs = [x + block.attn(block.attn_norm(x)) for x in xs]
+        moe_out = _moe_over_shards(block.moe, [block.moe_norm(h) for h in hs])
         xs = [h + o for h, o in zip(hs, moe_out)]
-    if stage.head is not None:
-        xs = [stage.head(stage.norm(x)) for x in xs]
+        if layer.head is not None:
+            xs = [layer.head(layer.norm(x)) for x in xs]
     return xs
 
 
