@@ -9,7 +9,8 @@ NATIVE_SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test test-main test-triton bench lint cuda-check cmake-check clean
+.PHONY: all install demo test test-main test-triton bench lint cuda-check cmake-check \
+	package-check clean
 
 all: install
 
@@ -44,7 +45,7 @@ bench: install
 		echo "== $$script"; $(PY) $$script; done
 
 lint: $(DEPS_STAMP)
-	$(VENV)/bin/ruff check python tests benchmarks setup.py
+	$(VENV)/bin/ruff check python tests benchmarks tools setup.py
 
 # Compile the CUDA kernels and their bindings with plain nvcc (no GPU needed).
 cuda-check: $(DEPS_STAMP)
@@ -55,6 +56,18 @@ cmake-check: install
 	cmake -S . -B build/cmake -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) \
 		-DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) >/dev/null
 	cmake --build build/cmake -j $(MAX_JOBS)
+
+# Build the sdist, a wheel from that sdist (against the installed torch, CPU kernels only:
+# about a minute on 2 cores), and check both: contents, metadata, and the unpacked wheel
+# running on its own. A stale egg-info would add its old file list to the sdist: removed first.
+PACKAGE_DIR := dist/package-check
+package-check: $(DEPS_STAMP)
+	rm -rf $(PACKAGE_DIR) python/*.egg-info && mkdir -p $(PACKAGE_DIR)
+	$(PY) -c 'import setuptools.build_meta as b; b.build_sdist("$(PACKAGE_DIR)")' >/dev/null
+	rm -rf python/*.egg-info
+	DEEPPAR_NO_CUDA=1 $(PY) -m pip wheel --quiet --no-build-isolation --no-deps \
+		-w $(PACKAGE_DIR) $(PACKAGE_DIR)/deeppar-*.tar.gz
+	$(PY) tools/check_dist.py $(PACKAGE_DIR)/deeppar-*.tar.gz $(PACKAGE_DIR)/deeppar-*.whl
 
 clean:
 	rm -rf build dist python/*.egg-info python/deeppar/_C*.so $(BUILD_STAMP)

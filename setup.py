@@ -1,4 +1,4 @@
-"""Build deeppar and its native extension ``deeppar._C``.
+"""Build the native extension ``deeppar._C`` (the package metadata is in pyproject.toml).
 
 Environment switches:
   DEEPPAR_NO_EXT=1        pure-Python install (no native extension)
@@ -16,7 +16,7 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -72,17 +72,5 @@ def _extensions() -> tuple[list, dict]:
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="deeppar",
-    version="0.1.0",
-    description="DeepSeek's parallelism strategies (EPLB, DualPipe) for PyTorch, fast",
-    package_dir={"": "python"},
-    packages=find_packages("python"),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy"],
-    extras_require={"plot": ["matplotlib"], "triton": ["triton"]},
-    entry_points={"console_scripts": ["deeppar = deeppar.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+# Name, version, dependencies, packages and package data: pyproject.toml ([project]).
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -7,10 +7,8 @@ results are machine-readable; it writes atomically (a temporary file renamed int
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -74,22 +72,18 @@ def ratio(baseline: float, value: float) -> str:
 
 
 def write_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (dataclasses converted) as standard JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``payload`` (dataclasses converted) as standard JSON, atomically (deeppar's output
+    policy: ``deeppar._io.write_json``)."""
+    from deeppar._io import write_json as write_output_json
 
     def convert(value: Any) -> Any:
         if hasattr(value, "__dataclass_fields__"):
-            return asdict(value)
-        raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+            return convert(asdict(value))
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        return value
 
-    text = json.dumps(payload, indent=2, default=convert, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    write_output_json(path, convert(payload), indent=2, what="the benchmark rows")
+    return Path(path)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TRACE = ROOT / "tests" / "data" / "deepseek_v3_train_trace.json.gz"
+DEFAULT_TRACE = ROOT / "python" / "deeppar" / "data" / "deepseek_v3_train_trace.json.gz"
 
 _INPROC = r"""
 import json, resource, sys, time

@@ -185,8 +185,8 @@ def test_plan_metrics():
     p = eplb.plan(weight, 40, 8, 4, 8)
     assert p.gpu_load.shape == (4, 8) and p.layer_balancedness.shape == (4,)
     # Every load lands on some GPU, before and after.
-    assert torch.allclose(p.gpu_load.sum(1), weight.sum(1), rtol=1e-5)
-    assert torch.allclose(p.gpu_load_before.sum(1), weight.sum(1), rtol=1e-5)
+    assert torch.allclose(p.gpu_load.sum(1), weight.double().sum(1), rtol=1e-5)
+    assert torch.allclose(p.gpu_load_before.sum(1), weight.double().sum(1), rtol=1e-5)
     assert 0 < p.balancedness_before <= p.balancedness <= p.balancedness_bound + 1e-6
     assert p.balancedness_bound <= 1.0 + 1e-6
     assert "hierarchical" in p.summary()

@@ -13,8 +13,9 @@ import pytest
 from _profiling_helpers import TraceBuilder
 
 from deeppar.cli import main
+from deeppar.demo import sample_trace
 
-DEEPSEEK = Path(__file__).parent / "data" / "deepseek_v3_train_trace.json.gz"
+DEEPSEEK = sample_trace()
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("span_us", "busy_us", "idle_us", "comm_busy_us", "compute_busy_us", "overlap_us",
         "overlap_ratio", "exposed_comm_us")

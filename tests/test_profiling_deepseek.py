@@ -5,14 +5,14 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from pathlib import Path
 
 import pytest
 
+from deeppar.demo import sample_trace
 from deeppar.profiling import Classifier, analyze_files, load_trace
 from deeppar.profiling.classify import COMM, COMPUTE
 
-TRACE = Path(__file__).parent / "data" / "deepseek_v3_train_trace.json.gz"
+TRACE = sample_trace()
 LAYER_ORDER = ["combine(B)", "attn(F)", "mlp(B)", "dispatch(F)", "dispatch(B)", "mlp(W)",
                "mlp(F)", "attn(B)", "attn(W)", "combine(F)"]
 

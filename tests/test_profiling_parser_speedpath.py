@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deeppar.demo import sample_trace
 from deeppar.profiling import _fastscan, _jsonstream, loader
 from deeppar.profiling.loader import load_trace
 
-TRACE = Path(__file__).parent / "data" / "deepseek_v3_train_trace.json.gz"
+TRACE = sample_trace()
 
 
 def _same(a, b) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 
 import torch
 
@@ -31,6 +32,9 @@ def _load() -> None:
     except Exception as exc:  # ImportError, or OSError from a bad shared object
         NATIVE_ERROR = f"{type(exc).__name__}: {exc}"
         log.info("deeppar: native extension not loaded (%s); using Python paths", NATIVE_ERROR)
+        if os.environ.get("DEEPPAR_NO_EXT", "0").lower() not in ("1", "true", "yes", "on"):
+            # once per process: this module is imported once, by the first op that needs it
+            warnings.warn(missing_extension_message(NATIVE_ERROR), RuntimeWarning, stacklevel=2)
         return
     NATIVE_LOADED = True
     global _KERNELS
@@ -40,6 +44,14 @@ def _load() -> None:
             if name.startswith("deeppar::"):
                 found.add((name.split("::", 1)[1].split(".", 1)[0], device))
     _KERNELS = frozenset(found)
+
+
+def missing_extension_message(error: str) -> str:
+    """The warning given once when ``_C`` does not load."""
+    return (f"deeppar: the native extension deeppar._C did not load ({error}); the slower "
+            "pure-Python/Triton paths run instead. Rebuild it against the installed torch "
+            "(pip install --no-build-isolation .), or set DEEPPAR_DISABLE_NATIVE=1 to use the "
+            "Python paths without this warning.")
 
 
 _load()

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from deeppar._io import OUTPUT_POLICY
+
 # DeepSeek-V3 prefill (spec "Sizes that matter"): layers, experts, replicas, groups, nodes, gpus.
 DEMO_SHAPE = (58, 256, 288, 8, 4, 32)
 
@@ -19,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="plan expert replicas and their GPUs from per-expert loads",
         description="Plan expert replicas (DeepSeek EPLB) for loads [layers, experts] read from "
         ".pt, .npy or .csv, or for a built-in demo input (--demo).",
+        epilog=OUTPUT_POLICY,
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--loads", type=Path, metavar="FILE",
@@ -89,14 +92,10 @@ def load_weights(path: Path):
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` whole or not at all."""
-    from deeppar._io import write_atomic
+    """Write ``data`` to ``path`` as standard JSON, whole or not at all."""
+    from deeppar._io import write_json
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-
-    write_atomic(path, write)
+    write_json(path, data, what="the plan")
 
 
 SIZE_KEYS = (("replicas", "num_replicas"), ("groups", "num_groups"), ("nodes", "num_nodes"),
@@ -124,7 +123,9 @@ def load_current(path: Path) -> dict:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     import deeppar.eplb as eplb
+    from deeppar._io import declare_files
 
+    declare_files(inputs=(args.loads, args.current), outputs=(args.out, args.png))
     current = load_current(args.current) if args.current else None
     if current is not None:
         for flag, key in SIZE_KEYS:

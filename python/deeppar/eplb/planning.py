@@ -12,19 +12,20 @@ from deeppar.eplb import api, reference
 
 def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor,
               num_gpus: int) -> torch.Tensor:
-    """``[L, P]`` float32 load of each GPU: sum over its slots of expert load / replica count."""
-    w = weight.to(torch.float32)
-    slot = torch.gather(w, 1, phy2log) / torch.gather(logcnt, 1, phy2log).to(torch.float32)
+    """``[L, P]`` float64 load of each GPU: sum over its slots of expert load / replica count
+    (float64: sums of large float32 loads would overflow to inf and make balancedness NaN)."""
+    w = weight.to(torch.float64)
+    slot = torch.gather(w, 1, phy2log) / torch.gather(logcnt, 1, phy2log).to(torch.float64)
     return slot.view(slot.shape[0], num_gpus, -1).sum(-1)
 
 
 def identity_loads(weight: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """``[L, P]`` GPU loads with no replication: expert ``e`` on GPU ``e * P // E`` (contiguous,
     as even as possible), the placement one gets without a load balancer."""
-    w = weight.to(torch.float32)
+    w = weight.to(torch.float64)
     experts = w.shape[1]
     gpu = torch.arange(experts, device=w.device) * num_gpus // experts
-    out = torch.zeros(w.shape[0], num_gpus, dtype=torch.float32, device=w.device)
+    out = torch.zeros(w.shape[0], num_gpus, dtype=torch.float64, device=w.device)
     return out.index_add_(1, gpu, w)
 
 
@@ -37,13 +38,15 @@ def balancedness(loads: torch.Tensor) -> torch.Tensor:
 
 def max_load_lower_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> torch.Tensor:
     """``[L]`` lower bound on any plan's max GPU load (spec "Quality measure"): the larger of
-    total / P and the largest per-replica load after optimal (greedy) replication to R slots."""
+    total / P and the largest per-replica load after optimal (greedy) replication to R slots
+    (the replication is planned in float32 as the planner does; the loads are float64)."""
     w = weight.to(torch.float32).cpu()
     if _native.has_kernel("eplb_replicate", "cpu"):
         _, _, count = torch.ops.deeppar.eplb_replicate(w, num_replicas)
     else:
         _, _, count = reference.replicate_experts(w, num_replicas)
-    per_replica = (w / count.to(torch.float32)).max(dim=1).values
+    w = w.to(torch.float64)
+    per_replica = (w / count.to(torch.float64)).max(dim=1).values
     return torch.maximum(w.sum(dim=1) / num_gpus, per_replica)
 
 
@@ -55,9 +58,9 @@ class Plan:
     phy2log: torch.Tensor  # [L, R] int64, logical expert of each physical slot
     log2phy: torch.Tensor  # [L, E, X] int64, slots of each expert, -1 padded
     logcnt: torch.Tensor  # [L, E] int64, replicas of each expert
-    gpu_load: torch.Tensor  # [L, P] float32, load of each GPU under this plan
-    gpu_load_before: torch.Tensor  # [L, P] float32, identity placement, no replication
-    layer_balancedness: torch.Tensor  # [L] float32, mean / max GPU load
+    gpu_load: torch.Tensor  # [L, P] float64, load of each GPU under this plan
+    gpu_load_before: torch.Tensor  # [L, P] float64, identity placement, no replication
+    layer_balancedness: torch.Tensor  # [L] float64, mean / max GPU load
     balancedness: float  # mean over layers of layer_balancedness
     balancedness_before: float  # the same for the identity placement
     balancedness_bound: float  # mean over layers of mean load / lower bound on max load
@@ -128,7 +131,7 @@ def plan(
     before = identity_loads(w, problem.gpus)
     per_layer = balancedness(after)
     bound = max_load_lower_bound(w, problem.replicas, problem.gpus)
-    mean = w.sum(dim=1) / problem.gpus
+    mean = w.double().sum(dim=1) / problem.gpus
     bound_ratio = torch.where(bound > 0, mean / bound, torch.ones_like(bound))
     return Plan(
         weight=w,

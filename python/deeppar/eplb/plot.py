@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from deeppar._io import write_atomic
+from deeppar._io import save_figure
 from deeppar.eplb.planning import Plan
 
 
@@ -75,6 +75,6 @@ def draw_plan(plan: Plan, path: Path, max_bar_layers: int = 3) -> None:
     fig.suptitle(f"EPLB plan: {plan.num_replicas} replicas on {plan.num_gpus} GPUs in "
                  f"{plan.num_nodes} nodes (bars: replicas, colour = expert)", fontsize=10)
     try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)

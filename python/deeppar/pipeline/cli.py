@@ -17,6 +17,8 @@ import json
 import sys
 from typing import Any
 
+from deeppar._io import OUTPUT_POLICY, declare_files, dumps_json, write_text
+
 _METHODS = ("1f1b", "zb1p", "zbv", "dualpipe", "dualpipev")
 
 
@@ -57,6 +59,8 @@ def _costs(args: argparse.Namespace) -> Any:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"--measured {path}: not valid JSON: {e}") from None
+            except RecursionError:
+                raise ValueError(f"--measured {path}: JSON nested too deeply") from None
         try:
             if isinstance(data, dict):
                 data.setdefault("comm", args.comm)
@@ -84,6 +88,7 @@ def _fmt(x: float) -> str:
 def _cmd_show(args: argparse.Namespace) -> int:
     from .schedules import build
 
+    declare_files(outputs=(args.png,))
     s = build(args.method, args.ranks, args.chunks)
     print(f"{s.method}: {s.num_ranks} ranks, {s.num_chunks} micro-batches, "
           f"{s.num_stages} stages")
@@ -99,7 +104,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
         from .draw import draw
 
         draw(s, args.png)
-        print(f"wrote {args.png}")
+        if args.png != "-":
+            print(f"wrote {args.png}")
     return 0
 
 
@@ -115,6 +121,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from .schedules import build, canonical_method
     from .simulate import PUBLISHED_BUBBLE, Costs, compare_published
 
+    declare_files(inputs=(args.measured,), outputs=(args.png,))
     s = build(args.method, args.ranks, args.chunks)
     costs = _costs(args)
     res = _simulate(s, costs, args)
@@ -130,7 +137,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             out["published_holds"] = published["holds"]
         if args.timeline:
             out["timeline"] = res.to_dict()["timeline"]
-        print(json.dumps(out, indent=2))
+        print(dumps_json(out, indent=2))
     else:
         print(f"{s.method}: {s.num_ranks} ranks, {s.num_chunks} micro-batches; "
               f"makespan {_fmt(res.makespan)}, max bubble {_fmt(max(res.bubble))}")
@@ -144,7 +151,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         from .draw import draw
 
         draw(s, args.png, result=res, costs=costs if isinstance(costs, Costs) else None)
-        print(f"wrote {args.png}", file=sys.stderr if args.json else sys.stdout)
+        if args.png != "-":
+            print(f"wrote {args.png}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -204,11 +212,15 @@ def compare_rows(ranks: int, chunks: int, costs: Any, basis: str = "stages"
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    declare_files(inputs=(args.measured,), outputs=(args.png,))
     costs = _costs(args)
     rows = compare_rows(args.ranks, args.chunks, costs, args.basis)
+    if all("error" in r for r in rows):
+        why = dict.fromkeys(r["error"].removeprefix(f"{r['method']}: ") for r in rows)
+        raise ValueError("no method can run with these parameters: " + "; ".join(why))
     if args.json:
         out = [{k: v for k, v in r.items() if k not in ("schedule", "result")} for r in rows]
-        print(json.dumps({"ranks": args.ranks, "chunks": args.chunks, "basis": args.basis,
+        print(dumps_json({"ranks": args.ranks, "chunks": args.chunks, "basis": args.basis,
                           "methods": out}, indent=2))
     else:
         print(f"{args.chunks} micro-batches, model in {args.ranks} stages"
@@ -234,13 +246,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
         ok = [(r["schedule"], r["result"]) for r in rows if "error" not in r]
         draw_compare(ok, args.png)
-        print(f"wrote {args.png}", file=sys.stderr if args.json else sys.stdout)
+        if args.png != "-":
+            print(f"wrote {args.png}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .schedules import build
 
+    declare_files(inputs=(args.measured,), outputs=(args.out,))
     s = build(args.method, args.ranks, args.chunks)
     if args.format == "torch":
         from .export import format_torch
@@ -251,11 +265,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     else:
         from .export import to_chrome_trace
 
-        text = json.dumps(to_chrome_trace(s, _simulate(s, _costs(args), args)))
+        text = dumps_json(to_chrome_trace(s, _simulate(s, _costs(args), args)),
+                          what="the Chrome trace")
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-        print(f"wrote {args.out}")
+        write_text(args.out, text + "\n")
+        if args.out != "-":
+            print(f"wrote {args.out}")
     else:
         print(text)
     return 0
@@ -267,12 +282,13 @@ def register(subparsers: Any) -> None:
                               "export", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="schedule_command", metavar="ACTION", required=True)
 
-    sp = sub.add_parser("show", help="print a schedule (and draw it)")
+    sp = sub.add_parser("show", help="print a schedule (and draw it)", epilog=OUTPUT_POLICY)
     _add_shape(sp)
     sp.add_argument("--png", metavar="FILE", help="write a picture")
     sp.set_defaults(func=_cmd_show)
 
-    sp = sub.add_parser("simulate", help="simulate a schedule: makespan, bubbles, memory")
+    sp = sub.add_parser("simulate", help="simulate a schedule: makespan, bubbles, memory",
+                        epilog=OUTPUT_POLICY)
     _add_shape(sp)
     _add_costs(sp)
     sp.add_argument("--json", action="store_true", help="print a JSON object")
@@ -280,7 +296,7 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--png", metavar="FILE", help="write a picture with true durations")
     sp.set_defaults(func=_cmd_simulate)
 
-    sp = sub.add_parser("compare", help="all methods side by side")
+    sp = sub.add_parser("compare", help="all methods side by side", epilog=OUTPUT_POLICY)
     _add_shape(sp, method=False)
     _add_costs(sp)
     sp.add_argument("--basis", choices=("stages", "devices"), default="stages",
@@ -291,7 +307,7 @@ def register(subparsers: Any) -> None:
     sp.set_defaults(func=_cmd_compare)
 
     sp = sub.add_parser("export", help="export a schedule: torch action strings, JSON, "
-                        "Chrome trace")
+                        "Chrome trace", epilog=OUTPUT_POLICY)
     _add_shape(sp)
     sp.add_argument("--format", choices=("torch", "json", "chrome"), required=True)
     _add_costs(sp)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from deeppar._io import save_figure
+
 from .ir import Action, Kind, Overlap, Schedule
 from .simulate import CostModel, Costs, SimResult, simulate
 
@@ -140,8 +142,10 @@ def draw(schedule: Schedule, path: str | Path | None = None, *,
                         bottom=bottom / height)
     draw_on(ax, schedule, res, title=title, costs=costs)
     if path is not None:
-        fig.savefig(path, dpi=dpi)
-        plt.close(fig)
+        try:
+            save_figure(fig, path, dpi=dpi)
+        finally:
+            plt.close(fig)
     return fig
 
 
@@ -169,8 +173,10 @@ def draw_compare(items: Sequence[tuple[Schedule, SimResult]], path: str | Path |
                       label="overlapped F&B pair")]
     fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8, frameon=False)
     if path is not None:
-        fig.savefig(path, dpi=dpi)
-        plt.close(fig)
+        try:
+            save_figure(fig, path, dpi=dpi)
+        finally:
+            plt.close(fig)
     return fig
 
 

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
+from deeppar._io import dumps_json
+
 
 class Kind(StrEnum):
     """Kind of an action (``Overlap.kind`` is the string ``"FB"``)."""
@@ -495,7 +497,7 @@ class Schedule:
         return Schedule(method, num_ranks, num_chunks, stages, steps, entry, meta)
 
     def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return dumps_json(self.to_dict(), indent=indent, what="the schedule")
 
     @staticmethod
     def from_json(text: str) -> Schedule:

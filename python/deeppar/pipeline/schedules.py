@@ -39,6 +39,12 @@ def canonical_method(method: str) -> str:
     return m
 
 
+#: size limits of a schedule (about 1.2 million steps at the product limit: seconds to build,
+#: hundreds of MB); larger requests would exhaust memory
+MAX_RANKS = 1024
+MAX_RANKS_X_CHUNKS = 1 << 20
+
+
 def check_params(method: str, ranks: int, chunks: int) -> None:
     """Raise ``ValueError`` naming the violated constraint if ``build`` cannot build this."""
     m = canonical_method(method)
@@ -47,6 +53,11 @@ def check_params(method: str, ranks: int, chunks: int) -> None:
         raise ValueError(f"{m}: ranks must be an integer >= 1, got {ranks!r}")
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise ValueError(f"{m}: chunks (micro-batches) must be an integer >= 1, got {chunks!r}")
+    if ranks > MAX_RANKS:
+        raise ValueError(f"{m}: ranks must be at most {MAX_RANKS}, got {ranks}")
+    if ranks * chunks > MAX_RANKS_X_CHUNKS:
+        raise ValueError(f"{m}: ranks * chunks must be at most {MAX_RANKS_X_CHUNKS} (the schedule "
+                         f"holds a few steps per rank and micro-batch), got {ranks} * {chunks}")
     if m == "dualpipe":
         if ranks % 2:
             raise ValueError(f"dualpipe: ranks must be even (each rank pairs with rank "

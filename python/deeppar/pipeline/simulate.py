@@ -33,6 +33,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from deeppar._io import dumps_json
+
 from .ir import Kind, Overlap, Schedule, Step
 
 Number = float | int
@@ -249,7 +251,7 @@ class MeasuredCosts:
         return {"comm": self.comm, "durations": by_str, "by_index": by_index}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict())
+        return dumps_json(self.to_dict(), what="the measured costs")
 
     @staticmethod
     def from_dict(d: Mapping[str, Any], fallback: Costs | None = None) -> MeasuredCosts:
@@ -395,6 +397,9 @@ def simulate(schedule: Schedule, costs: CostModel | Mapping[Any, float] | None =
                                      "finite number >= 0")
                 start[r][i] = ready
                 end[r][i] = ready + d
+                if not math.isfinite(end[r][i]):
+                    raise ValueError(f"costs too large: rank {r} step {i} ({prog[i]}) would end "
+                                     "beyond the largest float (the times overflow)")
                 free[r] = end[r][i]
                 pos[r] += 1
                 progress = True

@@ -10,11 +10,12 @@ per-step durations, so a measured bubble can be compared with a simulated one.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import torch
+
+from deeppar._io import write_json
 
 from .ir import Schedule, Step
 from .simulate import MeasuredCosts, TimedStep
@@ -77,8 +78,7 @@ def write_chrome_trace(schedule: Schedule, steps: list[TimedStep], path: str) ->
     from .export import to_chrome_trace
 
     trace = to_chrome_trace(schedule, steps, time_unit_us=1.0)
-    with open(path, "w") as f:
-        json.dump(trace, f)
+    write_json(path, trace, what="the Chrome trace")
     return trace
 
 

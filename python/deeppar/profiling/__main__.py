@@ -14,11 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(["trace", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"deeppar trace: error: {exc}", file=sys.stderr)
-        return 2
+    from deeppar.cli import run_command
+
+    return run_command(args, "trace")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 
+from deeppar._io import OUTPUT_POLICY
+
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    import json
+    from deeppar._io import declare_files, dumps_json
 
     from .analysis import analyze
     from .classify import Classifier
@@ -17,6 +19,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     classifier = Classifier.with_patterns(tuple(args.comm_pattern or ()),
                                           tuple(args.compute_pattern or ()))
+    declare_files(inputs=args.paths, outputs=(args.png, args.html))
     skipped: list[str] = []
     traces = load_traces(args.paths, skipped)
     report = analyze(traces, classifier, phase_fallback=args.phase_fallback)
@@ -30,7 +33,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
         write_html(args.html, traces, report, classifier)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
+        print(dumps_json(report.to_dict(), indent=1))
     else:
         from .report import format_report
 
@@ -48,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a = sub.add_parser(
         "analyze", help="computation/communication overlap per device, stream, phase",
         description="Overlap of communication and computation kernels in Chrome traces written "
-                    "by torch.profiler (plain or .gz; one file per rank, or directories).")
+                    "by torch.profiler (plain or .gz; one file per rank, or directories).",
+        epilog=OUTPUT_POLICY)
     a.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="trace files or directories")
     a.add_argument("--json", action="store_true", help="print one JSON object")
     a.add_argument("--png", metavar="PATH", help="write a timeline picture (PNG)")

@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import html as _html
-from pathlib import Path
 
-from deeppar._io import write_atomic
+from deeppar._io import write_text
 
 from ._lanes import COLORS, build_lanes, phase_color_map
 from .analysis import TraceReport
@@ -86,4 +85,4 @@ def write_html(path: str, traces: list[RankTrace], report: TraceReport,
 <script>{_SCRIPT % {"w": end_ms, "l": _LABEL_W, "pw": pw}}</script>
 </body></html>
 """
-    write_atomic(path, lambda tmp: Path(tmp).write_text(doc, encoding="utf-8"), suffix=".html")
+    write_text(path, doc)

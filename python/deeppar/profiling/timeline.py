@@ -3,7 +3,7 @@ exposed communication highlighted, annotation ranges as a band on top (matplotli
 
 from __future__ import annotations
 
-from deeppar._io import write_atomic
+from deeppar._io import save_figure
 
 from ._lanes import COLORS, build_lanes, phase_color_map
 from .analysis import TraceReport
@@ -63,6 +63,6 @@ def write_png(path: str, traces: list[RankTrace], report: TraceReport,
             title += " - no GPU activity in the trace"
         ax.set_title(title, fontsize=10)
         fig.tight_layout()
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"), suffix=".png")
+        save_figure(fig, path, format="png", dpi=dpi)
     finally:
         plt.close(fig)
