@@ -16,6 +16,7 @@ training on 4 local processes that it spawns itself.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from deeppar.demo import add_arguments, from_args, main_process
 
@@ -31,7 +32,8 @@ def main() -> None:
         cfg = from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    main_process(cfg, args.out)
+    if not main_process(cfg, args.out):
+        sys.exit(1)  # process 0 printed which claim failed
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Modules: :mod:`.config` (sizes and pieces), :mod:`.layout` (rank grid and groups
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -23,9 +24,17 @@ def _section(title: str) -> None:
     print(f"\n=== {title} " + "=" * max(0, 72 - len(title)), flush=True)
 
 
-def finish(result, out: Path) -> None:
-    """Process 0 after training: the pictures and the summary table."""
-    from .report import draw_losses, draw_schedule, summary_lines
+def finish(result, out: Path) -> bool:
+    """Process 0 after training: the checks, the summary table, ``summary.json`` and the
+    pictures. Returns whether every claim of the run holds."""
+    from deeppar._io import write_json
+
+    from .report import claims, draw_losses, draw_schedule, summary_json, summary_lines
+
+    if result.first_step is not None:
+        _section("first step against the same model in one process")
+        for line in result.first_step.lines():
+            print(line)
 
     if result.eplb:
         _section(f"EPLB after step {result.eplb['step']} (deeppar.eplb)")
@@ -53,18 +62,25 @@ def finish(result, out: Path) -> None:
         path = out / "eplb_placement.png"
         draw_plan(result.eplb["plan"], path)
         files.insert(2, ("EPLB placement before/after the move", str(path)))
+    path = out / "summary.json"
+    write_json(path, summary_json(result), indent=1, what="the run's summary")
+    files.append(("losses, checks and figures (JSON)", str(path)))
     for what, p in files:
         print(f"  {what:<38} {p}")
+    failed = [name for name, ok in claims(result).items() if not ok]
+    if failed:
+        print(f"\nFAILED: {'; '.join(failed)}")
     print(flush=True)
+    return not failed
 
 
-def main_process(cfg: TrainConfig, out: str) -> None:
-    """What every process runs (under torchrun or spawned by the demo)."""
+def main_process(cfg: TrainConfig, out: str) -> bool:
+    """What every process runs (under torchrun or spawned by the demo). Returns False on
+    process 0 when a claim of the run does not hold."""
     from .train import train
 
     result = train(cfg, out)
-    if result is not None:
-        finish(result, Path(out))
+    return finish(result, Path(out)) if result is not None else True
 
 
 def run_demo(cfg: TrainConfig, out: Path) -> int:
@@ -78,12 +94,19 @@ def run_demo(cfg: TrainConfig, out: Path) -> int:
           f"(top-{cfg.top_k}, {cfg.n_group} groups, {cfg.topk_group} per token) + "
           f"{cfg.shared_experts} shared; {cfg.steps} steps of {cfg.chunks} micro-batches x "
           f"{cfg.micro_batch} sequences x {cfg.seq} tokens per data shard", flush=True)
+    summary = out / "summary.json"
+    if summary.exists():
+        summary.unlink()  # a stale one must not pass for this run's
     spawn_local(cfg.world, main_process, cfg, str(out))
     print(f"[demo: {time.perf_counter() - start:.1f} s; artefacts in {out}/]")
-    return 0
+    failed = [k for k, ok in json.loads(summary.read_text())["claims"].items() if not ok]
+    return 1 if failed else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from deeppar._io import require_matplotlib
+
+    require_matplotlib("the demo's pictures")  # one clear line now, not a traceback later
     return run_demo(from_args(args), Path(args.out))
 
 

@@ -122,7 +122,7 @@ def draw_losses(result: RunResult, path: Path) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from deeppar._io import write_atomic
+    from deeppar._io import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     try:
@@ -139,7 +139,7 @@ def draw_losses(result: RunResult, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), suffix=".png")
+        save_figure(fig, path, dpi=120)
     finally:
         plt.close(fig)
 
@@ -148,7 +148,7 @@ def draw_schedule(result: RunResult, path: Path) -> tuple[Any, Any]:
     """The step as it ran (measured) above the simulator's replay of the same durations."""
     import matplotlib.pyplot as plt
 
-    from deeppar._io import write_atomic
+    from deeppar._io import save_figure
     from deeppar.pipeline.draw import draw_compare
 
     measured = measured_result(result.schedule, result.timeline)
@@ -160,10 +160,48 @@ def draw_schedule(result: RunResult, path: Path) -> tuple[Any, Any]:
                           fontsize=10, loc="left")
         axes[1].set_title(f"simulated from the measured step durations: makespan "
                           f"{simulated.makespan:.1f}", fontsize=10, loc="left")
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), suffix=".png")
+        save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
     return measured, simulated
+
+
+def claims(result: RunResult) -> dict[str, bool]:
+    """The run's checkable claims (only those of the pieces that ran)."""
+    out: dict[str, bool] = {}
+    if len(result.losses) >= 2:
+        out["loss falls"] = result.losses[-1] < result.losses[0]
+    if result.first_step is not None:
+        out["first step losses bit-identical to one process"] = \
+            result.first_step.losses_identical
+        out["first step gradients match one process"] = result.first_step.ok
+    if result.eplb:
+        out["losses unchanged by the expert move"] = result.eplb["identical"]
+    return out
+
+
+def summary_json(result: RunResult) -> dict[str, Any]:
+    """What ``summary.json`` holds: the claims and the figures behind them."""
+    data: dict[str, Any] = {"layout": result.layout, "losses": result.losses,
+                            "step_seconds": result.step_seconds, "claims": claims(result),
+                            "missing": result.missing}
+    if result.first_step is not None:
+        fs = result.first_step
+        data["first_step"] = {"losses": fs.losses, "losses_identical": fs.losses_identical,
+                              "max_loss_diff": fs.max_loss_diff, "grads": fs.grads,
+                              "max_cos_distance": fs.max_cos_distance, "ok": fs.ok}
+    if result.eplb:
+        data["eplb"] = {k: v for k, v in result.eplb.items() if k not in ("plan", "lines")}
+    if result.profile:
+        data["profile"] = {"summary": result.profile["summary"],
+                           "engine_overlap": result.profile["overlap"],
+                           "gpu": result.profile["gpu"]}
+    if result.timeline:
+        data["step_ms"] = {"measured": measured_result(result.schedule,
+                                                       result.timeline).makespan,
+                           "simulated": simulated_result(result.schedule,
+                                                         result.timeline).makespan}
+    return data
 
 
 def summary_lines(result: RunResult) -> list[str]:
@@ -199,5 +237,5 @@ def summary_lines(result: RunResult) -> list[str]:
     return [f"  {a:<{width}}  {b}" for a, b in rows]
 
 
-__all__ = ["Progress", "RunResult", "draw_losses", "draw_schedule", "eplb_outcome",
-           "measured_result", "simulated_result", "summary_lines"]
+__all__ = ["Progress", "RunResult", "claims", "draw_losses", "draw_schedule", "eplb_outcome",
+           "measured_result", "simulated_result", "summary_json", "summary_lines"]
