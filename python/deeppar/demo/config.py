@@ -34,10 +34,11 @@ class TrainConfig:
     vocab: int = _opt(32, "vocabulary of the synthetic next-token task")
     seq: int = _opt(16, "sequence length")
     # training
-    steps: int = _opt(24, "training steps")
-    chunks: int = _opt(4, "DualPipe micro-batches per step (even, >= 2 * pp)")
-    micro_batch: int = _opt(4, "sequences per micro-batch (per expert-parallel rank)")
-    lr: float = _opt(3e-2, "Adam learning rate")
+    steps: int = _opt(20, "training steps")
+    chunks: int = _opt(8, "DualPipe micro-batches per step (even, >= 2 * pp; more give more "
+                          "overlapped F&B pairs)")
+    micro_batch: int = _opt(2, "sequences per micro-batch (per expert-parallel rank)")
+    lr: float = _opt(1e-2, "Adam learning rate")
     seed: int = _opt(0, "seed of the model and of the data")
     # pieces
     check: bool = _opt(True, "check the first step against the same model run sequentially "
