@@ -41,3 +41,39 @@ inline void check_eplb_rebalance_args(const at::Tensor& weight, int64_t num_repl
 }
 
 }  // namespace deeppar
+
+namespace deeppar {
+
+// moe_permute(x [T, H] floating, topk_ids [T, k] int64, E, R, num_sms): expert ids are checked
+// by the kernels themselves (CPU) or by the Python wrapper (GPU).
+inline void check_moe_permute_args(const at::Tensor& x, const at::Tensor& topk_ids,
+                                   int64_t num_experts, int64_t num_ranks, int64_t num_sms) {
+  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()),
+              "moe_permute: x must be a floating-point [tokens, hidden] tensor");
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.scalar_type() == at::kLong &&
+                  topk_ids.size(0) == x.size(0),
+              "moe_permute: topk_ids must be an int64 [tokens, top_k] tensor matching x");
+  TORCH_CHECK(num_experts >= 1 && num_experts < (int64_t{1} << 31),
+              "moe_permute: num_experts must be in [1, 2^31)");
+  TORCH_CHECK(num_ranks >= 1 && num_experts % num_ranks == 0,
+              "moe_permute: num_ranks must divide num_experts");
+  TORCH_CHECK(num_sms >= 0, "moe_permute: num_sms must be >= 0");
+  TORCH_CHECK(x.device() == topk_ids.device(), "moe_permute: x and topk_ids on different devices");
+}
+
+// moe_unpermute(y [T*k, H] floating, pos [T, k] int64, weights [T, k] floating, num_sms)
+inline void check_moe_unpermute_args(const at::Tensor& y, const at::Tensor& pos,
+                                     const at::Tensor& weights, int64_t num_sms) {
+  TORCH_CHECK(y.dim() == 2 && at::isFloatingType(y.scalar_type()),
+              "moe_unpermute: y must be a floating-point [tokens * top_k, hidden] tensor");
+  TORCH_CHECK(pos.dim() == 2 && pos.scalar_type() == at::kLong && pos.numel() == y.size(0),
+              "moe_unpermute: pos must be an int64 [tokens, top_k] tensor with one entry per "
+              "row of y");
+  TORCH_CHECK(weights.sizes() == pos.sizes() && at::isFloatingType(weights.scalar_type()),
+              "moe_unpermute: weights must be a floating-point tensor shaped like pos");
+  TORCH_CHECK(num_sms >= 0, "moe_unpermute: num_sms must be >= 0");
+  TORCH_CHECK(y.device() == pos.device() && y.device() == weights.device(),
+              "moe_unpermute: y, pos and weights on different devices");
+}
+
+}  // namespace deeppar

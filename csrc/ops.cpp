@@ -26,4 +26,12 @@ TORCH_LIBRARY(deeppar, m) {
   // EPLB log2phy [L, E, width] from phy2log and replica ranks [L, R]; -1 padded, replicas of
   // rank >= width dropped.
   m.def("eplb_log2phy(Tensor phy2log, Tensor phy_rank, int num_experts, int width) -> Tensor");
+  // MoE token permute: x [T, H], topk_ids [T, k] -> (rows [T*k, H] ordered by expert, stably by
+  // (token, slot); pos [T, k] row of each pair; rows per rank [R]; rows per expert [E]), experts
+  // split contiguously over R ranks. GPU kernels run on num_sms persistent blocks (0: default).
+  m.def("moe_permute(Tensor x, Tensor topk_ids, int num_experts, int num_ranks, int num_sms) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // MoE token unpermute: out[t] = sum_j weights[t, j] * y[pos[t, j]], summed in j order in float32
+  // (float64 for float64 y), rounded once to y's dtype.
+  m.def("moe_unpermute(Tensor y, Tensor pos, Tensor weights, int num_sms) -> Tensor");
 }
