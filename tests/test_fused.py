@@ -335,3 +335,35 @@ def test_moe_stage_pair(layers: int) -> None:
     with torch.no_grad():
         want_f = torch.cat([got[1](got[0](h)) for h in xi.chunk(2)])
         assert torch.equal(forward_two_microbatches(got, xi, lag=2), want_f)
+
+
+def test_weight_gradient_paths(monkeypatch) -> None:
+    """W from each deferred module's own output gradient (modules called once), and from the
+    sub-step's outputs again when a deferred module runs twice: both equal F then B."""
+    from _fused_helpers import MixLayer as Base
+
+    class Twice(Base):
+        def attn_fn(self, x):
+            h = x + torch.tanh(self.attn(self.norm(x))) + 0.5 * self.attn(x)
+            return h, self.gate(h)
+
+    class TwiceStage(MixStage):
+        def __init__(self, layers: int = 2) -> None:
+            super().__init__(layers)
+            self.layers = nn.ModuleList(Twice() for _ in range(layers))
+
+    paths: list[bool] = []
+    real = fused._weight_grad_fn
+    monkeypatch.setattr(fused, "_weight_grad_fn", lambda o, g, later, mg: (
+        paths.append(mg is not None), real(o, g, later, mg))[1])
+    for cls, fast in ((MixStage, [True, True]), (TwiceStage, [True, False])):
+        torch.manual_seed(0)
+        got = [cls(1), cls(1)]
+        torch.manual_seed(0)
+        want = [cls(1), cls(1)]
+        xi, xj = _data(13)
+        paths.clear()
+        a = fb_pair(FusedEngine(), got, xi, xj, fused=True)
+        assert sorted(paths) == sorted(fast)
+        b = fb_pair(FusedEngine(), want, xi, xj, fused=False)
+        _compare(got, want, a, b)

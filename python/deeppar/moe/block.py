@@ -103,8 +103,10 @@ class MoEBlock(nn.Module):
                  xm: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """mlp: the local experts on the received rows, and the shared expert."""
         out = self.moe.run_experts(received, layout)
-        shared = self.moe.shared_expert(xm)
-        return (out,) if shared is None else (out, shared)
+        if self.moe.shared is None:
+            return (out,)
+        # through the module's forward (one expert, all rows), so the engine sees the call
+        return out, self.moe.shared(xm, [xm.shape[0]])
 
     def post_step(self, h: torch.Tensor, combined: torch.Tensor, pos: torch.Tensor,
                   weights: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor:

@@ -178,13 +178,14 @@ class FusedEngine:
         return _Chain(microbatch, self._cuda)
 
     @contextlib.contextmanager
-    def _on(self, chain: _Chain | None, stream: str, label: str, layer: int,
+    def _on(self, chain: _Chain | None, stream: str, label: str | None, layer: int,
             microbatch: int) -> Iterator[None]:
         """Run the body as a sub-step of ``chain`` on ``stream`` ("compute" or "comm"): on CUDA
         wait for the chain's event on that stream, run there, record the event; profile it
-        under ``label`` and time it into the timeline."""
+        under ``label`` and time it into the timeline (``label`` None: neither, for glue
+        work such as adding received gradients)."""
         began = time.perf_counter()
-        with torch.profiler.record_function(label):
+        with torch.profiler.record_function(label) if label else contextlib.nullcontext():
             if self._cuda:
                 s = self._comm if stream == "comm" else self._compute
                 if chain is not None and chain.recorded:
@@ -196,7 +197,7 @@ class FusedEngine:
                     chain.recorded = True
             else:
                 yield
-        if self.record_timeline and stream == "compute":
+        if label and self.record_timeline and stream == "compute":
             self.timeline.append(TimelineEntry(label.split("[")[0], layer, microbatch,
                                                stream, began, time.perf_counter()))
 
@@ -356,7 +357,7 @@ class _Record:
     """One executed sub-step of one micro-batch, kept for its backward."""
 
     __slots__ = ("step", "layer", "leaves", "outputs", "transfer", "requires", "out_meta",
-                 "weight_grad")
+                 "weight_grad", "module_outs")
 
     def __init__(self, step: Compute | Comm, layer: int) -> None:
         self.step = step
@@ -367,6 +368,8 @@ class _Record:
         self.requires: list[bool] = []
         self.out_meta: list[tuple[torch.Size, torch.dtype, torch.device]] = []
         self.weight_grad: Callable[[], None] | None = None
+        #: (deferred module, its output tensors) when each was called exactly once
+        self.module_outs: list[tuple[nn.Module, list[torch.Tensor]]] | None = None
 
 
 class _Trace:
@@ -493,9 +496,18 @@ class _ForwardRun:
     def _compute(self, step: Compute, k: int) -> None:
         self._wait(set(step.inputs))
         eng = self.engine
-        with eng._on(self.chain, "compute", f"F.{step.name}[{k}]", k, self.chain.microbatch):
-            leaves = [_leaf(self.bag[n], self.grad) for n in step.inputs]
-            outs = _as_list(step.fn(*leaves), f"sub-step {step.name!r}")
+        calls: dict[int, list[Any]] = {}
+        mods = _outermost(step.deferred) if self.grad else []
+        handles = [m.register_forward_hook(
+            lambda mod, args, out: calls.setdefault(id(mod), []).append(out)) for m in mods]
+        try:
+            with eng._on(self.chain, "compute", f"F.{step.name}[{k}]", k,
+                         self.chain.microbatch):
+                leaves = [_leaf(self.bag[n], self.grad) for n in step.inputs]
+                outs = _as_list(step.fn(*leaves), f"sub-step {step.name!r}")
+        finally:
+            for h in handles:
+                h.remove()
         if len(outs) != len(step.outputs):
             raise ValueError(f"sub-step {step.name!r} declares {len(step.outputs)} outputs "
                              f"{list(step.outputs)}, its fn returned {len(outs)}")
@@ -503,6 +515,10 @@ class _ForwardRun:
         if self.grad:
             rec = _Record(step, k)
             rec.leaves, rec.outputs = leaves, outs
+            if mods and all(len(calls.get(id(m), [])) == 1 for m in mods):
+                rec.module_outs = [(m, [t for t in _as_list(calls[id(m)][0], "module")
+                                        if isinstance(t, torch.Tensor) and t.requires_grad])
+                                   for m in mods]
             self.trace.records[(k, step.name)] = rec
 
     def _start(self, step: Comm, k: int) -> None:
@@ -528,13 +544,43 @@ class _ForwardRun:
         for rec, began in list(self.pending):
             self.pending.remove((rec, began))
             self._finish_transfer(rec, began)
-        outs = [self.bag[n] for n in self.decl.outputs]
+        # the caller's stream (compute) must see the chain's last sub-step
+        with self.engine._on(self.chain, "compute", None, last, self.chain.microbatch):
+            outs = [self.bag[n] for n in self.decl.outputs]
         if not self.grad or not any(isinstance(o, torch.Tensor) and o.requires_grad
                                     for o in outs):
             return outs
         self.trace.outputs = outs
         self.trace.anchor = torch.empty(0, requires_grad=True)
         return list(_StageFunction.apply(self.trace, self.trace.anchor, *self.trace.inputs))
+
+
+def _outermost(modules: Sequence[nn.Module]) -> list[nn.Module]:
+    """``modules`` without those inside another of them (whose W the outer one covers)."""
+    inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
+    out, seen = [], set()
+    for m in modules:
+        if id(m) not in inner and id(m) not in seen:
+            seen.add(id(m))
+            out.append(m)
+    return out
+
+
+def _weight_grad_fn(outs: list[torch.Tensor], grads: list[torch.Tensor],
+                    later: list[torch.Tensor],
+                    module_grads: list[tuple[list[torch.Tensor], list[torch.Tensor],
+                                             list[torch.Tensor]]] | None
+                    ) -> Callable[[], None]:
+    """W of one sub-step: from each deferred module's output gradients (captured during B) to
+    its parameters; without them, from the sub-step's outputs again."""
+    def weight_grad() -> None:
+        if module_grads is None:
+            torch.autograd.backward(outs, grads, inputs=later)
+            return
+        for ts, gs, params in module_grads:
+            if params:
+                torch.autograd.backward(ts, gs, inputs=params)
+    return weight_grad
 
 
 def _reachable_leaves(outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -689,9 +735,11 @@ class _BackwardRun:
         eng._comm_entry(f"comm.{step.name}.B", rec.layer, self.chain.microbatch, began,
                         wait_began)
         eng._cross(grads, "compute")
-        for n, req, g in zip(step.inputs, rec.requires, grads):
-            if req and isinstance(g, torch.Tensor):
-                self._add(n, g)
+        # the sums run on the compute stream, after the transfer (the chain's event)
+        with eng._on(self.chain, "compute", None, rec.layer, self.chain.microbatch):
+            for n, req, g in zip(step.inputs, rec.requires, grads):
+                if req and isinstance(g, torch.Tensor):
+                    self._add(n, g)
 
     def _start(self, rec: _Record, k: int) -> None:
         step: Comm = rec.step  # type: ignore[assignment]
@@ -700,11 +748,13 @@ class _BackwardRun:
                 self.grads.pop(n, None)
             return
         self._wait(set(step.outputs))
-        grads = []
-        for n, (shape, dtype, device) in zip(step.outputs, rec.out_meta):
-            g = self.grads.pop(n, None)
-            grads.append(g if g is not None else torch.zeros(shape, dtype=dtype, device=device))
         eng = self.engine
+        grads = []
+        with eng._on(self.chain, "compute", None, k, self.chain.microbatch):
+            for n, (shape, dtype, device) in zip(step.outputs, rec.out_meta):
+                g = self.grads.pop(n, None)
+                grads.append(g if g is not None
+                             else torch.zeros(shape, dtype=dtype, device=device))
         began = time.perf_counter()
         with eng._on(self.chain, "comm", f"comm.{step.name}.B[{k}]", k, self.chain.microbatch):
             eng._cross(grads, "comm")
@@ -731,12 +781,33 @@ class _BackwardRun:
                 reach = _reachable_leaves(outs)
                 later = [t for t in reach if id(t) in deferred]
                 now = [t for t in reach if id(t) not in deferred]
-                if now:
-                    torch.autograd.backward(outs, grads, inputs=now, retain_graph=bool(later))
+                # catch each deferred module's output gradient on the way, so W needs only
+                # the module's own part of the graph
+                caught: dict[tuple[int, int], torch.Tensor] = {}
+                hooks = []
+                for i, (_, ts) in enumerate(rec.module_outs or []):
+                    for j, t in enumerate(ts):
+                        hooks.append(t.register_hook(
+                            lambda g, key=(i, j): caught.__setitem__(key, g)))
+                try:
+                    if now:
+                        torch.autograd.backward(outs, grads, inputs=now,
+                                                retain_graph=bool(later))
+                finally:
+                    for h in hooks:
+                        h.remove()
+                module_grads = None
+                if rec.module_outs is not None and all(
+                        (i, j) in caught for i, (_, ts) in enumerate(rec.module_outs)
+                        for j in range(len(ts))):
+                    want = {id(t) for t in later}
+                    module_grads = [
+                        (ts, [caught[(i, j)] for j in range(len(ts))],
+                         [p for p in m.parameters() if id(p) in want])
+                        for i, (m, ts) in enumerate(rec.module_outs)]
                 if later:
-                    def weight_grad(outs=outs, grads=grads, later=later) -> None:
-                        torch.autograd.backward(outs, grads, inputs=later)
-                    rec.weight_grad = weight_grad
+                    rec.weight_grad = _weight_grad_fn(outs, grads, later, module_grads)
+                rec.module_outs = None
             elif outs:
                 torch.autograd.backward(outs, grads)
         for n, leaf in zip(step.inputs, rec.leaves or []):
@@ -773,11 +844,12 @@ class _BackwardRun:
             out.append(g if isinstance(x, torch.Tensor) and x.requires_grad else None)
         if deliver:
             pending = [(x, g) for x, g in zip(self.trace.inputs, out) if g is not None]
-            for x, g in pending:
-                if x.grad_fn is None:
-                    x.grad = g if x.grad is None else x.grad + g
-            nonleaf = [(x, g) for x, g in pending if x.grad_fn is not None]
-            _run_backward([x for x, _ in nonleaf], [g for _, g in nonleaf])
+            with self.engine._on(self.chain, "compute", None, 0, self.chain.microbatch):
+                for x, g in pending:
+                    if x.grad_fn is None:
+                        x.grad = g if x.grad is None else x.grad + g
+                nonleaf = [(x, g) for x, g in pending if x.grad_fn is not None]
+                _run_backward([x for x, _ in nonleaf], [g for _, g in nonleaf])
         self.trace.inputs = []
         return out
 
