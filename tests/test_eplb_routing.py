@@ -81,12 +81,15 @@ def test_triton_matches_reference(case, locality, ids_dtype):
 @pytest.mark.skipif(not (TRITON_INTERPRET or torch.cuda.is_available()),
                     reason="Triton needs a GPU or TRITON_INTERPRET=1")
 def test_triton_custom_op_passes_opcheck():
+    from deeppar.eplb.routing import replica_candidates
     from deeppar.kernels.replica_routing import route_replicas_triton
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ids, log2phy, logcnt = make_case(16, 24, 4, 2, 4, 9, 2, seed=2)
-    args = (ids.reshape(-1).to(device), log2phy.to(device), logcnt.to(device), 2, 1, 1, 6, 2)
+    table, count = replica_candidates(log2phy.to(device), logcnt.to(device), 1, 6, 2)
+    args = (ids.reshape(-1).to(device), table, count, 2, 1)
     torch.library.opcheck(route_replicas_triton, args)
+    torch.library.opcheck(route_replicas_triton, (args[0].int(), *args[1:]))
     empty = route_replicas_triton(torch.zeros(0, dtype=torch.int64, device=device),
                                   *args[1:])
     assert empty.shape == (0,)

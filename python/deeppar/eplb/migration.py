@@ -363,6 +363,43 @@ def _step(w, phy, cnt, slot_load, load, slot_gpu, slot_region, gpus_per_region, 
     return out, do_swap | do_hand
 
 
+def regroup(weight: torch.Tensor, old: torch.Tensor, fresh: torch.Tensor, layers: torch.Tensor,
+            num_groups: int, num_nodes: int) -> torch.Tensor:
+    """Start placements for a warm search under the hierarchical policy: in each layer of
+    ``layers [L]`` (bool), the groups move to the nodes that ``fresh [L, R]`` (relabelled) gives
+    them; a group that stays keeps its slots, an arriving group takes the slots of the groups
+    that left (one replica per expert, the rest to its experts by the replication rule of the
+    spec: largest load per replica, then fewest replicas, then lowest index). Other layers, and
+    layers whose current placement splits a group over nodes, are returned unchanged."""
+    out = old.clone()
+    replicas = old.shape[1]
+    group_size = weight.shape[1] // num_groups
+    per_node = replicas // num_nodes
+    for layer in layers.nonzero().flatten().tolist():
+        row, w = old[layer].tolist(), weight[layer].tolist()
+        node_old: dict[int, set[int]] = defaultdict(set)
+        node_new: dict[int, int] = {}
+        for s_, (e_old, e_new) in enumerate(zip(row, fresh[layer].tolist())):
+            node_old[e_old // group_size].add(s_ // per_node)
+            node_new[e_new // group_size] = s_ // per_node
+        if any(len(n) != 1 for n in node_old.values()):
+            continue
+        for node in range(num_nodes):
+            freed = [s_ for s_ in range(node * per_node, (node + 1) * per_node)
+                     if node_new[row[s_] // group_size] != node]
+            arriving = [g for g in sorted(node_new) if node_new[g] == node
+                        and next(iter(node_old[g])) != node]
+            experts = [g * group_size + i for g in arriving for i in range(group_size)]
+            count = dict.fromkeys(experts, 1)
+            for _ in range(len(freed) - len(experts)):
+                best = max(experts, key=lambda e: (w[e] / count[e], -count[e], -e))
+                count[best] += 1
+            fill = [e for e in experts for _ in range(count[e])]
+            for s_, e in zip(freed, fill):
+                out[layer, s_] = e
+    return out
+
+
 def _phy_rank(phy: torch.Tensor, experts: int) -> torch.Tensor:
     """Replica rank of each slot: its position among its expert's slots, in slot order."""
     sorted_e, order = torch.sort(phy, dim=1, stable=True)
@@ -426,13 +463,26 @@ def migrate(
     mean = w.double().sum(1) / gpus
     target = torch.where(mean > 0, mean / goal, torch.zeros_like(mean))
     region = gpus // problem.nodes if hierarchical else gpus
-    warm = warm_search(w, old, target, gpus, region, steps)
-    warm = relabel(old, warm, gpus, problem.nodes, hierarchical)  # kept experts keep slots
-    moved_warm = moved_replicas(old, warm, gpus, experts)
     moved_relabelled = moved_replicas(old, relabelled, gpus, experts)
-    bal_warm = bal32(warm)
-    take_warm = (bal_warm.double() >= goal) & (moved_warm <= moved_relabelled)
-    new = torch.where(take_warm[:, None], warm, relabelled)
+    # Candidates per layer, in order of preference on equal moves: warm start from the current
+    # placement, warm start after regrouping (hierarchical: the fresh plan's groups-to-nodes
+    # assignment, for layers the first one could not bring to the goal), relabelled fresh plan.
+    candidates = [warm_search(w, old, target, gpus, region, steps)]
+    if hierarchical:
+        missed = bal32(candidates[0]).double() < goal
+        if missed.any():
+            start = regroup(w, old, relabelled, missed, problem.groups, problem.nodes)
+            only_missed = torch.where(missed, target, torch.inf)
+            candidates.append(warm_search(w, start, only_missed, gpus, region, steps))
+    candidates = [relabel(old, c, gpus, problem.nodes, hierarchical) for c in candidates]
+    candidates.append(relabelled)
+    moved = torch.stack([moved_replicas(old, c, gpus, experts) for c in candidates])
+    reached = torch.stack([bal32(c).double() >= goal for c in candidates])
+    reached[-1] = True  # the fresh plan is the goal itself (up to float32 rounding)
+    pick = torch.where(reached, moved, torch.iinfo(torch.int64).max).argmin(0)  # first on ties
+    stacked = torch.stack(candidates)
+    new = stacked[pick, torch.arange(layers)]
+    take_warm = pick != len(candidates) - 1
     cnt = _counts(new, experts)
     log2phy = api.build_log2phy(new, _phy_rank(new, experts), experts, int(cnt.max()))
     src = source_slots(old, new, gpus, problem.nodes if hierarchical else 1)
@@ -445,7 +495,7 @@ def migrate(
         log2phy=log2phy,
         logcnt=cnt,
         source_slot=src,
-        moved=torch.where(take_warm, moved_warm, moved_relabelled),
+        moved=moved[pick, torch.arange(layers)],
         local_copies=local,
         moved_scratch=moved_replicas(old, fresh, gpus, experts),
         moved_relabelled=moved_relabelled,

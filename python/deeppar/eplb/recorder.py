@@ -1,8 +1,9 @@
 """Per-layer expert load recorder: the planner's input, counted on the device that routes.
 
-Each step the router's top-k expert ids are added to a ``[layers, experts]`` count with
-``index_add_`` (no host synchronisation: no ``.item()``, no data-dependent shapes), so the
-recorder can sit inside a CUDA-graph-captured or ``torch.compile``-d forward pass. Two ways to
+Each step the router's top-k expert ids are added to a ``[layers, experts]`` count: on a GPU
+with ``index_add_`` (no host synchronisation: no ``.item()``, no data-dependent shapes), so the
+recorder can sit inside a CUDA-graph-captured or ``torch.compile``-d forward pass; on the CPU
+with ``bincount``, faster there. Two ways to
 forget old traffic:
 
 * ``window=N``: a ring buffer of the last ``N`` steps (the open step included); counts are
@@ -78,7 +79,7 @@ class LoadRecorder:
         if ids.numel() == 0:
             return
         if ids.device.type == "cpu":
-            low, high = int(ids.min()), int(ids.max())
+            low, high = (int(v) for v in torch.aminmax(ids))
             if low < 0 or high >= self.num_experts:
                 bad = low if low < 0 else high
                 raise ValueError(
@@ -112,10 +113,16 @@ class LoadRecorder:
             ):
                 raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
             flat = topk_ids.reshape(-1).long() + layer * self.num_experts
-        ones = torch.ones(flat.shape, dtype=self._total.dtype, device=self.device)
-        self._total.view(-1).index_add_(0, flat, ones)
+        size = self.num_layers * self.num_experts
+        if self.device.type == "cpu":  # ids are checked, so the size is known: no sync issue
+            counts = torch.bincount(flat, minlength=size).to(self._total.dtype)
+        else:  # bincount would read the ids' maximum back to the host
+            counts = torch.zeros(size, dtype=self._total.dtype, device=self.device)
+            counts.index_add_(0, flat, torch.ones(flat.shape, dtype=counts.dtype,
+                                                  device=self.device))
+        self._total.view(-1).add_(counts)
         if target is not None:
-            target.view(-1).index_add_(0, flat, ones)
+            target.view(-1).add_(counts)
 
     def step(self) -> None:
         """Close the open step: the window drops its oldest step, or the decay applies."""

@@ -8,8 +8,11 @@ logcnt[e]`` of them. A stream of tokens is thus spread round-robin over an exper
 deterministically; ``token_offset`` (e.g. this rank's first global token index, or a step
 counter) keeps ranks that each route a single token from all picking the first replica.
 
-Backends: ``"torch"`` (vectorised, any device), ``"triton"`` (one fused kernel, a custom op;
-CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), ``"reference"`` (Python loops, the oracle).
+The locality tiers depend only on the expert, so ``replica_candidates`` resolves them once per
+call into a compacted ``[experts, X]`` table; routing a token is then one gather. Backends:
+``"torch"`` (vectorised, any device), ``"triton"`` (the per-token part as one fused kernel, a
+custom op; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), ``"reference"`` (Python loops
+per token, the oracle).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _check(topk_ids, log2phy, logcnt, local_gpu, slots_per_gpu, gpus_per_node):
     if topk_ids.numel() == 0:
         return
     if topk_ids.device.type == "cpu":
-        low, high = int(topk_ids.min()), int(topk_ids.max())
+        low, high = (int(v) for v in torch.aminmax(topk_ids))
         if low < 0 or high >= experts:
             bad = low if low < 0 else high
             raise ValueError(f"topk_ids holds expert id {bad}, outside [0, {experts})")
@@ -69,29 +72,33 @@ def _check(topk_ids, log2phy, logcnt, local_gpu, slots_per_gpu, gpus_per_node):
                             "topk_ids holds an expert id outside [0, experts)")
 
 
-def route_torch(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor,
-                token_offset: int = 0, local_gpu: int | None = None,
-                slots_per_gpu: int | None = None,
-                gpus_per_node: int | None = None) -> torch.Tensor:
-    """Vectorised PyTorch routing (inputs already checked); ``[tokens, k]`` int64."""
-    tokens, k = topk_ids.shape
-    ids = topk_ids.long()
-    order = torch.arange(tokens, device=ids.device)[:, None] + token_offset
-    cnt = logcnt[ids]  # [T, K]
+def replica_candidates(log2phy: torch.Tensor, logcnt: torch.Tensor,
+                       local_gpu: int | None = None, slots_per_gpu: int | None = None,
+                       gpus_per_node: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's candidate replicas, compacted: (slots ``[E, X]`` int64 with the
+    candidates first in ``log2phy`` order, their number ``[E]`` int64). The locality tiers
+    depend on the expert only, so they are resolved here once, not per token (no host sync)."""
+    log2phy, logcnt = log2phy.long(), logcnt.long()
     if local_gpu is None:
-        return log2phy[ids, torch.remainder(order, cnt)]
-    cand = log2phy[ids]  # [T, K, X]
-    valid = torch.arange(log2phy.shape[1], device=ids.device) < cnt[..., None]
-    gpu = torch.div(cand, slots_per_gpu, rounding_mode="floor")
+        return log2phy, logcnt
+    valid = torch.arange(log2phy.shape[1], device=log2phy.device) < logcnt[:, None]
+    gpu = torch.div(log2phy, slots_per_gpu, rounding_mode="floor")
     tier = valid
     if gpus_per_node is not None:
         near = valid & (gpu // gpus_per_node == local_gpu // gpus_per_node)
-        tier = torch.where(near.any(-1, keepdim=True), near, tier)
+        tier = torch.where(near.any(1, keepdim=True), near, tier)
     here = valid & (gpu == local_gpu)
-    tier = torch.where(here.any(-1, keepdim=True), here, tier)
-    n = tier.sum(-1).clamp(min=1)
-    pick = tier & (tier.cumsum(-1) - 1 == torch.remainder(order, n)[..., None])
-    return (cand * pick).sum(-1)
+    tier = torch.where(here.any(1, keepdim=True), here, tier)
+    order = torch.sort((~tier).to(torch.uint8), dim=1, stable=True).indices
+    return log2phy.gather(1, order), tier.sum(1)
+
+
+def route_torch(topk_ids: torch.Tensor, table: torch.Tensor, count: torch.Tensor,
+                token_offset: int = 0) -> torch.Tensor:
+    """Vectorised PyTorch routing over :func:`replica_candidates`; ``[tokens, k]`` int64."""
+    ids = topk_ids.long()
+    order = torch.arange(ids.shape[0], device=ids.device)[:, None] + token_offset
+    return table[ids, torch.remainder(order, count[ids])]
 
 
 def route_reference(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor,
@@ -149,8 +156,9 @@ def route_to_replicas(
         usable = device.type == "cuda" and _native.triton_usable(device)
         backend = "triton" if usable else "torch"
     if backend == "torch":
-        return route_torch(topk_ids, log2phy.long(), logcnt.long(), offset, local_gpu,
-                           slots_per_gpu, gpus_per_node)
+        table, count = replica_candidates(log2phy, logcnt, local_gpu, slots_per_gpu,
+                                          gpus_per_node)
+        return route_torch(topk_ids, table, count, offset)
     if backend == "reference":
         out = route_reference(topk_ids.cpu(), log2phy.cpu(), logcnt.cpu(), offset, local_gpu,
                               slots_per_gpu, gpus_per_node)
@@ -162,10 +170,9 @@ def route_to_replicas(
         from deeppar.kernels.replica_routing import route_replicas_triton
 
         tokens, k = topk_ids.shape
-        flat = route_replicas_triton(
-            topk_ids.reshape(-1).long(), log2phy.long(), logcnt.long(), k, offset,
-            -1 if local_gpu is None else local_gpu, slots_per_gpu or 1, gpus_per_node or 0,
-        )
-        return flat.view(tokens, k)
+        table, count = replica_candidates(log2phy, logcnt, local_gpu, slots_per_gpu,
+                                          gpus_per_node)
+        return route_replicas_triton(topk_ids.reshape(-1), table, count, k, offset).view(
+            tokens, k)
     raise ValueError(f"backend must be None or one of {', '.join(ROUTING_BACKENDS)}, "
                      f"got {backend!r}")

@@ -1,0 +1,133 @@
+"""Benchmark of the EPLB runtime pieces: load recorder and replica routing vs plain torch.
+
+Recorder: one step of every layer's router ids ``[layers, tokens, k]`` counted by
+``LoadRecorder`` (window and decay) against plain torch (one ``bincount`` per layer, which
+reads the ids' maximum back to the host on a GPU). Routing: ``route_to_replicas`` (torch path,
+with and without locality; the Triton kernel on a GPU) against a plain-torch gather
+``log2phy[ids, 0]`` that sends every token to an expert's first replica. Sizes: DeepSeek-V3
+(58 layers, 256 experts, top-8, plan of the prefill shape), prefill 4096 tokens per rank and
+decode 128 tokens per rank.
+
+    PYTHONPATH=python python benchmarks/bench_eplb_runtime.py [--device cuda] [--quick]
+        [--json benchmarks/results/bench_eplb_runtime.json]
+
+On a CPU shared with other busy processes, run it with ``OMP_WAIT_POLICY=passive``: spinning
+OpenMP workers otherwise slow every parallel torch op by 10-100x there (baseline included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import measure, ratio, write_json  # noqa: E402
+
+import deeppar.eplb as eplb  # noqa: E402
+from deeppar import _native  # noqa: E402
+
+LAYERS, EXPERTS, TOPK = 58, 256, 8
+PLAN = (288, 8, 4, 32)  # replicas, groups, nodes, gpus of DeepSeek-V3 prefill
+TOKENS = {"prefill": 4096, "decode": 128}
+
+
+def router_ids(layers: int, tokens: int, device: str, seed: int = 0) -> torch.Tensor:
+    """Top-k ids with a skewed expert popularity (as a router would give)."""
+    g = torch.Generator().manual_seed(seed)
+    popularity = torch.exp(torch.randn(EXPERTS, generator=g))
+    flat = torch.multinomial(popularity, layers * tokens * TOPK, replacement=True, generator=g)
+    return flat.view(layers, tokens, TOPK).to(device)
+
+
+def bench_recorder(device: str, repeats: int, sync) -> list[dict]:
+    rows = []
+    for phase, tokens in TOKENS.items():
+        ids = router_ids(LAYERS, tokens, device)
+        counts = torch.zeros(LAYERS, EXPERTS, device=device)
+
+        def plain(ids=ids, counts=counts) -> None:
+            for layer in range(LAYERS):
+                counts[layer] += torch.bincount(ids[layer].flatten(), minlength=EXPERTS)
+
+        base = measure(plain, repeats=repeats, sync=sync)
+        rows.append({"what": "recorder", "phase": phase, "variant": "plain bincount per layer",
+                     "ms": base.ms, "vs_plain": 1.0, "tokens_per_s": tokens / base.median})
+        for mode in ({"window": 1000}, {"decay": 0.99}):
+            rec = eplb.LoadRecorder(LAYERS, EXPERTS, device=device, **mode)
+
+            def step(rec=rec, ids=ids) -> None:
+                rec.record(ids)
+                rec.step()
+
+            t = measure(step, repeats=repeats, sync=sync)
+            name = f"LoadRecorder {next(iter(mode))}={next(iter(mode.values()))}"
+            rows.append({"what": "recorder", "phase": phase, "variant": name, "ms": t.ms,
+                         "vs_plain": base.median / t.median,
+                         "tokens_per_s": tokens / t.median})
+    return rows
+
+
+def bench_routing(device: str, repeats: int, sync) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    weight = torch.exp(torch.randn(1, EXPERTS, generator=g) * 1.2)
+    _, log2phy, logcnt = eplb.rebalance_experts(weight, *PLAN)
+    table, cnt = log2phy[0].to(device), logcnt[0].to(device)
+    slots_per_gpu, gpus_per_node = PLAN[0] // PLAN[3], PLAN[3] // PLAN[2]
+    backends = ["torch"]
+    if device == "cuda" and _native.triton_usable(device):
+        backends.append("triton")
+    rows = []
+    for phase, tokens in TOKENS.items():
+        ids = router_ids(1, tokens, device, seed=2)[0]
+        base = measure(lambda ids=ids: table[ids, 0], repeats=repeats, sync=sync)
+        rows.append({"what": "routing", "phase": phase, "variant": "plain gather log2phy[ids, 0]",
+                     "ms": base.ms, "vs_plain": 1.0, "tokens_per_s": tokens / base.median})
+        for backend in backends:
+            for local in (False, True):
+                kw = ({"local_gpu": 3, "slots_per_gpu": slots_per_gpu,
+                       "gpus_per_node": gpus_per_node} if local else {})
+
+                def route(backend=backend, kw=kw, ids=ids) -> None:
+                    eplb.route_to_replicas(ids, table, cnt, token_offset=7, backend=backend,
+                                           **kw)
+
+                t = measure(route, repeats=repeats, sync=sync)
+                name = f"route_to_replicas {backend}" + (" + GPU/node locality" if local else "")
+                rows.append({"what": "routing", "phase": phase, "variant": name, "ms": t.ms,
+                             "vs_plain": base.median / t.median,
+                             "tokens_per_s": tokens / t.median})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--json", type=Path,
+                        default=Path("benchmarks/results/bench_eplb_runtime.json"))
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    sync = torch.cuda.synchronize if args.device == "cuda" else None
+    repeats = 5 if args.quick else 30
+    print(f"EPLB runtime benchmark: torch {torch.__version__}, {torch.get_num_threads()} CPU "
+          f"threads, device {args.device}; median of {repeats} runs; ratio = plain / this "
+          "(higher is faster)")
+    rows = bench_recorder(args.device, repeats, sync) + bench_routing(args.device, repeats, sync)
+    print(f"\n{'what':<9} {'phase':<8} {'variant':<48} {'time':>10} {'vs plain':>9} "
+          f"{'tokens/s':>10}")
+    for r in rows:
+        print(f"{r['what']:<9} {r['phase']:<8} {r['variant']:<48} {r['ms']:7.3f} ms "
+              f"{ratio(1.0, 1.0 / r['vs_plain']):>9} {r['tokens_per_s']:10.3g}")
+    write_json(args.json, {"device": args.device, "torch": torch.__version__,
+                           "layers": LAYERS, "experts": EXPERTS, "topk": TOPK,
+                           "tokens": TOKENS, "rows": rows})
+    print(f"\nrows written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
