@@ -18,7 +18,7 @@ import pytest
 
 import deeppar
 from deeppar.cli import main
-from deeppar.demo import sample_trace
+from deeppar.data import sample_trace
 
 PYTHON_DIR = str(Path(deeppar.__file__).resolve().parents[1])
 EXPORT = ["schedule", "export", "-m", "1f1b", "-p", "2", "-n", "4"]

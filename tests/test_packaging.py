@@ -17,7 +17,7 @@ import pytest
 
 import deeppar
 from deeppar import _native
-from deeppar.demo import sample_trace
+from deeppar.data import sample_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(deeppar.__file__).resolve().parent
@@ -88,8 +88,11 @@ def test_metadata_in_pyproject():
     assert tool["dynamic"]["version"] == {"attr": "deeppar.__version__"}
     assert project["optional-dependencies"]["plot"] == ["matplotlib"]
     assert project["license"] and project["urls"] and project["scripts"]["deeppar"]
-    for pattern in tool["package-data"]["deeppar"]:
-        assert list(PACKAGE.glob(pattern)), pattern
+    assert tool["package-data"] == {"deeppar": ["py.typed"], "deeppar.data": ["*.json.gz"]}
+    for package, patterns in tool["package-data"].items():
+        folder = PACKAGE.parent.joinpath(*package.split("."))
+        for pattern in patterns:
+            assert list(folder.glob(pattern)), (package, pattern)
 
 
 def test_sample_trace_is_package_data():

@@ -13,7 +13,7 @@ import pytest
 from _profiling_helpers import TraceBuilder
 
 from deeppar.cli import main
-from deeppar.demo import sample_trace
+from deeppar.data import sample_trace
 
 DEEPSEEK = sample_trace()
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from deeppar.demo import sample_trace
+from deeppar.data import sample_trace
 from deeppar.profiling import Classifier, analyze_files, load_trace
 from deeppar.profiling.classify import COMM, COMPUTE
 

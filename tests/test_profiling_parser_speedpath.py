@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeppar.demo import sample_trace
+from deeppar.data import sample_trace
 from deeppar.profiling import _fastscan, _jsonstream, loader
 from deeppar.profiling.loader import load_trace
 

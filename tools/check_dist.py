@@ -70,7 +70,9 @@ def _metadata_problems(meta: email.message.Message, version: str) -> list[str]:
             problems.append(f"metadata lacks Requires-Dist {want!r} (has {requires})")
     if "plot" not in (meta.get_all("Provides-Extra") or []):
         problems.append("metadata lacks the extra 'plot'")
-    for key in ("License-Expression", "Classifier", "Project-URL", "Summary"):
+    if not (meta.get("License-Expression") or meta.get("License")):
+        problems.append("metadata lacks the license")
+    for key in ("Classifier", "Project-URL", "Summary"):
         if not meta.get_all(key):
             problems.append(f"metadata lacks {key}")
     pythons = [c for c in meta.get_all("Classifier") or []
@@ -120,7 +122,7 @@ def smoke_test(wheel: str | os.PathLike[str], native: bool = True) -> list[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPPAR_")}
         env["PYTHONPATH"] = str(site)
         code = (
-            "import sys, deeppar, deeppar._native as n; from deeppar.demo import sample_trace\n"
+            "import sys, deeppar, deeppar._native as n; from deeppar.data import sample_trace\n"
             f"assert deeppar.__file__.startswith({str(site)!r}), deeppar.__file__\n"
             f"assert n.NATIVE_LOADED or not {native}, n.NATIVE_ERROR\n"
             f"assert sample_trace().is_file() and str(sample_trace()).startswith({str(site)!r})\n"

@@ -5,7 +5,9 @@
   fails, or the disk is full, the temporary file is removed and the previous file is intact.
 - ``-`` means standard output; character devices (``/dev/null``) and FIFOs are written
   directly (never renamed over); symbolic links are followed, the file they point to is
-  replaced and the link kept; a directory, a block device or a socket is refused.
+  replaced and the link kept; a directory, a block device or a socket is refused. A file with
+  other hard links is replaced by a new file under this name (the other names keep the old
+  content), as any atomic replacement does.
 - Missing parent folders are created (:data:`OUTPUT_POLICY`, shown in every ``--help``).
 - Inside a command (:func:`command_scope`), an output may not be one of the command's inputs
   (compared with :func:`os.path.samefile`: symbolic and hard links count), nor another output

@@ -75,6 +75,6 @@ def draw_plan(plan: Plan, path: Path, max_bar_layers: int = 3) -> None:
     fig.suptitle(f"EPLB plan: {plan.num_replicas} replicas on {plan.num_gpus} GPUs in "
                  f"{plan.num_nodes} nodes (bars: replicas, colour = expert)", fontsize=10)
     try:
-        save_figure(fig, path, dpi=110)
+        save_figure(fig, path, format="png", dpi=110)
     finally:
         plt.close(fig)
