@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from _profiling_helpers import TraceBuilder, write_raw_fractional
@@ -193,22 +195,20 @@ def test_correlation_ids_shared_by_processes_are_ambiguous(tmp_path):
                for n in rep.notes)
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_unreadable_dur_is_a_note_not_an_error(tmp_path, fast):
+def test_unreadable_dur_is_a_note_not_an_error(tmp_path):
     b = TraceBuilder()
     b.kernel(GEMM, 1000, 10)  # [0, 10)
     b.kernel(GEMM, 1005, "x")  # skipped
     b.kernel(GEMM, "abc", 3)  # skipped
     b.kernel(GEMM, 1020, 5)  # [20, 25)
-    rep = analyze_traces([load_trace(b.write(tmp_path / "d.json"), fast=fast)])
+    rep = analyze_traces([load_trace(b.write(tmp_path / "d.json"))])
     (d,) = rep.ranks[0].devices
     assert (d.kernels, d.span_us, d.busy_us) == (2, 25, 15)
     assert rep.ranks[0].notes == ["2 events with unreadable ts/dur skipped"]
     assert "rank 0 (d.json): 2 events with unreadable ts/dur skipped" in rep.notes
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_begin_end_annotations(tmp_path, fast):
+def test_begin_end_annotations(tmp_path):
     b = TraceBuilder()
     b.begin_end("step", 0, 100)  # [0, 100) as B/E
     b.begin_end("fwd", 10, 40)  # [10, 40) as B/E, nested in step
@@ -223,7 +223,7 @@ def test_begin_end_annotations(tmp_path, fast):
     b.kernel(GEMM, 300, 10, corr=1)
     b.kernel(NCCL, 305, 10, stream=9, corr=2)
     b.kernel(GEMM, 320, 4, corr=3)
-    rep = analyze_traces([load_trace(b.write(tmp_path / "be.json", shuffle=True), fast=fast)])
+    rep = analyze_traces([load_trace(b.write(tmp_path / "be.json", shuffle=True))])
     r = rep.ranks[0]
     assert [(p.name, p.kernels, p.cpu_start_us, p.cpu_dur_us) for p in r.phases] == [
         ("fwd", 1, 10, 30), ("bwd", 1, 50, 30)]
@@ -328,3 +328,46 @@ def test_innermost_range_matches_brute_force(ranges, times):
                   and ends[c] <= ends[r]
                   and (starts[c], -ends[c], c) > (starts[r], -ends[r], r)]
         assert leaf[r] == (not inside)
+
+
+def test_phase_summary_adds_up_ranges_by_name(tmp_path):
+    from deeppar.profiling import PhaseSummary, summarize_phases
+
+    b = TraceBuilder()
+    b.annotation("a", 0, 10)
+    b.annotation("b", 20, 10)
+    b.annotation("a", 40, 5)
+    for corr, (t, kernel, start, dur, stream) in enumerate(
+            [(1, GEMM, 100, 10, 7), (21, NCCL, 105, 20, 9), (41, GEMM, 130, 4, 7),
+             (42, NCCL, 132, 6, 9)], start=1):
+        b.launch(corr, t)
+        b.kernel(kernel, start, dur, stream=stream, corr=corr)
+    r = analyze_files(str(b.write(tmp_path / "s.json"))).ranks[0]
+    # a: GEMM [0, 10) and, in the second range, GEMM [30, 34) + NCCL [32, 38) (own overlap
+    # 2, hidden by the device's compute [30, 34): 2, exposed 4); b: NCCL [5, 25), hidden by
+    # GEMM [5, 10): 5, exposed 15
+    assert r.phase_summary == [
+        PhaseSummary("a", count=2, kernels=3, cpu_total_us=15, busy_us=10 + 8,
+                     comm_busy_us=6, compute_busy_us=14, hidden_comm_us=2, exposed_comm_us=4),
+        PhaseSummary("b", count=1, kernels=1, cpu_total_us=10, busy_us=20, comm_busy_us=20,
+                     compute_busy_us=0, hidden_comm_us=5, exposed_comm_us=15)]
+    assert summarize_phases(r.phases) == r.phase_summary
+    assert summarize_phases([]) == []
+
+
+def test_html_window_and_hover_through_the_library(tmp_path):
+    from deeppar.profiling import write_html
+    from deeppar.profiling.loader import load_traces
+
+    traces = load_traces(str(_basic(tmp_path)))
+    rep = analyze_traces(traces)
+    page_path = tmp_path / "t.html"
+    write_html(str(page_path), traces, rep, window=(4, 22))
+    page = page_path.read_text()
+    # kernels drawn: [0,10) -> [4,10), [20,30) -> [20,22), [2,4) touches 4, NCCL [5,25) -> [5,22)
+    titles = re.findall(r"<title>([^<]*)</title>", page)
+    assert any(t.startswith("ncclDevKernel_AllReduce") and "5.000 - 22.000 us (17.000 us)" in t
+               for t in titles)
+    assert not any("35.000" in t for t in titles)  # the memset at [35, 36) lies outside
+    with pytest.raises(ValueError, match="must lie after the start"):
+        write_html(str(page_path), traces, rep, window=(50, None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,9 @@ def test_text_report_and_png(tmp_path, capsys):
     json.loads(capsys.readouterr().out)
     page = html.read_text()
     assert "<svg" in page and "dispatch(F)" in page and "http" not in page.lower()
+    assert '<g id="axis">' in page and "niceStep" in page  # a time axis that follows zoom
+    # kernel names (escaped) and times in us on hover
+    assert "<title>void dpsk::ep::internode::combine&lt;" in page and " us (" in page
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
 
@@ -178,3 +182,143 @@ def test_capture_too_few_steps(tmp_path):
         pass  # still warming up when the block ends: nothing recorded
     with pytest.raises(ValueError, match="steps"), capture(tmp_path / "t.json", steps=0):
         pass
+
+
+def _phases(tmp_path: Path) -> Path:
+    b = TraceBuilder()
+    for i, (name, start) in enumerate([("fwd", 0), ("bwd", 100), ("fwd", 200)]):
+        b.annotation(name, start, 50)
+        b.launch(i + 1, start + 10)
+        b.kernel(NCCL if name == "bwd" else GEMM, 1000 + 20 * i, 10 + i, corr=i + 1,
+                 stream=9 if name == "bwd" else 7)
+    return b.write(tmp_path / "phases.json")
+
+
+NCCL = "ncclDevKernel_AllReduce_Sum_f32_RING_LL(x)"
+GEMM = "void gemm_kernel(x)"
+
+
+def _table(out: str) -> list[list[str]]:
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["phase", "count"])
+    rows = []
+    for line in lines[head + 1:]:
+        if not line.startswith("    ") or line.strip().startswith(("attributed", "(outer)")):
+            break
+        rows.append(line.split())
+    return rows
+
+
+def test_phases_added_up_by_name_and_all_phases_flag(tmp_path, capsys):
+    p = str(_phases(tmp_path))
+    assert main(["trace", "analyze", p]) == 0
+    out = capsys.readouterr().out
+    assert "phases by name (3 innermost ranges, 2 names; sums in us" in out
+    # fwd: 2 ranges, kernels of 10 and 12 us (all compute); bwd: one NCCL kernel of 11 us,
+    # nothing computes then, so all of it is exposed
+    assert _table(out) == [["fwd", "2", "2", "100.0", "22.0", "0.0", "22.0", "0.0"],
+                           ["bwd", "1", "1", "50.0", "11.0", "11.0", "0.0", "11.0"]]
+    assert main(["trace", "analyze", p, "--all-phases"]) == 0
+    assert [r[0] for r in _table(capsys.readouterr().out)] == ["fwd", "bwd", "fwd"]
+
+
+def test_deepseek_phases_by_name(capsys):
+    assert main(["trace", "analyze", str(DEEPSEEK)]) == 0
+    rows = _table(capsys.readouterr().out)
+    assert [r[0] for r in rows] == ["combine(B)", "attn(F)", "mlp(B)", "dispatch(F)",
+                                    "dispatch(B)", "mlp(W)", "mlp(F)", "attn(B)", "attn(W)",
+                                    "combine(F)"]
+    assert all(r[1] == "4" for r in rows)
+
+
+def test_one_unit_throughout(tmp_path, capsys):
+    assert main(["trace", "analyze", str(DEEPSEEK)]) == 0
+    out = capsys.readouterr().out
+    assert " ms" not in out and "129,012.0 us" in out  # the span, in us although > 10 ms
+    assert main(["trace", "analyze", str(DEEPSEEK), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+
+    def keys(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                yield k
+                yield from keys(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from keys(v)
+
+    names = set(keys(doc))
+    assert not [k for k in names if k.endswith("_ms") or k.endswith("_s")]
+    assert {"span_us", "cpu_total_us", "exposed_comm_us"} <= names
+    assert [s["name"] for s in doc["ranks"][0]["phase_summary"]][:2] == ["combine(B)", "attn(F)"]
+
+
+def _rect_xs(page: str) -> list[float]:
+    return [float(x) for x in re.findall(r'<rect x="([-0-9.e]+)" y="\d+" width', page)]
+
+
+def test_window_for_the_pictures(tmp_path, capsys):
+    full, cut = tmp_path / "full.html", tmp_path / "cut.html"
+    assert main(["trace", "analyze", str(DEEPSEEK), "--html", str(full)]) == 0
+    assert main(["trace", "analyze", str(DEEPSEEK), "--html", str(cut), "--png",
+                 str(tmp_path / "cut.png"), "--window", "20000:40000"]) == 0
+    out = capsys.readouterr().out
+    assert "129,012.0 us" in out  # the figures still cover the whole trace
+    xs_full, xs_cut = _rect_xs(full.read_text()), _rect_xs(cut.read_text())
+    assert 0 < len(xs_cut) < len(xs_full)
+    assert min(xs_cut) >= 0 and max(xs_cut) <= 20000  # drawn from the window's start
+    page = cut.read_text()
+    assert "20,000.0 .. 40,000.0 us (window)" in page and "OFF = 20000.0" in page
+    assert main(["trace", "analyze", str(DEEPSEEK), "--html", str(cut), "--window",
+                 "120000:"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("window, what", [
+    ("abc", "expected START:END in microseconds"), ("5:1", "the end must lie after"),
+    ("1:2:3", "expected START:END"), ("inf:", "finite"),
+    ("200000:", "must lie after the start (200000 us); the timeline runs from 0 to")])
+def test_window_errors(tmp_path, capsys, window, what):
+    err = _error(["trace", "analyze", str(DEEPSEEK), "--png", str(tmp_path / "w.png"),
+                  "--window", window], capsys)
+    assert what in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "w.png").exists()
+
+
+def test_window_needs_a_picture(capsys):
+    assert "--window applies to the pictures" in _error(
+        ["trace", "analyze", str(DEEPSEEK), "--window", "1:2"], capsys)
+
+
+def test_progress_only_when_asked_or_on_a_terminal(tmp_path, capsys):
+    p = str(_small(tmp_path))
+    assert main(["trace", "analyze", p, "--json"]) == 0
+    assert capsys.readouterr().err == ""  # not a terminal
+    assert main(["trace", "analyze", p, "--json", "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("\rreading small.json:") and "100%" in err and err.endswith("\n")
+
+
+def test_max_mb_guard(tmp_path, capsys):
+    err = _error(["trace", "analyze", str(_small(tmp_path)), "--max-mb", "0.0001"], capsys)
+    assert "more than 104 bytes of JSON text (a regular file)" in err
+    assert "--max-mb must be a positive" in _error(
+        ["trace", "analyze", str(_small(tmp_path)), "--max-mb", "-1"], capsys)
+
+
+def test_module_entry_point_errors_are_one_line(tmp_path, capsys):
+    from deeppar.profiling.__main__ import main as module_main
+
+    p = tmp_path / "zeros.json"
+    p.write_bytes(b"\x00" * 100)
+    assert module_main(["analyze", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deeppar trace: error:") and "first byte 0x00" in err
+    assert len(err.strip().splitlines()) == 1
+    d = tmp_path / "locked.json"
+    d.write_text("{}")
+    d.chmod(0)
+    if os.access(d, os.R_OK):  # running as root: permissions do not apply
+        return
+    assert module_main(["analyze", str(d)]) == 2
+    assert "Permission denied" in capsys.readouterr().err

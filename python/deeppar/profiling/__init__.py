@@ -16,12 +16,14 @@ from .analysis import (
     DeviceStats,
     FamilyStats,
     PhaseStats,
+    PhaseSummary,
     RankReport,
     StreamStats,
     TraceReport,
     analyze,
     analyze_files,
     analyze_rank,
+    summarize_phases,
 )
 from .classify import COMM, COMPUTE, DEFAULT_RULES, MEMORY, Classifier, Rule, kernel_family
 from .loader import RankTrace, load_trace, load_traces
@@ -38,7 +40,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["COMM", "COMPUTE", "DEFAULT_RULES", "MEMORY", "Attribution", "Capture", "Classifier",
-           "DeviceStats", "FamilyStats", "PhaseStats", "RankReport", "RankTrace", "Rule",
-           "StreamStats", "TraceReport", "analyze", "analyze_files", "analyze_rank", "capture",
-           "format_report", "kernel_family", "load_trace", "load_traces", "write_html",
-           "write_png"]
+           "DeviceStats", "FamilyStats", "PhaseStats", "PhaseSummary", "RankReport", "RankTrace",
+           "Rule", "StreamStats", "TraceReport", "analyze", "analyze_files", "analyze_rank",
+           "capture", "format_report", "kernel_family", "load_trace", "load_traces",
+           "summarize_phases", "write_html", "write_png"]

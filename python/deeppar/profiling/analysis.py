@@ -102,6 +102,40 @@ class PhaseStats:
 
 
 @dataclass
+class PhaseSummary:
+    """The ranges of one name (innermost ones) of one rank, added up: what a step's phases
+    cost in total, e.g. all 'dispatch(F)' ranges of all layers."""
+
+    name: str
+    count: int  # ranges
+    kernels: int
+    cpu_total_us: float  # sum of the ranges' CPU durations
+    busy_us: float  # sums over the ranges of their figures (see PhaseStats)
+    comm_busy_us: float
+    compute_busy_us: float
+    hidden_comm_us: float
+    exposed_comm_us: float
+
+
+def summarize_phases(phases: list[PhaseStats]) -> list[PhaseSummary]:
+    """Per range name, in order of first appearance: counts and summed figures."""
+    out: dict[str, PhaseSummary] = {}
+    for p in phases:
+        s = out.get(p.name)
+        if s is None:
+            s = out[p.name] = PhaseSummary(p.name, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        s.count += 1
+        s.kernels += p.kernels
+        s.cpu_total_us += p.cpu_dur_us
+        s.busy_us += p.busy_us
+        s.comm_busy_us += p.comm_busy_us
+        s.compute_busy_us += p.compute_busy_us
+        s.hidden_comm_us += p.hidden_comm_us
+        s.exposed_comm_us += p.exposed_comm_us
+    return list(out.values())
+
+
+@dataclass
 class Attribution:
     """How many GPU activities could be tied to an annotation range, and why not."""
 
@@ -131,6 +165,7 @@ class RankReport:
     outer_phases: list[PhaseStats]  # enclosing ranges that launched work directly
     attribution: Attribution
     notes: list[str] = field(default_factory=list)  # what the loader skipped, and why
+    phase_summary: list[PhaseSummary] = field(default_factory=list)  # phases by name
 
     @property
     def has_gpu(self) -> bool:
@@ -473,7 +508,8 @@ def analyze_rank(trace: RankTrace, classifier: Classifier | None = None,
     phases, outer = _phase_stats(trace, owner, leaf, cls, device_compute)
     return RankReport(rank=trace.rank, path=trace.path, world_size=trace.world_size,
                       events=trace.n_events, devices=devices, phases=phases,
-                      outer_phases=outer, attribution=info, notes=list(trace.notes))
+                      outer_phases=outer, attribution=info, notes=list(trace.notes),
+                      phase_summary=summarize_phases(phases))
 
 
 def _summary(ranks: list[RankReport]) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
@@ -520,16 +556,18 @@ def analyze(traces: list[RankTrace], classifier: Classifier | None = None,
 
 
 def analyze_files(paths: list[str] | tuple[str, ...] | str, comm_patterns: tuple[str, ...] = (),
-                  compute_patterns: tuple[str, ...] = (), phase_fallback: bool = False
-                  ) -> TraceReport:
-    """Load trace files (or directories of them) and analyze them."""
+                  compute_patterns: tuple[str, ...] = (), phase_fallback: bool = False,
+                  max_bytes: int | None = None) -> TraceReport:
+    """Load trace files (or directories of them) and analyze them (``max_bytes``: see
+    :func:`~deeppar.profiling.load_trace`)."""
     classifier = Classifier.with_patterns(comm_patterns, compute_patterns)
     skipped: list[str] = []
-    report = analyze(load_traces(paths, skipped), classifier, phase_fallback)
+    report = analyze(load_traces(paths, skipped, max_bytes=max_bytes), classifier,
+                     phase_fallback)
     report.notes.extend(skipped)
     return report
 
 
-__all__ = ["Attribution", "DeviceStats", "FamilyStats", "PhaseStats", "RankReport",
-           "StreamStats", "TraceReport", "analyze", "analyze_files", "analyze_rank",
-           "attribute", "classify_activities", "CLASSES"]
+__all__ = ["Attribution", "DeviceStats", "FamilyStats", "PhaseStats", "PhaseSummary",
+           "RankReport", "StreamStats", "TraceReport", "analyze", "analyze_files",
+           "analyze_rank", "attribute", "classify_activities", "summarize_phases", "CLASSES"]

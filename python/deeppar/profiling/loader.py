@@ -2,43 +2,37 @@
 
 Only what the overlap analysis needs is kept: GPU activities (kernels, memcpy, memset), CPU
 runtime/driver launch calls that carry a ``correlation`` id, and CPU ``user_annotation``
-ranges (``record_function``). Columns are filled through ``array.array`` so that no Python
-object per event outlives the parsing of that event.
+ranges (``record_function``). The events come from the streaming parser (``_parse``) in
+batches; columns are filled through ``array.array`` so that no Python object per event
+outlives its batch.
 """
 
 from __future__ import annotations
 
 import os
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from decimal import Decimal
-from itertools import chain
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import numpy as np
 
-from ._fastscan import BEGIN_END, NO_CAT
-from ._jsonstream import META_KEYS, NotATrace, iter_trace_events
+from ._parse import (
+    KIND_ANNOTATION,
+    KIND_KERNEL,
+    KIND_LAUNCH,
+    KIND_MEMCPY,
+    KIND_MEMSET,
+    NotATrace,
+    Progress,
+    TraceEvent,
+    iter_events,
+)
 
-KIND_KERNEL, KIND_MEMCPY, KIND_MEMSET = 0, 1, 2
-KIND_NAMES = ("kernel", "memcpy", "memset")
-
-_GPU_CATS = {"kernel": KIND_KERNEL, "Kernel": KIND_KERNEL,
-             "gpu_memcpy": KIND_MEMCPY, "Memcpy": KIND_MEMCPY,
-             "gpu_memset": KIND_MEMSET, "Memset": KIND_MEMSET}
-_LAUNCH_CATS = {"cuda_runtime", "cuda_driver", "Runtime", "Driver"}
-_ANNOTATION_CATS = {"user_annotation"}
-
-# what an event is kept as: its GPU kind (0..2), a launch call or an annotation range; _BE is
-# a "B"/"E" (begin/end) event, paired into ranges once the whole file is read
-_LAUNCH, _ANN = 3, 4
-_BE, _NO_CAT = BEGIN_END, NO_CAT  # the target of "E" events without a category is _NO_CAT
-_TARGETS = {**_GPU_CATS, **{c: _LAUNCH for c in _LAUNCH_CATS},
-            **{c: _ANN for c in _ANNOTATION_CATS}}
-_NAMED = frozenset((KIND_KERNEL, KIND_MEMCPY, KIND_MEMSET, _ANN))  # targets whose name is kept
-
+KIND_NAMES = ("kernel", "memcpy", "memset")  # names of the GPU kinds, by KIND_* value
 TRACE_SUFFIXES = (".json", ".json.gz")
+_LIMIT = 2**63  # |ts|, |dur| in microseconds and ids must stay below this
 
 
 @dataclass
@@ -95,7 +89,8 @@ class _Interner(dict):
 
 
 def _int_or(value: Any, default: int) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
+    """``value`` as an int if it is one (or an integer's text), else ``default``."""
+    if type(value) is int:
         return value
     if isinstance(value, str):
         try:
@@ -105,175 +100,182 @@ def _int_or(value: Any, default: int) -> int:
     return default
 
 
-def _duration(value: Any) -> float | None:
-    """A ``dur`` that is not an int as a float (0 when absent), None if not a finite number."""
-    if value is None:
-        return 0.0
-    if type(value) is bool:
-        return None
-    try:
-        d = float(value)
-    except (TypeError, ValueError):
-        return None
-    return d if d == d and abs(d) != float("inf") else None
+class _Fields:
+    """Turns the fields of :class:`TraceEvent` into numbers, with one-line errors for
+    numbers out of range and counts of what was unreadable or repaired."""
 
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.unreadable = 0  # events whose ts or dur is not a number: skipped
+        self.negative_dur = 0  # complete events with dur < 0: taken as 0
+        self.missing_dur = 0  # complete events without dur: taken as 0
 
-def _record(ev: dict[str, Any]) -> tuple | None:
-    """The fields of a decoded event that the loader uses, or None if it is not kept.
+    def error(self, ev: TraceEvent, what: str) -> ValueError:
+        return ValueError(f"{self.path}: event at byte {ev.offset} ({ev.name[:60]!r}): {what}")
 
-    Same layout as the fast scanner's records: (target, ts, dur, name, pid, tid, device,
-    stream, correlation), values as ``json`` gives them with floats kept as text. A "B" or
-    "E" event of a kept category, or an "E" without a category, is (_BE, ts, "B" or "E",
-    name, pid, tid, its target or _NO_CAT, None, None).
-    """
-    cat = ev.get("cat")
-    target = _TARGETS.get(cat) if type(cat) is str else None
-    ph = ev.get("ph")
-    if ph != "X":
-        if ph == "B" or ph == "E":
-            if target is None and (ph == "B" or "cat" in ev):
+    def time(self, ev: TraceEvent) -> int | Decimal | None:
+        """``ts`` exactly (int, or Decimal for fractions), None if not a number."""
+        ts = ev.ts
+        if type(ts) is int:
+            if -_LIMIT < ts < _LIMIT:
+                return ts
+            raise self.error(ev, f"'ts' {ts} is out of range (|ts| < 2^63 us)")
+        if type(ts) is not str:
+            return None
+        try:
+            t = Decimal(ts)
+        except InvalidOperation:
+            return None
+        if not t.is_finite() or not -_LIMIT < t < _LIMIT:
+            raise self.error(ev, f"'ts' {ts[:40]} is out of range (a finite number, "
+                                 "|ts| < 2^63 us)")
+        return t
+
+    def duration(self, ev: TraceEvent) -> float | None:
+        """``dur`` of a complete event (0 when absent or negative, counted), None if it is
+        not a number."""
+        d = ev.dur
+        if type(d) is not int:
+            if d is None:
+                self.missing_dur += 1
+                return 0.0
+            if type(d) is not str:
                 return None
-            return (_BE, ev.get("ts"), ph, str(ev.get("name", "")), ev.get("pid"),
-                    ev.get("tid"), _NO_CAT if target is None else target, None, None)
-        return None
-    if target is None:
-        return None
-    ts = ev.get("ts")
-    args = ev.get("args")
-    if type(args) is not dict:
-        args = {}
-    return (target, ts, ev.get("dur", 0), str(ev.get("name", "")), ev.get("pid"),
-            ev.get("tid"), args.get("device"), args.get("stream"), args.get("correlation"))
+            try:
+                d = float(d)
+            except ValueError:
+                return None
+            if not -_LIMIT < d < _LIMIT:  # also false for nan
+                raise self.error(ev, f"'dur' {ev.dur[:40]} is out of range (a finite number, "
+                                     "|dur| < 2^63 us)")
+        elif not -_LIMIT < d < _LIMIT:
+            raise self.error(ev, f"'dur' {d} is out of range (|dur| < 2^63 us)")
+        if d < 0:
+            self.negative_dur += 1
+            return 0.0
+        return d
 
+    def index(self, ev: TraceEvent, value: Any, what: str, default: int) -> int:
+        """An integer id field (device, stream, correlation), ``default`` when absent."""
+        if value is None:
+            return default
+        if type(value) is str:
+            text = value.strip()
+            if text.lstrip("-").isdigit():
+                value = int(text)
+        if type(value) is int and -_LIMIT < value < _LIMIT:
+            return value
+        raise self.error(ev, f"args.{what} must be an integer below 2^63 in magnitude, got "
+                             f"{str(value)[:40]}")
 
-def _slow_records(path: str, meta: dict[str, Any], counts: list[int]) -> Iterator[list[tuple]]:
-    """Records through the text parser (every element decoded by ``json``), in lists."""
-    n = 0
-    batch: list[tuple] = []
-    try:
-        for ev in iter_trace_events(path, meta):
-            n += 1
-            rec = _record(ev)
-            if rec is not None:
-                batch.append(rec)
-                if len(batch) >= 4096:
-                    yield batch
-                    batch = []
-        yield batch
-    finally:
-        counts[0] += n
+    def notes(self) -> list[str]:
+        out = []
+        if self.unreadable:
+            out.append(f"{self.unreadable} events with unreadable ts/dur skipped")
+        if self.negative_dur:
+            out.append(f"{self.negative_dur} events with a negative dur taken as 0 long")
+        if self.missing_dur:
+            out.append(f"{self.missing_dur} complete events without dur taken as 0 long")
+        return out
 
 
 def load_trace(path: str | os.PathLike[str], rank: int | None = None, *,
-               fast: bool = True) -> RankTrace:
+               max_bytes: int | None = None, progress: Progress | None = None) -> RankTrace:
     """Read one Chrome-trace file (plain or gzipped) into a :class:`RankTrace`.
 
-    ``rank`` defaults to ``distributedInfo.rank`` in the file, else 0. ``fast`` uses the
-    bytes-level scanner, which hands over to the text parser (reading the file again) for
-    input it does not expect; ``fast=False`` uses the text parser alone. Both give the
-    same result.
+    ``rank`` defaults to ``distributedInfo.rank`` in the file, else 0. ``max_bytes`` bounds
+    the JSON text read (by default only gzip files, FIFOs and devices are bounded, at 32 GiB);
+    ``progress(done, total)`` is called as the file is read. Raises ValueError (NotATrace for
+    valid JSON that is not a trace) naming the file and the byte offset of the problem.
     """
     path = os.fspath(path)
-    if fast:
-        from ._fastscan import Unsupported, iter_records
-
-        meta: dict[str, Any] = {}
-        counts = [0]
-        try:
-            records = iter_records(path, meta, _TARGETS, _NAMED, _record, counts,
-                                   META_KEYS)
-            return _collect(path, rank, records, meta, counts)
-        except (Unsupported, OSError):
-            pass
-    meta = {}
+    meta: dict[str, Any] = {}
     counts = [0]
-    return _collect(path, rank, _slow_records(path, meta, counts), meta, counts)
+    batches = iter_events(path, meta, counts, max_bytes=max_bytes, progress=progress)
+    return _collect(path, rank, batches, meta, counts)
 
 
-def _collect(path: str, rank: int | None, batches: Iterator[list[tuple]], meta: dict[str, Any],
-             counts: list[int]) -> RankTrace:
-    """Fill the columns from the records of one file."""
+def _collect(path: str, rank: int | None, batches: Iterator[list[TraceEvent]],
+             meta: dict[str, Any], counts: list[int]) -> RankTrace:
+    """Fill the columns from the events of one file."""
     names = _Interner()
     threads = _Interner()
+    fields = _Fields(path)
     g_ts, g_dur = array("d"), array("d")
-    g_dev, g_stream, g_name, g_corr = array("q"), array("q"), array("l"), array("q")
+    g_dev, g_stream, g_name, g_corr = array("q"), array("q"), array("q"), array("q")
     g_kind = array("b")
-    l_corr, l_ts, l_thread = array("q"), array("d"), array("l")
-    a_ts, a_dur, a_thread, a_name = array("d"), array("d"), array("l"), array("l")
+    l_corr, l_ts, l_thread = array("q"), array("d"), array("q")
+    a_ts, a_dur, a_thread, a_name = array("d"), array("d"), array("q"), array("q")
     base: int | None = None
     base_dec = Decimal(0)
-    unreadable = 0  # kept events whose ts or dur is missing or not a finite number
     # "B"/"E" events, paired at the end: time, thread, code (see _pair_begin_end), name
-    b_ts, b_thread, b_code = array("d"), array("l"), array("b")
+    b_ts, b_thread, b_code = array("d"), array("q"), array("b")
     b_name: list[str] = []
     seen_begin = False
 
-    for target, ts, dur, name, pid, tid, v_dev, v_stream, v_corr in chain.from_iterable(batches):
-        if type(ts) is int:
-            if base is None:
-                base = ts
-                base_dec = Decimal(ts)
-            rel = float(ts - base)
-        else:
-            try:
-                t = Decimal(ts) if type(ts) is not bool else Decimal("NaN")
-            except (ArithmeticError, TypeError, ValueError):
-                unreadable += 1
-                continue
-            if not t.is_finite():
-                unreadable += 1
-                continue
+    lim = _LIMIT
+    for batch in batches:
+        for ev in batch:
+            kind, phase, t = ev.kind, ev.phase, ev.ts
+            if type(t) is not int or not -lim < t < lim:
+                t = fields.time(ev)
+                if t is None:
+                    fields.unreadable += 1
+                    continue
             if base is None:
                 base = int(t)
                 base_dec = Decimal(base)
-            rel = float(t - base_dec)
-        if target == _LAUNCH:
-            corr = v_corr if type(v_corr) is int else _int_or(v_corr, -1)
-            if corr < 0:
+            rel = float(t - base) if type(t) is int else float(t - base_dec)
+            if phase != "X":
+                if phase == "B":
+                    code = _B_ANN if kind == KIND_ANNOTATION else _B_OTHER
+                    seen_begin = True
+                elif kind is not None:
+                    code = _E_KEPT
+                elif seen_begin:
+                    code = _E_NO_CAT  # only after a "B" of a kept category, in file order
+                else:
+                    continue
+                b_ts.append(rel)
+                b_thread.append(threads[(ev.pid, ev.tid)])
+                b_code.append(code)
+                b_name.append(ev.name)
                 continue
-            l_corr.append(corr)
-            l_ts.append(rel)
-            l_thread.append(threads[(pid, tid)])
-            continue
-        if target == _BE:
-            if dur == "B":
-                code = _B_ANN if v_dev == _ANN else _B_OTHER
-                seen_begin = True
-            elif v_dev != _NO_CAT:
-                code = _E_KEPT
-            elif seen_begin:
-                code = _E_NO_CAT  # only after a "B" of a kept category, in file order
-            else:
+            corr = ev.correlation
+            if type(corr) is not int or not -lim < corr < lim:
+                corr = fields.index(ev, corr, "correlation", -1)
+            if kind == KIND_LAUNCH:
+                if corr >= 0:
+                    l_corr.append(corr)
+                    l_ts.append(rel)
+                    l_thread.append(threads[(ev.pid, ev.tid)])
                 continue
-            b_ts.append(rel)
-            b_thread.append(threads[(pid, tid)])
-            b_code.append(code)
-            b_name.append(name)
-            continue
-        if type(dur) is not int:
-            dur = _duration(dur)
-            if dur is None:
-                unreadable += 1
+            dur = ev.dur
+            if type(dur) is not int or not 0 <= dur < lim:
+                dur = fields.duration(ev)
+                if dur is None:
+                    fields.unreadable += 1
+                    continue
+            if kind == KIND_ANNOTATION:
+                a_ts.append(rel)
+                a_dur.append(dur)
+                a_thread.append(threads[(ev.pid, ev.tid)])
+                a_name.append(names[ev.name])
                 continue
-        if dur < 0:
-            dur = 0
-        if target == _ANN:
-            a_ts.append(rel)
-            a_dur.append(dur)
-            a_thread.append(threads[(pid, tid)])
-            a_name.append(names[name])
-            continue
-        g_ts.append(rel)
-        g_dur.append(dur)
-        g_dev.append(v_dev if type(v_dev) is int else _int_or(v_dev, _int_or(pid, 0)))
-        g_stream.append(v_stream if type(v_stream) is int else _int_or(v_stream, _int_or(tid, 0)))
-        g_kind.append(target)
-        g_name.append(names[name])
-        g_corr.append(v_corr if type(v_corr) is int else _int_or(v_corr, -1))
+            dev, stream = ev.device, ev.stream
+            if type(dev) is not int or not -lim < dev < lim:
+                dev = fields.index(ev, dev, "device", _int_or(ev.pid, 0))
+            if type(stream) is not int or not -lim < stream < lim:
+                stream = fields.index(ev, stream, "stream", _int_or(ev.tid, 0))
+            g_ts.append(rel)
+            g_dur.append(dur)
+            g_dev.append(dev)
+            g_stream.append(stream)
+            g_kind.append(kind)
+            g_name.append(names[ev.name])
+            g_corr.append(corr)
 
-    notes = []
-    if unreadable:
-        notes.append(f"{unreadable} events with unreadable ts/dur skipped")
+    notes = fields.notes()
     if b_code:
         notes.extend(_pair_begin_end(b_ts, b_thread, b_code, b_name, names,
                                      a_ts, a_dur, a_thread, a_name))
@@ -299,15 +301,15 @@ def _collect(path: str, rank: int | None, batches: Iterator[list[tuple]], meta: 
         gpu_device=np.frombuffer(g_dev, dtype=np.int64).copy(),
         gpu_stream=np.frombuffer(g_stream, dtype=np.int64).copy(),
         gpu_kind=np.frombuffer(g_kind, dtype=np.int8).copy(),
-        gpu_name=np.asarray(g_name, dtype=np.int64),
+        gpu_name=np.frombuffer(g_name, dtype=np.int64).copy(),
         gpu_corr=np.frombuffer(g_corr, dtype=np.int64).copy(),
         launch_corr=np.frombuffer(l_corr, dtype=np.int64).copy(),
         launch_ts=l_start,
-        launch_thread=np.asarray(l_thread, dtype=np.int64),
+        launch_thread=np.frombuffer(l_thread, dtype=np.int64).copy(),
         ann_start=a_start,
         ann_end=a_start + np.frombuffer(a_dur, dtype=np.float64),
-        ann_thread=np.asarray(a_thread, dtype=np.int64),
-        ann_name=np.asarray(a_name, dtype=np.int64),
+        ann_thread=np.frombuffer(a_thread, dtype=np.int64).copy(),
+        ann_name=np.frombuffer(a_name, dtype=np.int64).copy(),
         threads=threads.order,
         meta=meta,
         n_events=counts[0],
@@ -403,21 +405,24 @@ def expand_paths(paths: list[str] | tuple[str, ...] | str) -> list[str]:
 
 
 def load_traces(paths: list[str] | tuple[str, ...] | str,
-                skipped: list[str] | None = None) -> list[RankTrace]:
+                skipped: list[str] | None = None, *, max_bytes: int | None = None,
+                progress: Callable[[str], Progress | None] | None = None) -> list[RankTrace]:
     """Load several files (or directories of them), one rank each.
 
     Ranks come from each file's ``distributedInfo``; when those are missing or repeated,
     files are numbered in the order given. A file found by walking a directory that is
     valid JSON but not a trace (a config file, say) is left out, with a line saying so
     appended to ``skipped``; a file named directly, or a truncated or invalid one, is an
-    error.
+    error. ``max_bytes`` is passed to :func:`load_trace`; ``progress(path)`` may return a
+    progress callback for that file.
     """
     traces = []
     files = _expand(paths)
     left_out: list[str] = []
     for path, walked in files:
         try:
-            traces.append(load_trace(path))
+            traces.append(load_trace(path, max_bytes=max_bytes,
+                                     progress=progress(path) if progress else None))
         except NotATrace as exc:
             if not walked:
                 raise
@@ -432,3 +437,7 @@ def load_traces(paths: list[str] | tuple[str, ...] | str,
         for i, t in enumerate(traces):
             t.rank = i
     return traces
+
+
+__all__ = ["KIND_KERNEL", "KIND_MEMCPY", "KIND_MEMSET", "KIND_NAMES", "NotATrace", "RankTrace",
+           "TRACE_SUFFIXES", "expand_paths", "load_trace", "load_traces"]

@@ -1,4 +1,5 @@
-"""Readable text report of a :class:`TraceReport`."""
+"""Readable text report of a :class:`TraceReport`. Every time is in microseconds (us), as in
+the JSON output's ``*_us`` keys."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from .analysis import DEVICE_METRICS, DeviceStats, RankReport, TraceReport
 
 
 def _us(x: float) -> str:
-    return f"{x:,.1f} us" if abs(x) < 10_000 else f"{x / 1000:,.3f} ms"
+    return f"{x:,.1f} us"
 
 
 def _pct(part: float, whole: float) -> str:
@@ -41,23 +42,35 @@ def _device_block(d: DeviceStats, top: int) -> list[str]:
     return lines
 
 
-def _phase_block(r: RankReport, limit: int) -> list[str]:
+_PHASE_HEAD = (f"    {'phase':<24}{'count':>6}{'kernels':>8}{'cpu total':>13}{'gpu busy':>13}"
+               f"{'comm':>13}{'compute':>13}{'exposed comm':>13}")
+
+
+def _phase_row(name: str, count: int, kernels: int, cpu: float, busy: float, comm: float,
+               compute: float, exposed: float) -> str:
+    return (f"    {name[:23]:<24}{count:>6}{kernels:>8}{cpu:>13,.1f}{busy:>13,.1f}{comm:>13,.1f}"
+            f"{compute:>13,.1f}{exposed:>13,.1f}")
+
+
+def _phase_block(r: RankReport, all_phases: bool) -> list[str]:
     a = r.attribution
     if not a.annotation_ranges:
         return ["  phases: no record_function / user annotation ranges in the trace"]
-    lines = [f"  phases (innermost annotation ranges, {len(r.phases)}; GPU work attributed "
-             f"through the launch's correlation id):",
-             f"    {'range':<24}{'kernels':>8}{'busy':>13}{'comm':>13}{'compute':>13}"
-             f"{'exposed':>13}"]
-    for p in r.phases[:limit]:
-        lines.append(f"    {p.name[:23]:<24}{p.kernels:>8}{_us(p.busy_us):>13}"
-                     f"{_us(p.comm_busy_us):>13}{_us(p.compute_busy_us):>13}"
-                     f"{_us(p.exposed_comm_us):>13}")
-    if len(r.phases) > limit:
-        lines.append(f"    ... {len(r.phases) - limit} more (see --json)")
+    if all_phases:
+        lines = [f"  phases (each of the {len(r.phases)} innermost ranges, in CPU order; "
+                 "times in us):", _PHASE_HEAD]
+        lines += [_phase_row(p.name, 1, p.kernels, p.cpu_dur_us, p.busy_us, p.comm_busy_us,
+                             p.compute_busy_us, p.exposed_comm_us) for p in r.phases]
+    else:
+        lines = [f"  phases by name ({len(r.phases)} innermost ranges, {len(r.phase_summary)} "
+                 "names; sums in us; --all-phases lists each range):", _PHASE_HEAD]
+        lines += [_phase_row(s.name, s.count, s.kernels, s.cpu_total_us, s.busy_us,
+                             s.comm_busy_us, s.compute_busy_us, s.exposed_comm_us)
+                  for s in r.phase_summary]
     for p in r.outer_phases:
         lines.append(f"    (outer) {p.name[:40]}: {p.kernels} activities launched directly")
-    lines.append(f"    attributed {a.attributed} of {a.activities} GPU activities"
+    lines.append(f"    attributed {a.attributed} of {a.activities} GPU activities through the "
+                 "launch's correlation id"
                  + (f" ({a.via_other_thread} via another thread)" if a.via_other_thread else "")
                  + f"; unattributed {a.unattributed} ({a.no_launch} without launch event, "
                  + (f"{a.ambiguous} with an ambiguous correlation id, " if a.ambiguous else "")
@@ -65,8 +78,9 @@ def _phase_block(r: RankReport, limit: int) -> list[str]:
     return lines
 
 
-def format_report(report: TraceReport, top: int = 12, phase_limit: int = 60) -> str:
-    """The text the CLI prints without ``--json``."""
+def format_report(report: TraceReport, top: int = 12, all_phases: bool = False) -> str:
+    """The text the CLI prints without ``--json``: per device, the phases added up by name
+    (or every range with ``all_phases``), and the cross-rank summary."""
     out: list[str] = []
     for r in report.ranks:
         world = f" of {r.world_size}" if r.world_size else ""
@@ -76,10 +90,10 @@ def format_report(report: TraceReport, top: int = 12, phase_limit: int = 60) -> 
                        "no overlap figures")
         for d in r.devices:
             out.extend(_device_block(d, top))
-        out.extend(_phase_block(r, phase_limit))
+        out.extend(_phase_block(r, all_phases))
         out.append("")
     if len(report.ranks) > 1 and report.summary:
-        out.append(f"across {len(report.ranks)} ranks:      min       median          max")
+        out.append(f"across {len(report.ranks)} ranks (us):  min       median          max")
         for m in DEVICE_METRICS:
             s = report.summary[m]
             if m == "overlap_ratio":

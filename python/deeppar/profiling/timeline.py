@@ -5,22 +5,24 @@ from __future__ import annotations
 
 from deeppar._io import save_figure
 
-from ._lanes import COLORS, build_lanes, phase_color_map
+from ._lanes import COLORS, Window, build_lanes, phase_color_map
 from .analysis import TraceReport
 from .classify import Classifier
 from .loader import RankTrace
 
 
 def write_png(path: str, traces: list[RankTrace], report: TraceReport,
-              classifier: Classifier | None = None, max_ranks: int = 8, dpi: int = 130) -> None:
-    """Draw the timeline of ``traces`` (the first ``max_ranks`` ranks) into ``path``."""
+              classifier: Classifier | None = None, max_ranks: int = 8, dpi: int = 130,
+              window: Window = (None, None)) -> None:
+    """Draw the timeline of ``traces`` (the first ``max_ranks`` ranks) into ``path``; time in
+    microseconds from the first activity, cut to ``window`` (start, end) when given."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    lanes, end_ms = build_lanes(traces, report, classifier or Classifier(), max_ranks)
+    lanes, (lo, hi) = build_lanes(traces, report, classifier or Classifier(), max_ranks, window)
     phase_colors = phase_color_map(lanes)
     n = max(len(lanes), 1)
     fig, ax = plt.subplots(figsize=(18, 1.4 + 0.42 * n + (0.5 if phase_colors else 0)))
@@ -37,14 +39,14 @@ def write_png(path: str, traces: list[RankTrace], report: TraceReport,
                 ax.broken_barh([(a, max(b - a, 1e-6))], (y - 0.4, 0.8),
                                facecolors=phase_colors[name], edgecolors="#555555",
                                linewidth=0.4)
-                if end_ms > 0 and (b - a) > 0.018 * end_ms:
+                if (b - a) > 0.018 * (hi - lo):
                     ax.text((a + b) / 2, y, name, ha="center", va="center", fontsize=6.5,
                             clip_on=True)
         ax.set_yticks(range(n))
         ax.set_yticklabels([lane.label for lane in reversed(lanes)], fontsize=8)
         ax.set_ylim(-0.7, n - 0.3)
-        ax.set_xlim(0, end_ms * 1.005 if end_ms > 0 else 1)
-        ax.set_xlabel("time (ms)")
+        ax.set_xlim(lo, hi + 0.005 * (hi - lo))
+        ax.set_xlabel("time (us)")
         ax.grid(axis="x", linewidth=0.3, alpha=0.6)
         handles = [Patch(color=COLORS[k], label=k) for k in
                    ("computation", "communication", "memory")]
@@ -58,7 +60,7 @@ def write_png(path: str, traces: list[RankTrace], report: TraceReport,
         if dev:
             d0 = dev[0]
             title += (f" - rank {d0.rank} GPU {d0.device}: overlap ratio {d0.overlap_ratio:.3f}, "
-                      f"exposed communication {d0.exposed_comm_us / 1000:.3f} ms")
+                      f"exposed communication {d0.exposed_comm_us:,.1f} us")
         else:
             title += " - no GPU activity in the trace"
         ax.set_title(title, fontsize=10)
