@@ -644,10 +644,24 @@ def case_timeline(rank: int, world: int, v: bool = False) -> None:
         trace = write_chrome_trace(sched, steps, path)
         with open(path) as f:
             assert json.load(f) == trace
-    assert len([e for e in trace["traceEvents"] if e["ph"] == "X"]) == len(steps)
-    assert set(measured_costs(steps)) <= {"F", "B", "I", "W", "FB"}
-    sim = simulate(sched, to_measured_costs(steps))
-    assert sim.makespan > 0
+        assert len([e for e in trace["traceEvents"] if e["ph"] == "X"]) == len(steps)
+        assert set(measured_costs(steps)) <= {"F", "B", "I", "W", "FB"}
+        sim = simulate(sched, to_measured_costs(steps))
+        assert sim.makespan > 0
+        # `deeppar schedule simulate --measured` reads the timeline file as written
+        if rank == 0:
+            import contextlib
+            import io
+
+            from deeppar.cli import main
+
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = main(["schedule", "simulate", "--method", sched.method, "--ranks",
+                             str(world), "--chunks", str(n), "--measured", path, "--json"])
+            assert code == 0
+            got = json.loads(out.getvalue())
+            assert abs(got["makespan"] - sim.makespan) <= 1e-6 * sim.makespan, got
 
 
 def case_dpv_timeline(rank: int, world: int) -> None:
@@ -951,3 +965,34 @@ def case_failure_cached_shapes(rank: int, world: int) -> None:
 def case_failure_fixed_shapes(rank: int, world: int) -> None:
     """Fixed p2p shapes: a middle rank raises at its third forward."""
     _one_failure(rank, world, world // 2, 3, False, good_steps=0, p2p_shapes=[(MB, HIDDEN)])
+
+
+# ----------------------------------------------------------------------------- profiling
+
+
+def case_profiled_step(rank: int, world: int) -> None:
+    """A pipeline step captured with deeppar.profiling shows its steps as named phases (the
+    innermost annotation ranges the trace analysis reports): F, I, W and overlapped pairs."""
+    import tempfile
+
+    from deeppar.pipeline import DualPipeV, defer_weight_grads
+    from deeppar.profiling import capture
+
+    stages = make_model(2 * world)
+    local = [defer_weight_grads(stages[rank]), defer_weight_grads(stages[2 * world - 1 - rank])]
+    pipe = DualPipeV(tuple(local))
+    n = 2 * world + 2
+    x, y = make_data(n)
+    inp, lab = (x, y) if rank == 0 else (None, None)
+    sched = pipe.schedule(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        with capture(os.path.join(tmp, f"rank{rank}.json"), steps=1, warmup=1) as cap:
+            for _ in range(cap.total_steps):
+                pipe.step(inp, num_chunks=n, criterion=criterion, labels=(lab,))
+                cap.step()
+        names = [p.name for r in cap.report.ranks for p in r.phases]
+    kinds = ["FB" if len(s.actions) == 2 else s.kind.value for s in sched.steps[rank]]
+    want = {f"pipeline.{k}": kinds.count(k) for k in set(kinds)}
+    got = {k: names.count(k) for k in want}
+    assert got == want, (got, want)
+    assert {"pipeline.F", "pipeline.I", "pipeline.W", "pipeline.FB"} <= set(want)

@@ -18,7 +18,7 @@ DPV_CASES = ["case_dpv_train", "case_dpv_infer", "case_dpv_variants", "case_dpv_
              "case_program_mismatch"]
 
 GROUPS: dict[int, list[str]] = {
-    2: DP_CASES + DPV_CASES,
+    2: DP_CASES + DPV_CASES + ["case_profiled_step"],
     3: DPV_CASES,
     4: DP_CASES + DPV_CASES,
     8: ["case_dp_train", "case_dp_infer", "case_dp_variants", "case_zero_bubble",

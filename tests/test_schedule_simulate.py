@@ -3,6 +3,8 @@ memory, latency, measured costs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from deeppar.pipeline import build
@@ -193,3 +195,23 @@ def test_measured_costs_must_fit_the_schedule():
         MeasuredCosts.from_dict({"duration": {}})
     with pytest.raises(ValueError, match="JSON object"):
         MeasuredCosts.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_measured_costs_read_the_runtime_timeline_file() -> None:
+    """The Chrome trace the runtime's timeline export writes is a measured-costs file: the
+    replay reproduces the timeline's step durations and makespan."""
+    from deeppar.pipeline.export import to_chrome_trace
+    from deeppar.pipeline.simulate import MeasuredCosts, TimedStep
+
+    sched = build("dualpipev", 2, 5)
+    first = simulate(sched, Costs(F=1.5, B=3.0, W=1.0))
+    steps = [TimedStep(t.rank, t.index, t.step, t.start, t.end) for t in first.timeline]
+    trace = json.loads(json.dumps(to_chrome_trace(sched, steps, time_unit_us=1.0)))
+    costs = MeasuredCosts.from_dict(trace)
+    assert costs.durations == {(t.rank, t.index): t.duration for t in steps}
+    assert simulate(sched, costs).makespan == pytest.approx(first.makespan)
+    with pytest.raises(ValueError, match="no step events"):
+        MeasuredCosts.from_dict({"traceEvents": []})
+    trace["traceEvents"].append({"ph": "X", "tid": 0, "dur": -1.0, "args": {"index": 0}})
+    with pytest.raises(ValueError, match="duration"):
+        MeasuredCosts.from_dict(trace)

@@ -43,9 +43,9 @@ def _add_costs(p: argparse.ArgumentParser) -> None:
     g.add_argument("--comm", type=float, default=0.0,
                    help="p2p latency between different ranks (default 0)")
     g.add_argument("--measured", metavar="JSON", default=None,
-                   help="measured per-step durations (MeasuredCosts JSON); missing steps "
-                        "fall back to the constants above, steps not in the schedule are "
-                        "an error")
+                   help="measured per-step durations: MeasuredCosts JSON, or the runtime's "
+                        "timeline file (write_chrome_trace); missing steps fall back to the "
+                        "constants above, steps not in the schedule are an error")
 
 
 def _costs(args: argparse.Namespace) -> Any:

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from .comm_plan import Group
 from .coordination import PipelineFailure
+from .walk import ChannelCursor
 
 MAX_DIMS = 8
 _FIELDS = 4 + MAX_DIMS  # present, requires_grad, dtype code, ndim, dims...
@@ -140,16 +141,10 @@ class P2PComm:
         self.device = device
         self.fixed = fixed
         self.max_tensors = max_tensors
-        # receiver side: for each src, its ordered keys and how far we have posted
-        self._in_order: dict[int, list[Hashable]] = {}
-        self._in_pos: dict[int, int] = {}
+        # how far this rank has posted its receives and queued its sends on each channel
+        self._in_cursor = ChannelCursor(plan, me, "recv")
+        self._out_cursor = ChannelCursor(plan, me, "send")
         self._incoming: dict[Hashable, _Incoming] = {}
-        for (src, dst), keys in plan.items():
-            if dst == me:
-                self._in_order[src] = list(keys)
-                self._in_pos[src] = 0
-        self._out_order = {dst: list(keys) for (src, dst), keys in plan.items() if src == me}
-        self._out_pos = {dst: 0 for dst in self._out_order}
         self._queued: dict[Hashable, list[dist.P2POp]] = {}
         self._send_works: list = []
         self._keep: list[torch.Tensor] = []
@@ -218,12 +213,9 @@ class P2PComm:
         self._queued[key] = ops
 
     def _advance_out(self, key: Hashable, dst: int) -> None:
-        expected = self._out_order.get(dst, [])
-        pos = self._out_pos.get(dst, 0)
-        if pos >= len(expected) or expected[pos] != key:
+        if self._out_cursor.take(dst, key) is None:
             raise RuntimeError(f"rank {self.me}: send {key} to rank {dst} is out of the "
                                "schedule's channel order")
-        self._out_pos[dst] = pos + 1
 
     def _fixed_payload(self, key: Hashable, tensors: Sequence[torch.Tensor | None],
                        fixed: list[TensorMeta]) -> list[torch.Tensor]:
@@ -256,12 +248,9 @@ class P2PComm:
         incs: list[_Incoming] = []
         headered: list[tuple[Hashable, int]] = []
         for key, src in group.recvs:
-            order = self._in_order.get(src, [])
-            pos = self._in_pos.get(src, 0)
-            if pos >= len(order) or order[pos] != key:
+            if self._in_cursor.take(src, key) is None:
                 raise RuntimeError(f"rank {self.me}: receive of {key} from rank {src} is out "
                                    "of the schedule's channel order")
-            self._in_pos[src] = pos + 1
             inc = _Incoming(src)
             fixed = self.fixed.get(self._kind(key)) if self.fixed is not None else None
             if fixed is not None:

@@ -30,6 +30,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from .ir import Action, Kind, Schedule, Step, Transfer
+from .walk import ChannelCursor, walk
 
 Msg = tuple[Hashable, int]  # (message key, peer rank)
 POLICIES = ("rounds", "send_only_flush")
@@ -125,33 +126,39 @@ def _rounds(recvs: list[list[tuple[Msg, ...]]], sends: list[list[tuple[Msg, ...]
     pos = [0] * P
     assigned: set[Hashable] = set()
     queued: list[list[Msg]] = [[] for _ in range(P)]
-    while True:
-        moved = False
+
+    def skip_dead(r: int) -> None:
+        while pos[r] < len(live[r]) and not live[r][pos[r]]:
+            pos[r] += 1
+
+    def advance(r: int) -> bool:
+        skip_dead(r)
+        i = pos[r]
+        if i >= len(live[r]) or not all(k in assigned for k, _ in recvs[r][i]):
+            return False
+        if recvs[r][i]:
+            plans[r].waits[i] = recvs[r][i]
+        queued[r] += sends[r][i]
+        pos[r] += 1
+        skip_dead(r)
+        return True
+
+    def deliver() -> bool:
+        """Every queued send forms this round's groups (sender and receiver)."""
+        if not any(queued):
+            return False
+        incoming: list[list[Msg]] = [[] for _ in range(P)]
         for r in range(P):
-            while pos[r] < len(live[r]) and not live[r][pos[r]]:
-                pos[r] += 1
-            i = pos[r]
-            if i < len(live[r]) and all(k in assigned for k, _ in recvs[r][i]):
-                if recvs[r][i]:
-                    plans[r].waits[i] = recvs[r][i]
-                queued[r] += sends[r][i]
-                pos[r] += 1
-                moved = True
+            for key, dst in queued[r]:
+                incoming[dst].append((key, r))
+                assigned.add(key)
         for r in range(P):
-            while pos[r] < len(live[r]) and not live[r][pos[r]]:
-                pos[r] += 1
-        if any(queued):
-            incoming: list[list[Msg]] = [[] for _ in range(P)]
-            for r in range(P):
-                for key, dst in queued[r]:
-                    incoming[dst].append((key, r))
-                    assigned.add(key)
-            for r in range(P):
-                if queued[r] or incoming[r]:
-                    plans[r].groups.append(Group(pos[r], tuple(queued[r]), tuple(incoming[r])))
-                queued[r] = []
-        elif not moved:
-            break
+            if queued[r] or incoming[r]:
+                plans[r].groups.append(Group(pos[r], tuple(queued[r]), tuple(incoming[r])))
+            queued[r] = []
+        return True
+
+    walk(P, advance, per_round=1, end_round=deliver)
     stuck = [r for r in range(P) if pos[r] < len(live[r])]
     if stuck:
         raise ValueError(f"the schedule cannot run: ranks {stuck} wait for messages never sent")
@@ -164,7 +171,7 @@ def _flush_plan(me: int, recvs: list[tuple[Msg, ...]], sends: list[tuple[Msg, ..
     step without receives; receives posted in channel order up to the one needed."""
     n = len(live)
     plan = RankPlan(n)
-    pos: dict[int, int] = {src: 0 for (src, dst) in channels if dst == me}
+    cursor = ChannelCursor(channels, me, "recv")
     posted: set[Hashable] = set()
     queued: list[Msg] = []
     for i in range(n):
@@ -172,11 +179,9 @@ def _flush_plan(me: int, recvs: list[tuple[Msg, ...]], sends: list[tuple[Msg, ..
             continue
         new: list[Msg] = []
         for key, src in recvs[i]:
-            while key not in posted:
-                k = channels[(src, me)][pos[src]]
+            for k in cursor.through(src, key, posted.__contains__):
                 new.append((k, src))
                 posted.add(k)
-                pos[src] += 1
         if new or queued:
             plan.groups.append(Group(i, tuple(queued), tuple(new)))
             queued = []
@@ -208,26 +213,24 @@ def check_plan(plan: CommPlan) -> Deadlock | None:
     group_of_recv: list[dict[Hashable, int]] = [{} for _ in range(P)]
     ops: list[list[list[tuple[str, tuple[int, int, int]]]]] = []
     for r, rp in enumerate(plan.ranks):
-        nsent: dict[int, int] = {}
-        nrecv: dict[int, int] = {}
+        out_cursor = ChannelCursor(plan.channels, r, "send")
+        in_cursor = ChannelCursor(plan.channels, r, "recv")
         rops = []
         for gi, g in enumerate(rp.groups):
             gops = []
             for key, peer in g.sends:
-                c = (r, peer, nsent.get(peer, 0))
-                nsent[peer] = c[2] + 1
-                if plan.channels[(r, peer)][c[2]] != key:
+                at = out_cursor.take(peer, key)
+                if at is None:
                     raise ValueError(f"rank {r} sends {key} out of channel order")
-                send_at[c] = (r, gi)
-                gops.append(("send", c))
+                send_at[(r, peer, at)] = (r, gi)
+                gops.append(("send", (r, peer, at)))
             for key, peer in g.recvs:
-                c = (peer, r, nrecv.get(peer, 0))
-                nrecv[peer] = c[2] + 1
-                if plan.channels[(peer, r)][c[2]] != key:
+                at = in_cursor.take(peer, key)
+                if at is None:
                     raise ValueError(f"rank {r} receives {key} out of channel order")
-                recv_at[c] = (r, gi)
+                recv_at[(peer, r, at)] = (r, gi)
                 group_of_recv[r][key] = gi
-                gops.append(("recv", c))
+                gops.append(("recv", (peer, r, at)))
             rops.append(gops)
         ops.append(rops)
     # host programme per rank: ("issue", gi) / ("wait", gi)
@@ -250,34 +253,34 @@ def check_plan(plan: CommPlan) -> Deadlock | None:
     started = [[False] * len(rp.groups) for rp in plan.ranks]
     done = [[False] * len(rp.groups) for rp in plan.ranks]
     head = [0] * P  # stream position: first group not completed
-    changed = True
-    while changed:
+
+    def advance(r: int) -> bool:
+        """Run rank ``r``'s host as far as it can go, then start and complete its stream's
+        groups in order while their peers' matching groups have started."""
         changed = False
-        for r in range(P):
-            while host[r] < len(progs[r]):
-                what, gi = progs[r][host[r]]
-                if what == "issue":
-                    issued[r] = gi + 1
-                elif not done[r][gi]:
-                    break
-                host[r] += 1
+        while host[r] < len(progs[r]):
+            what, gi = progs[r][host[r]]
+            if what == "issue":
+                issued[r] = gi + 1
+            elif not done[r][gi]:
+                break
+            host[r] += 1
+            changed = True
+        while head[r] < issued[r]:
+            gi = head[r]
+            if not started[r][gi]:
+                started[r][gi] = True
                 changed = True
-            while head[r] < issued[r]:
-                gi = head[r]
-                if not started[r][gi]:
-                    started[r][gi] = True
-                    changed = True
-                ok = True
-                for kind, c in ops[r][gi]:
-                    other = (recv_at if kind == "send" else send_at).get(c)
-                    if other is None or not started[other[0]][other[1]]:
-                        ok = False
-                        break
-                if not ok:
-                    break
-                done[r][gi] = True
-                head[r] += 1
-                changed = True
+            for kind, c in ops[r][gi]:
+                other = (recv_at if kind == "send" else send_at).get(c)
+                if other is None or not started[other[0]][other[1]]:
+                    return changed
+            done[r][gi] = True
+            head[r] += 1
+            changed = True
+        return changed
+
+    walk(P, advance)
     stuck: dict[int, str] = {}
     for r in range(P):
         if host[r] == len(progs[r]) and head[r] == len(plan.ranks[r].groups):

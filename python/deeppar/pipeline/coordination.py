@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -107,6 +107,19 @@ class StepCoordinator:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.owner}: timed out waiting for every rank to "
                                        "start the step") from None
+
+    def wait_until(self, done: Callable[[], bool], on_failure: Callable[[], None]) -> None:
+        """Poll ``done()`` (e.g. a CUDA event's ``query``) until it holds, looking at the
+        failure key every :data:`POLL_S` seconds; on a failure notice call ``on_failure()``
+        (e.g. abort the communicator whose kernels wait) and raise :class:`PipelineFailure`."""
+        next_look = time.monotonic() + POLL_S
+        while not done():
+            time.sleep(2e-4)
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + POLL_S
+                if self.failure() is not None:
+                    on_failure()
+                    self.raise_if_failed()
 
     # ------------------------------------------------------------------ failure notice
     @property

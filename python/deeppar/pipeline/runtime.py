@@ -244,6 +244,7 @@ class PipelineRuntime(nn.Module):
         self.full_agreements = 0  # steps whose agreement compared every rank's payload
         self._schedules: dict[int, tuple[Schedule, str]] = {}  # num_chunks -> (sched, hash)
         self._programs: dict[tuple[int, bool], _Program] = {}
+        self._ends_cache: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
         self._shape_cache: tuple[Any, dict] | None = None
         self._coord = StepCoordinator(self.group, self.group_rank, self.num_ranks,
                                       f"{type(self).__name__}.step")
@@ -329,10 +330,7 @@ class PipelineRuntime(nn.Module):
                     problems.append(f"{what} must be tensors (or None), got {type(x).__name__}")
         if sched is None:
             return problems
-        in_mbs = [m for m in range(sched.num_chunks) if sched.input_rank(m) == self.rank]
-        loss_mbs = [m for m in range(sched.num_chunks) if sched.loss_rank(m) == self.rank]
-        in_ranks = sorted({sched.input_rank(m) for m in range(sched.num_chunks)})
-        loss_ranks = sorted({sched.loss_rank(m) for m in range(sched.num_chunks)})
+        in_mbs, loss_mbs, in_ranks, loss_ranks = self._ends(sched)
         if in_mbs and not given:
             problems.append(f"inputs: {self.method} takes inputs on rank(s) {in_ranks}; none "
                             "were given")
@@ -380,6 +378,17 @@ class PipelineRuntime(nn.Module):
                                 f"{self.batch_dim}): {sizes}")
         return problems
 
+    def _ends(self, sched: Schedule) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(micro-batches whose input this rank gives, those whose loss it computes, the
+        ranks that give inputs, the ranks that compute losses), cached per schedule."""
+        if sched.num_chunks not in self._ends_cache:
+            n = range(sched.num_chunks)
+            self._ends_cache[sched.num_chunks] = (
+                [m for m in n if sched.input_rank(m) == self.rank],
+                [m for m in n if sched.loss_rank(m) == self.rank],
+                sorted({sched.input_rank(m) for m in n}), sorted({sched.loss_rank(m) for m in n}))
+        return self._ends_cache[sched.num_chunks]
+
     def _batch_info(self, sched: Schedule | None, inputs: Sequence[Any],
                     labels: Sequence[Any]) -> tuple[int | None, int | None, int]:
         """(samples per input micro-batch, samples per label micro-batch, number of label
@@ -391,8 +400,8 @@ class PipelineRuntime(nn.Module):
             return ts[0].shape[self.batch_dim] // n
         if sched is None:
             return (None, None, 0)
-        n_in = sum(1 for m in range(sched.num_chunks) if sched.input_rank(m) == self.rank)
-        n_loss = sum(1 for m in range(sched.num_chunks) if sched.loss_rank(m) == self.rank)
+        in_mbs, loss_mbs, _, _ = self._ends(sched)
+        n_in, n_loss = len(in_mbs), len(loss_mbs)
         return (per_mb(inputs, n_in), per_mb(labels, n_loss),
                 sum(1 for x in labels if x is not None))
 
@@ -613,7 +622,21 @@ class PipelineRuntime(nn.Module):
         if not self.weight_grad_store.empty():
             raise RuntimeError(f"rank {self.rank}: deferred weight gradients left after the "
                                "schedule")
+        if self.device.type == "cuda":
+            # NCCL: the host is ahead of the messages; a placeholder from a failed rank is
+            # known to have arrived only once the step's kernels are done
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._coord.wait_until(event.query, self._abort_group)
         self._coord.raise_if_failed()
+
+    def _abort_group(self) -> None:
+        """A peer failed while this rank's kernels still wait for messages (a failure that
+        could not finish its messages, e.g. a CUDA error): abort the communicator so they
+        end; the process group is unusable afterwards."""
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is not None:
+            abort(self.group)
 
     def _fail(self, comm: P2PComm, exc: BaseException) -> None:
         """A step raised on this rank: publish it (the first failure wins), send placeholders

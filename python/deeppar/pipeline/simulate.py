@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from deeppar._io import dumps_json
 
 from .ir import Kind, Overlap, Schedule, Step
+from .walk import walk
 
 Number = float | int
 PerStage = Number | Sequence[Number]
@@ -172,7 +173,10 @@ class MeasuredCosts:
          "durations": {"F3@s1": 1.25, "(F3@s1;B1@s6)": 3.5, ...},     # by step string
          "by_index": {"0": [1.0, 1.1, ...], "1": [...]}}              # or per rank, in order
 
-    Either ``durations`` or ``by_index`` (or both) may be present.
+    Either ``durations`` or ``by_index`` (or both) may be present. :meth:`from_dict` also reads
+    the runtime's own timeline file, the Chrome trace that
+    :func:`deeppar.pipeline.timeline.write_chrome_trace` writes (one complete event per step,
+    the rank as its thread, the step's index in ``args``, microseconds).
     """
 
     durations: Mapping[Any, float] = field(default_factory=dict)
@@ -258,6 +262,8 @@ class MeasuredCosts:
         """Read the JSON form (see the class doc); ``ValueError`` for a malformed one."""
         if not isinstance(d, Mapping):
             raise ValueError(f"measured costs must be a JSON object, got {type(d).__name__}")
+        if "traceEvents" in d:
+            return MeasuredCosts.from_chrome_trace(d, fallback)
         extra = set(d) - {"comm", "durations", "by_index"}
         if extra:
             raise ValueError(f"measured costs: unknown field(s) {sorted(extra)}; expected "
@@ -289,6 +295,34 @@ class MeasuredCosts:
         comm = d.get("comm", 0.0)
         _check_cost("comm", comm, per_stage=False)
         return MeasuredCosts(durations, float(comm), fallback, lengths)
+
+    @staticmethod
+    def from_chrome_trace(d: Mapping[str, Any], fallback: Costs | None = None
+                          ) -> MeasuredCosts:
+        """Per-step durations of a measured timeline's Chrome trace (see the class doc):
+        every complete (``"X"``) event with an integer ``args.index`` is step ``index`` of rank
+        ``tid``; ``comm`` (optional) is the latency. ``ValueError`` for a trace with no steps."""
+        events = d.get("traceEvents")
+        if not isinstance(events, list):
+            raise ValueError("measured timeline: 'traceEvents' must be a list of events")
+        durations: dict[Any, float] = {}
+        for e in events:
+            if not isinstance(e, Mapping) or e.get("ph") != "X":
+                continue
+            args, rank, dur = e.get("args"), e.get("tid"), e.get("dur")
+            index = args.get("index") if isinstance(args, Mapping) else None
+            if not (isinstance(rank, int) and isinstance(index, int)):
+                continue
+            if not _is_number(dur):
+                raise ValueError(f"measured timeline: step {index} of rank {rank} has duration "
+                                 f"{dur!r}, not a finite number >= 0")
+            durations[(rank, index)] = float(dur)
+        if not durations:
+            raise ValueError("measured timeline: no step events (complete events with the rank "
+                             "as 'tid' and 'args.index') in 'traceEvents'")
+        comm = d.get("comm", 0.0)
+        _check_cost("comm", comm, per_stage=False)
+        return MeasuredCosts(durations, float(comm), fallback)
 
     @staticmethod
     def from_json(text: str, fallback: Costs | None = None) -> MeasuredCosts:
@@ -372,37 +406,34 @@ def simulate(schedule: Schedule, costs: CostModel | Mapping[Any, float] | None =
     start: list[list[float]] = [[0.0] * len(p) for p in s.steps]
     pos = [0] * P
     free = [0.0] * P
-    progress = True
-    while progress:
-        progress = False
-        for r in range(P):
-            prog = s.steps[r]
-            while pos[r] < len(prog):
-                i = pos[r]
-                ready = free[r]
-                ok = True
-                for t in s.recvs_before(r, prog[i]):
-                    if t.key not in producer:
-                        continue  # validator's business; treat as available
-                    pr, pi = producer[t.key]
-                    if pos[pr] <= pi:
-                        ok = False
-                        break
-                    ready = max(ready, end[pr][pi] + model.latency(s, pr, r))
-                if not ok:
-                    break
-                d = float(model.duration(s, r, i, prog[i]))
-                if not d >= 0 or not math.isfinite(d):
-                    raise ValueError(f"duration {d} for rank {r} step {i} ({prog[i]}) is not a "
-                                     "finite number >= 0")
-                start[r][i] = ready
-                end[r][i] = ready + d
-                if not math.isfinite(end[r][i]):
-                    raise ValueError(f"costs too large: rank {r} step {i} ({prog[i]}) would end "
-                                     "beyond the largest float (the times overflow)")
-                free[r] = end[r][i]
-                pos[r] += 1
-                progress = True
+
+    def advance(r: int) -> bool:
+        prog = s.steps[r]
+        i = pos[r]
+        if i >= len(prog):
+            return False
+        ready = free[r]
+        for t in s.recvs_before(r, prog[i]):
+            if t.key not in producer:
+                continue  # validator's business; treat as available
+            pr, pi = producer[t.key]
+            if pos[pr] <= pi:
+                return False
+            ready = max(ready, end[pr][pi] + model.latency(s, pr, r))
+        d = float(model.duration(s, r, i, prog[i]))
+        if not d >= 0 or not math.isfinite(d):
+            raise ValueError(f"duration {d} for rank {r} step {i} ({prog[i]}) is not a "
+                             "finite number >= 0")
+        start[r][i] = ready
+        end[r][i] = ready + d
+        if not math.isfinite(end[r][i]):
+            raise ValueError(f"costs too large: rank {r} step {i} ({prog[i]}) would end "
+                             "beyond the largest float (the times overflow)")
+        free[r] = end[r][i]
+        pos[r] += 1
+        return True
+
+    walk(P, advance)
     stuck = [(r, str(s.steps[r][pos[r]])) for r in range(P) if pos[r] < len(s.steps[r])]
     if stuck:
         raise ValueError(f"schedule deadlocks: ranks blocked at {stuck}")

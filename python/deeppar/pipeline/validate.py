@@ -32,6 +32,7 @@ from collections import Counter, defaultdict
 from typing import Literal
 
 from .ir import Kind, Overlap, Schedule
+from .walk import walk
 
 
 class ScheduleError(ValueError):
@@ -177,19 +178,18 @@ def deadlock(schedule: Schedule, mode: Literal["eager", "rendezvous"] = "eager"
                          for st in prog])
     pos = [0] * s.num_ranks  # next step to run on each rank (= steps done)
     lengths = [len(p) for p in s.steps]
-    progress = True
-    while progress:
-        progress = False
-        for r in range(s.num_ranks):
-            while pos[r] < lengths[r]:
-                j = pos[r]
-                ok = all(pos[pr] > pi for pr, pi in needs[r][j])
-                if ok and mode == "rendezvous" and j > 0:
-                    ok = all(pos[cr] >= ci or cr == r for cr, ci in sends_to[r][j - 1])
-                if not ok:
-                    break
-                pos[r] += 1
-                progress = True
+
+    def advance(r: int) -> bool:
+        j = pos[r]
+        if j >= lengths[r] or not all(pos[pr] > pi for pr, pi in needs[r][j]):
+            return False
+        if mode == "rendezvous" and j > 0 and not all(
+                pos[cr] >= ci or cr == r for cr, ci in sends_to[r][j - 1]):
+            return False
+        pos[r] += 1
+        return True
+
+    walk(s.num_ranks, advance)
     return [(r, str(s.steps[r][pos[r]])) for r in range(s.num_ranks) if pos[r] < lengths[r]]
 
 
