@@ -30,7 +30,7 @@ def test_demo_trains_the_moe_end_to_end(tmp_path, capfd):
     assert all(summary["claims"].values()), summary["claims"]
     losses = summary["losses"]
     assert len(losses) == 4 and losses[-1] < losses[0]
-    assert summary["first_step"]["losses"] == 2 * 4  # every micro-batch of both data shards
+    assert summary["first_step"]["losses"] == 2 * TrainConfig().chunks  # both data shards
     assert summary["first_step"]["max_cos_distance"] < 1e-12
     eplb = summary["eplb"]
     assert eplb["step"] == 2 and eplb["identical"]

@@ -11,7 +11,7 @@ flight (from its start to the return of its wait) while computation ran.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +37,15 @@ def engine_overlap(entries: list[Any]) -> dict[str, float]:
 
 
 def phase_table(report: Any, top: int = 12) -> list[tuple[str, int, float, float, float]]:
-    """Phases aggregated by name over all ranks and layers (``F.attn[1]`` counts as
-    ``F.attn``): (name, count, CPU ms, GPU busy ms, exposed communication ms), longest CPU
-    time first."""
-    agg: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
-    for rank in report.ranks:
-        for p in rank.phases:
-            a = agg[re.sub(r"\[\d+\]", "", p.name)]
-            a[0] += 1
-            a[1] += p.cpu_dur_us / 1e3
-            a[2] += p.busy_us / 1e3
-            a[3] += p.exposed_comm_us / 1e3
-    rows = [(n, int(a[0]), a[1], a[2], a[3]) for n, a in agg.items()]
+    """Phases added up by name over all ranks and layers (``F.attn[1]`` counts as
+    ``F.attn``, through :func:`deeppar.profiling.analysis.summarize_phases`): (name, count,
+    CPU ms, GPU busy ms, exposed communication ms), longest CPU time first."""
+    from deeppar.profiling.analysis import summarize_phases
+
+    phases = [replace(p, name=re.sub(r"\[\d+\]", "", p.name))
+              for rank in report.ranks for p in rank.phases]
+    rows = [(s.name, s.count, s.cpu_total_us / 1e3, s.busy_us / 1e3, s.exposed_comm_us / 1e3)
+            for s in summarize_phases(phases)]
     rows.sort(key=lambda r: -r[2])
     return rows[:top]
 
@@ -56,9 +53,10 @@ def phase_table(report: Any, top: int = 12) -> list[tuple[str, int, float, float
 def published_trace_lines() -> list[str]:
     """DeepSeek's published training trace (one F&B chunk pair, H800 GPUs), shipped with
     deeppar, through the same analysis: what the GPU figures look like."""
+    from deeppar.data import sample_trace
     from deeppar.profiling import analyze_files
 
-    path = Path(__file__).resolve().parents[1] / "data" / "deepseek_v3_train_trace.json.gz"
+    path = sample_trace()
     if not path.exists():
         return []
     d = analyze_files(str(path)).ranks[0].devices[0]
