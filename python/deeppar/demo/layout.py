@@ -47,11 +47,14 @@ class Layout:
                 f"expert-parallel rank g % {self.ep}")
 
 
-def _backend() -> tuple[str, int]:
-    """(backend, GPUs per node): NCCL when this node has a GPU for each local process."""
+def backend_and_device() -> tuple[str, torch.device]:
+    """NCCL and this process's GPU (``LOCAL_RANK``) when the node has a GPU for each local
+    process, else gloo on the CPU. Known before the process group starts."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return ("nccl", gpus) if gpus >= local and gpus > 0 else ("gloo", gpus)
+    if gpus >= local and gpus > 0:
+        return "nccl", torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return "gloo", torch.device("cpu")
 
 
 def init(pp: int, ep: int, timeout_s: float = 120.0) -> Layout:
@@ -65,10 +68,8 @@ def init(pp: int, ep: int, timeout_s: float = 120.0) -> Layout:
     if pp * ep != world:
         raise ValueError(f"--pp {pp} x --ep {ep} = {pp * ep} processes, but WORLD_SIZE is "
                          f"{world}")
-    backend, _ = _backend()
-    device = torch.device("cpu")
+    backend, device = backend_and_device()
     if backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world,
@@ -107,4 +108,4 @@ def spawn_local(world: int, fn: Callable[..., Any], *args: Any) -> None:
     mp.spawn(_spawned, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
-__all__ = ["Layout", "free_port", "init", "spawn_local"]
+__all__ = ["Layout", "backend_and_device", "free_port", "init", "spawn_local"]

@@ -98,11 +98,14 @@ def _stage_over_shards(stage: M.Stage, xs: list[torch.Tensor]) -> list[torch.Ten
     return xs
 
 
-def sequential_first_step(cfg: TrainConfig, task: NextTokenTask, stages: list[M.Stage]
+def sequential_first_step(cfg: TrainConfig, task: NextTokenTask, stages: list[M.Stage],
+                          device: torch.device | None = None
                           ) -> tuple[dict[tuple[int, int], float], dict[str, torch.Tensor]]:
-    """Losses ``{(shard, micro-batch): loss}`` and gradients ``{name: grad}`` of step 0 of
-    ``stages`` (every expert in one process), micro-batch after micro-batch."""
-    batches = [task.batch(0, shard, cfg.chunks * cfg.micro_batch) for shard in range(cfg.ep)]
+    """Losses ``{(shard, micro-batch): loss}`` and gradients ``{name: grad}`` (on the CPU) of
+    step 0 of ``stages`` (every expert in one process, on ``device``), micro-batch after
+    micro-batch."""
+    batches = [tuple(t.to(device) for t in task.batch(0, shard, cfg.chunks * cfg.micro_batch))
+               for shard in range(cfg.ep)]
     losses: dict[tuple[int, int], float] = {}
     for m in range(cfg.chunks):
         hs = [x.chunk(cfg.chunks)[m] for x, _ in batches]
@@ -113,7 +116,7 @@ def sequential_first_step(cfg: TrainConfig, task: NextTokenTask, stages: list[M.
             losses[(shard, m)] = loss.item()
         # one backward for the micro-batch: the shards share the MoE layers' graph
         torch.autograd.backward(per_shard)
-    grads = {f"S{stage.index}.{n}": p.grad.detach().clone()
+    grads = {f"S{stage.index}.{n}": p.grad.detach().cpu().clone()
              for stage in stages for n, p in stage.named_parameters() if p.grad is not None}
     return losses, grads
 

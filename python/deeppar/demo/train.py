@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from . import model as M
 from .config import TrainConfig
-from .layout import Layout, init
+from .layout import Layout, backend_and_device, init
 from .report import Progress, RunResult
 from .task import NextTokenTask
 
@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, out: str | None = None) -> RunResult | None:
 
     The model with every expert is built first, before torch.distributed starts, so that each
     MoE layer holds all its experts: process 0 runs the one-process reference on a copy of
-    it, and every process takes its stages and experts from it."""
+    it (on the device the run uses), and every process takes its stages and experts from it."""
     import copy
     import os
 
@@ -266,7 +266,9 @@ def train(cfg: TrainConfig, out: str | None = None) -> RunResult | None:
         from .reference import sequential_first_step
 
         task = NextTokenTask(cfg.vocab, cfg.seq, cfg.seed)
-        reference = sequential_first_step(cfg, task, copy.deepcopy(full))
+        _, device = backend_and_device()
+        model = [stage.to(device) for stage in copy.deepcopy(full)]
+        reference = sequential_first_step(cfg, task, model, device)
     layout = init(cfg.pp, cfg.ep)
     try:
         return Trainer(cfg, layout, Path(out) if out else None, full, reference).run()
