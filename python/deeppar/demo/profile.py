@@ -33,7 +33,57 @@ def engine_overlap(entries: list[Any]) -> dict[str, float]:
     comm_s, overlap = iv.length(*comm), iv.intersection_length(comm, comp)
     return {"comm_s": comm_s, "compute_s": iv.length(*comp), "overlap_s": overlap,
             "ratio": overlap / comm_s if comm_s > 0 else 0.0,
+            "waited_s": sum(getattr(e, "waited", 0.0) for e in entries if e.stream == "comm"),
             "transfers": sum(1 for e in entries if e.stream == "comm")}
+
+
+def draw_engine_timeline(entries: list[Any], path: Path) -> None:
+    """Process 0's F&B pairs as the engine ran them: computation sub-steps (forward, backward,
+    weight-gradient parts), all-to-alls from start to the end of their wait, and the time the
+    host was blocked in a wait (exposed communication)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from deeppar._io import save_figure
+
+    t0 = min(e.start for e in entries)
+    colors = {"F": "#f6a623", "B": "#3aa655", "W": "#8e6bbf", "comm": "#4C78A8",
+              "wait": "#D62728"}
+    fig, ax = plt.subplots(figsize=(14, 2.6))
+    try:
+        for e in entries:
+            a, b = (e.start - t0) * 1e3, (e.end - t0) * 1e3
+            if e.stream == "comm":
+                ax.broken_barh([(a, b - a)], (0.6, 0.8), facecolors=colors["comm"],
+                               edgecolors="white", linewidth=0.4)
+                waited = getattr(e, "waited", 0.0) * 1e3
+                if waited > 0:
+                    ax.broken_barh([(b - waited, waited)], (0.6, 0.8), facecolors=colors["wait"])
+            else:
+                kind = e.name[:1] if e.name[:1] in "FBW" else "F"
+                ax.broken_barh([(a, b - a)], (1.6, 0.8), facecolors=colors[kind],
+                               edgecolors="white", linewidth=0.4)
+        ov = engine_overlap(entries)
+        ax.set_yticks([1.0, 2.0])
+        ax.set_yticklabels(["all-to-all in flight", "computation"])
+        ax.set_xlabel("time (ms)")
+        ax.set_title(f"fused F&B pairs on process 0: all-to-alls in flight "
+                     f"{ov['comm_s'] * 1e3:.1f} ms, {ov['ratio']:.0%} of it alongside "
+                     f"computation; host blocked in waits {ov['waited_s'] * 1e3:.1f} ms",
+                     fontsize=10)
+        handles = [Patch(color=colors[k], label=n) for k, n in (
+            ("F", "forward sub-step"), ("B", "backward (input grad)"),
+            ("W", "weight grad"), ("comm", "all-to-all in flight"),
+            ("wait", "blocked in wait (exposed)"))]
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=5,
+                  fontsize=8, frameon=False)
+        fig.tight_layout()
+        save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def phase_table(report: Any, top: int = 12) -> list[tuple[str, int, float, float, float]]:
@@ -102,7 +152,11 @@ def analyse(folder: Path, engine_entries: list[Any], pictures: Path) -> dict[str
         ov = engine_overlap(engine_entries)
         lines.append(f"fused engine, F&B pairs on process 0: {ov['transfers']} all-to-alls in "
                      f"flight {ov['comm_s'] * 1e3:.2f} ms, of which {ov['overlap_s'] * 1e3:.2f} "
-                     f"ms ran alongside computation (ratio {ov['ratio']:.2f})")
+                     f"ms ran alongside computation (ratio {ov['ratio']:.2f}); the host was "
+                     f"blocked in their waits {ov['waited_s'] * 1e3:.2f} ms")
+        path = pictures / "engine_timeline.png"
+        draw_engine_timeline(engine_entries, path)
+        files.append(("fused engine, F&B pairs on process 0", str(path)))
         if not devices:
             summary = (f"engine overlap ratio {ov['ratio']:.2f} (all-to-all in flight during "
                        f"computation), {len(phases)} named phases")
@@ -120,4 +174,5 @@ def analyse(folder: Path, engine_entries: list[Any], pictures: Path) -> dict[str
             "gpu": bool(devices)}
 
 
-__all__ = ["analyse", "engine_overlap", "phase_table"]
+__all__ = ["analyse", "draw_engine_timeline", "engine_overlap", "phase_table",
+           "published_trace_lines"]

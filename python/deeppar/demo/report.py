@@ -89,18 +89,20 @@ def eplb_outcome(step: int, loads: Any, plans: dict[str, Any], before: dict, aft
             "balancedness_after": mig.balancedness, "moved": int(mig.moved.sum())}
 
 
-def _ms(steps: list[Any]) -> list[Any]:
+def _ms(steps: list[Any], unit_ms: float = 1.0) -> list[Any]:
+    """Measured steps (microseconds) in units of ``unit_ms`` milliseconds."""
     from deeppar.pipeline.simulate import TimedStep
 
-    return [TimedStep(s.rank, s.index, s.step, s.start / 1e3, s.end / 1e3) for s in steps]
+    k = 1e3 * unit_ms
+    return [TimedStep(s.rank, s.index, s.step, s.start / k, s.end / k) for s in steps]
 
 
-def measured_result(schedule: Any, steps: list[Any]) -> Any:
-    """The measured timeline as a :class:`~deeppar.pipeline.simulate.SimResult` (milliseconds),
-    so the schedule pictures can draw the step as it ran."""
+def measured_result(schedule: Any, steps: list[Any], unit_ms: float = 1.0) -> Any:
+    """The measured timeline as a :class:`~deeppar.pipeline.simulate.SimResult` (in units of
+    ``unit_ms`` milliseconds), so the schedule pictures can draw the step as it ran."""
     from deeppar.pipeline.simulate import SimResult, peak_activations
 
-    steps = sorted(_ms(steps), key=lambda t: (t.start, t.rank))
+    steps = sorted(_ms(steps, unit_ms), key=lambda t: (t.start, t.rank))
     ranks = schedule.num_ranks
     makespan = max((s.end for s in steps), default=0.0)
     busy = [sum(s.duration for s in steps if s.rank == r) for r in range(ranks)]
@@ -108,12 +110,13 @@ def measured_result(schedule: Any, steps: list[Any]) -> Any:
                      [peak_activations(schedule, r) for r in range(ranks)], steps)
 
 
-def simulated_result(schedule: Any, steps: list[Any]) -> Any:
-    """The schedule replayed by the simulator with the measured step durations (ms)."""
+def simulated_result(schedule: Any, steps: list[Any], unit_ms: float = 1.0) -> Any:
+    """The schedule replayed by the simulator with the measured step durations (in units of
+    ``unit_ms`` milliseconds)."""
     from deeppar.pipeline import simulate
     from deeppar.pipeline.timeline import to_measured_costs
 
-    return simulate(schedule, to_measured_costs(_ms(steps)))
+    return simulate(schedule, to_measured_costs(_ms(steps, unit_ms)))
 
 
 def draw_losses(result: RunResult, path: Path) -> None:
@@ -151,15 +154,21 @@ def draw_schedule(result: RunResult, path: Path) -> tuple[Any, Any]:
     from deeppar._io import save_figure
     from deeppar.pipeline.draw import draw_compare
 
-    measured = measured_result(result.schedule, result.timeline)
-    simulated = simulated_result(result.schedule, result.timeline)
+    span_ms = max(s.end for s in result.timeline) / 1e3
+    # a time unit that keeps the picture readable (draw_compare sizes it by the span)
+    unit = next(u for u in (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, float("inf"))
+                if span_ms / u <= 60 or u == float("inf"))
+    unit = unit if unit != float("inf") else span_ms / 60
+    measured = measured_result(result.schedule, result.timeline, unit)
+    simulated = simulated_result(result.schedule, result.timeline, unit)
     fig = draw_compare([(result.schedule, measured), (result.schedule, simulated)])
     try:
         axes = fig.axes
-        axes[0].set_title(f"DualPipe step as run (ms): makespan {measured.makespan:.1f}",
-                          fontsize=10, loc="left")
+        axes[0].set_title(f"DualPipe step as run, {result.config.chunks} micro-batches: "
+                          f"makespan {measured.makespan * unit:.1f} ms", fontsize=10, loc="left")
         axes[1].set_title(f"simulated from the measured step durations: makespan "
-                          f"{simulated.makespan:.1f}", fontsize=10, loc="left")
+                          f"{simulated.makespan * unit:.1f} ms", fontsize=10, loc="left")
+        axes[-1].set_xlabel(f"time (units of {unit:g} ms)")
         save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
