@@ -1,10 +1,12 @@
 """Benchmark of the EPLB planner backends at the spec's sizes.
 
-Prints, per shape, the median time of each backend (host-observed: on GPU each call is followed
-by a synchronize), its speed-up over the reference backend measured in the same run, and the
-plan's balancedness (mean / max GPU load, averaged over layers) with the spec's upper bound.
-Where a GPU is present the GPU backends (``cuda``, ``triton``) run on CUDA tensors; Triton on
-the CPU (its interpreter) is only for tests and is left out unless named in ``--backends``.
+Prints, per shape, the median time of ``rebalance_experts`` end to end (argument checks,
+planning and ``log2phy`` included; host-observed: on GPU each call is followed by a
+synchronize) for each backend, its speed-up over the reference backend measured in the same
+run, and the plan's balancedness (mean / max GPU load, averaged over layers) with the spec's
+upper bound. Where a GPU is present the GPU backends (``cuda``, ``triton``) run on CUDA
+tensors; Triton on the CPU (its interpreter) is only for tests and is left out unless named in
+``--backends``. The rows also go to a JSON file.
 
     PYTHONPATH=python python benchmarks/bench_eplb.py [--backends cpu,reference] [--quick]
 """
@@ -12,12 +14,16 @@ the CPU (its interpreter) is only for tests and is left out unless named in ``--
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from functools import partial
+from pathlib import Path
 
 import torch
 
-import deeppar.eplb as eplb
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import measure, ratio, write_json  # noqa: E402
+
+import deeppar.eplb as eplb  # noqa: E402
 
 # name, (layers, experts, replicas, groups, nodes, gpus)
 SHAPES = [
@@ -35,25 +41,12 @@ def skewed_loads(layers: int, experts: int, seed: int = 0) -> torch.Tensor:
     return loads.round()
 
 
-def time_backend(weight, shape, backend: str, repeats: int) -> float:
-    """Median seconds per call of ``rebalance_experts`` with ``backend``."""
-    _, _, replicas, groups, nodes, gpus = shape
-    sync = torch.cuda.synchronize if weight.is_cuda else (lambda: None)
-    eplb.rebalance_experts(weight, replicas, groups, nodes, gpus, backend=backend)  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        eplb.rebalance_experts(weight, replicas, groups, nodes, gpus, backend=backend)
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", help="comma-separated backends (default: all available)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, skip the stress size")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per backend")
+    parser.add_argument("--json", default="out/bench/eplb.json", help="where to write the rows")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     available = sorted(set(eplb.available(device)) | set(eplb.available("cpu")),
@@ -65,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     for b in backends:
         if b not in available:
             parser.error(f"backend {b!r} is not available here (available: {available})")
-    repeats = 5 if args.quick else 30
+    repeats = args.repeats or (20 if args.quick else 200)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "no GPU"
     print(f"EPLB benchmark: torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"{gpu}; median of {repeats} runs (reference: 1-3)")
+          f"{gpu}; median of {repeats} calls (reference: 1-3), [20%, 80%] quantiles")
+    rows = []
     for name, shape in SHAPES:
         if args.quick and name == "Stress":
             continue
@@ -79,19 +73,29 @@ def main(argv: list[str] | None = None) -> int:
               f"replicas, {nodes} nodes, {gpus} GPUs ({p.policy} policy)")
         print(f"  balancedness: before {p.balancedness_before:.4f}, after {p.balancedness:.4f}, "
               f"upper bound {p.balancedness_bound:.4f}")
-        print(f"  {'backend':<10} {'device':<6} {'time':>12} {'vs reference':>14}")
+        print(f"  {'backend':<10} {'device':<6} {'time':>10} {'[20%, 80%]':>20} "
+              f"{'vs reference':>13}")
         # Native backends first: after the slow Python reference, the CPU thread pool can
         # take a while to wake up on a busy machine.
         times = {}
         for backend in sorted(backends, key=lambda b: b == "reference"):
             on = device if backend in ("cuda", "triton") else "cpu"
+            w = weight.to(on)
             reps = (1 if args.quick else 3) if backend == "reference" else repeats
-            times[backend] = (on, time_backend(weight.to(on), shape, backend, reps))
-        ref_time = times.get("reference", (None, None))[1]
+            sync = torch.cuda.synchronize if on == "cuda" else None
+            call = partial(eplb.rebalance_experts, w, *shape[2:], backend=backend)
+            times[backend] = (on, measure(call, repeats=reps,
+                                          warmup=1 if backend == "reference" else 10, sync=sync))
+        ref = times.get("reference", (None, None))[1]
         for backend in backends:
             on, t = times[backend]
-            speedup = f"{ref_time / t:13.1f}x" if ref_time else f"{'-':>14}"
-            print(f"  {backend:<10} {on:<6} {t * 1e3:9.3f} ms {speedup}")
+            speedup = ratio(ref.median, t.median) if ref else "-"
+            print(f"  {backend:<10} {on:<6} {t.ms:7.3f} ms  [{t.q20 * 1e3:7.3f}, "
+                  f"{t.q80 * 1e3:7.3f}] ms {speedup:>13}")
+            rows.append({"shape": name, "sizes": list(shape), "policy": p.policy,
+                         "backend": backend, "device": on, "time": t,
+                         "balancedness": p.balancedness, "bound": p.balancedness_bound})
+    print(f"\nrows written to {write_json(args.json, {'torch': torch.__version__, 'rows': rows})}")
     return 0
 
 

@@ -19,6 +19,10 @@ TORCH_LIBRARY(deeppar, m) {
   // (phy2log [L, R], replica rank of each slot [L, R], logcnt [L, E]), all int64.
   m.def("eplb_rebalance(Tensor weight, int num_replicas, int num_groups, int num_nodes, "
         "int num_gpus) -> (Tensor, Tensor, Tensor)");
+  // EPLB plans with method="balanced" (csrc/cpu/eplb_balanced.cpp): same signature and outputs
+  // as eplb_rebalance; max GPU load per layer never above eplb_rebalance's.
+  m.def("eplb_rebalance_balanced(Tensor weight, int num_replicas, int num_groups, "
+        "int num_nodes, int num_gpus) -> (Tensor, Tensor, Tensor)");
   // EPLB balanced packing of each row: weight [X, n] -> (pack index [X, n], rank in pack [X, n]).
   m.def("eplb_pack(Tensor weight, int num_packs) -> (Tensor, Tensor)");
   // EPLB replication of each row: weight [X, n] -> (phy2log [X, k], rank [X, k], logcnt [X, n]).

@@ -7,6 +7,7 @@ import torch
 from _eplb_helpers import SHAPES, check_invariants, random_weight
 
 import deeppar.eplb as eplb
+from deeppar import _native
 from deeppar.eplb import reference
 
 WORKED_WEIGHT = torch.tensor([
@@ -158,7 +159,8 @@ def test_dtypes_converted_to_float32():
         ((torch.ones(2, 12), 8, 4, 2, 8), ValueError, "at least the number of experts"),
         ((torch.ones(2, 12), 20, 4, 2, 8), ValueError, "multiple of num_gpus"),
         ((torch.ones(2, 12), 16, 5, 1, 8), ValueError, "multiple of num_groups"),
-        ((torch.ones(2, 12), 16, 4, 3, 8), ValueError, "multiple of num_nodes"),
+        ((torch.ones(2, 12), 18, 4, 4, 6), ValueError, "multiple of num_nodes"),
+        ((torch.ones(2, 12), 16, 5, 5, 8), ValueError, "multiple of num_groups"),
         ((torch.ones(2, 12), 16, 0, 2, 8), ValueError, "num_groups must be >= 1"),
         ((torch.ones(2, 12), -16, 4, 2, 8), ValueError, "num_replicas must be >= 1"),
         ((torch.ones(2, 12), 16.0, 4, 2, 8), TypeError, "num_replicas must be an integer"),
@@ -222,3 +224,36 @@ def test_log2phy_torch_path_matches_native(monkeypatch):
     native = api.build_log2phy(phy2log, rank, 16, 3)
     monkeypatch.setattr(api._native, "has_kernel", lambda op, device: False)
     assert torch.equal(api.build_log2phy(phy2log, rank, 16, 3), native)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sizes", [(8, 3, 2, 4), (8, 1, 3, 4), (10, 3, 2, 5), (8, 5, 7, 8)])
+def test_global_policy_ignores_groups_and_nodes(backend, sizes):
+    # DeepSeek's planner accepts these (global policy, G % N != 0): one group, one node.
+    weight = torch.tensor([[10, 20, 30, 40], [7, 0, 3, 3]])
+    replicas, groups, nodes, gpus = sizes
+    got = eplb.rebalance_experts(weight, replicas, groups, nodes, gpus, backend=backend)
+    want = eplb.rebalance_experts(weight, replicas, 1, 1, gpus, backend="reference")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    check_invariants(weight, *got, replicas, groups, nodes, gpus)
+    assert eplb.plan(weight, replicas, groups, nodes, gpus, backend=backend).policy == "global"
+
+
+def test_default_backend_skips_kernels_that_cannot_take_the_shape(monkeypatch):
+    from deeppar.eplb import _backends
+    from deeppar.eplb._validate import Problem
+
+    small = Problem(2, 256, 288, 8, 4, 32)
+    huge = Problem(2, 1 << 14, 1 << 15, 8, 4, 32)
+    cuda = torch.device("cuda")
+    assert _backends.shape_reason("cuda", small, cuda, smem_limit=227 * 1024) is None
+    why = _backends.shape_reason("cuda", huge, cuda, smem_limit=227 * 1024)
+    assert why is not None and "shared memory" in why
+    # A CUDA tensor with every backend installed: the huge shape falls through to the next one.
+    monkeypatch.setattr(_backends, "unavailable_reason", lambda backend, device: None)
+    monkeypatch.setattr(_backends, "_cuda_smem_limit", lambda device: 227 * 1024)
+    triton_ok = _native.triton_status()[0]
+    assert _backends.resolve(None, cuda, small) == "cuda"
+    assert _backends.resolve(None, cuda, huge) == ("triton" if triton_ok else "cpu")
+    with pytest.raises(eplb.BackendUnavailable, match="shared memory"):
+        _backends.resolve("cuda", cuda, huge)

@@ -85,8 +85,12 @@ def test_negative_zero_is_zero():
 
 @needs_cpu_kernel
 def test_native_ops_reject_bad_values():
-    with pytest.raises(RuntimeError, match="finite non-negative"):
+    with pytest.raises(ValueError, match="finite non-negative loads; found a NaN"):
         torch.ops.deeppar.eplb_rebalance(torch.full((1, 4), float("nan")), 4, 1, 1, 1)
+    with pytest.raises(ValueError, match="found a negative value"):
+        torch.ops.deeppar.eplb_rebalance(-torch.ones(1, 4), 4, 1, 1, 1)
+    with pytest.raises(ValueError, match="found an infinite value"):
+        torch.ops.deeppar.eplb_rebalance(torch.full((1, 4), float("-inf")), 4, 1, 1, 1)
     with pytest.raises(RuntimeError, match="multiple of gpus"):
         torch.ops.deeppar.eplb_rebalance(torch.ones(1, 4), 6, 1, 1, 4)
 
@@ -122,7 +126,10 @@ def _gpu_backends() -> list[str]:
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", SHAPES + [(5, 256, 288, 8, 4, 32), (3, 256, 320, 8, 40, 320),
-                                             (4, 128, 144, 1, 2, 16), (2, 512, 1024, 64, 16, 128)])
+                                             (4, 128, 144, 1, 2, 16), (2, 512, 1024, 64, 16, 128),
+                                             # > 32 GPUs per node: the strided pack loops
+                                             (3, 64, 128, 4, 1, 64), (2, 128, 384, 4, 2, 96),
+                                             (2, 256, 288, 8, 9, 72)])
 def test_gpu_backends_match_cpu(shape, kind):
     backends = _gpu_backends()
     if not backends:
@@ -168,6 +175,28 @@ def test_cuda_graph_capture_with_max_replicas(backend):
         graph.replay()
         torch.cuda.synchronize()
         assert _same(out, eplb.rebalance_experts(new, 288, 8, 4, 32, max_replicas=34))
+
+
+@pytest.mark.gpu
+def test_cuda_op_asserts_on_bad_loads():
+    if "cuda" not in _gpu_backends():
+        pytest.skip("cuda backend not available")
+    # The drop-in form raises ValueError (the kernel never sees the bad load) ...
+    with pytest.raises(ValueError, match="NaN"):
+        eplb.rebalance_experts(torch.full((2, 16), float("nan")).cuda(), 24, 4, 2, 8,
+                               backend="cuda")
+    # ... while the op itself asserts on the device, like the CPU op's check. A device-side
+    # assert ends the CUDA context, so that part runs in a fresh process.
+    import subprocess
+    import sys
+
+    code = ("import torch, deeppar.eplb\n"
+            "w = torch.ones(2, 16, device='cuda'); w[1, 3] = -1.0\n"
+            "torch.ops.deeppar.eplb_rebalance(w, 24, 4, 2, 8); torch.cuda.synchronize()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert "finite non-negative" in result.stdout + result.stderr
 
 
 @pytest.mark.gpu

@@ -178,3 +178,40 @@ def test_write_atomic_leaves_nothing_on_failure(tmp_path):
 def test_cuda_kernels_are_built_where_a_gpu_is():
     """On a GPU machine a CPU-only build would make every CUDA parity test skip: fail instead."""
     assert {"slot_loads", "eplb_rebalance"} <= set(_native.native_ops("cuda"))
+
+
+def test_slot_loads_native_rejects_out_of_range_expert():
+    if not _native.has_kernel("slot_loads", "cpu"):
+        pytest.skip("no native slot_loads kernel")
+    weight, phy2log, logcnt = _random_plan(2, 4, 6, 0)
+    for bad in (4, -1):
+        broken = phy2log.clone()
+        broken[1, 2] = bad
+        with pytest.raises(RuntimeError, match="invalid expert id"):
+            ops.slot_loads(weight, broken, logcnt)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not TRITON_INTERPRET, reason="runs the Triton kernel in its interpreter")
+def test_slot_loads_triton_never_reads_outside_the_row():
+    # The interpreter ignores the kernel's debug flag (no device assert there); the masked
+    # loads still keep a bad id inside the row and mark its slot NaN.
+    weight, phy2log, logcnt = _random_plan(2, 4, 6, 0)
+    phy2log[0, 3] = 7
+    got = ops.slot_loads(weight, phy2log, logcnt, backend="triton")
+    assert torch.isnan(got[0, 3]) and int(torch.isnan(got).sum()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_slot_loads_gpu_rejects_out_of_range_expert(backend):
+    # A device-side assert ends the CUDA context, so it runs in a fresh process.
+    code = (
+        "import torch\nfrom deeppar import ops\n"
+        "w = torch.rand(2, 4, device='cuda'); c = torch.ones(2, 4, dtype=torch.long, "
+        "device='cuda')\np = torch.zeros(2, 4, dtype=torch.long, device='cuda'); p[1, 2] = 9\n"
+        f"ops.slot_loads(w, p, c, backend={backend!r}); torch.cuda.synchronize()\n"
+    )
+    result = _run_python(code)
+    assert result.returncode != 0
+    assert "invalid expert id" in result.stdout + result.stderr or "assert" in result.stderr

@@ -1,7 +1,6 @@
 // CPU kernels of the EPLB planner (specs/eplb.md): deeppar::eplb_rebalance, eplb_pack,
-// eplb_replicate. Rows are planned in parallel with at::parallel_for; each row runs the spec's
-// rules with heaps (replication, packing) and one sort per packing. Float32 arithmetic only, in
-// the spec's order: this file must not be compiled with -ffast-math.
+// eplb_replicate, eplb_log2phy. Rows are planned in parallel with at::parallel_for; each row
+// runs the spec's rules of eplb_rules.h. This file must not be compiled with -ffast-math.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,214 +15,24 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/eplb_rules.h"
 #include "op_checks.h"
 
 namespace deeppar {
 namespace {
 
-// Packings with at most this many packs scan them linearly; more use a heap.
-constexpr int32_t kLinearPacks = 16;
+using eplb_cpu::check_row;
+using eplb_cpu::hierarchical_row;
+using eplb_cpu::pack_row;
+using eplb_cpu::replicate_row;
+using eplb_cpu::Scratch;
+using eplb_cpu::Shape;
 
 // Slots planned per parallel task (rows are grouped up to this size).
 constexpr int64_t kSlotsPerTask = 32768;
 
 // log2phy elements written per parallel task.
 constexpr int64_t kLog2PhyElementsPerTask = int64_t{1} << 20;
-
-// Reusable per-thread buffers, so that planning a row allocates nothing.
-struct Scratch {
-  std::vector<uint64_t> keys;        // items sorted heaviest first: (~float bits, index)
-  std::vector<int32_t> pack_items;   // items held by each pack
-  std::vector<float> pack_weight;    // accumulated weight of each pack
-  std::vector<int32_t> pack_heap;    // packs with room, min-heap on (weight, index)
-  std::vector<int32_t> rep_heap;     // experts, max-heap on (weight/count, -count, -index)
-  std::vector<float> rep_ratio;      // weight/count of each expert
-  std::vector<int32_t> rep_count;    // replicas of each expert
-  // Hierarchical policy.
-  std::vector<float> group_load;
-  std::vector<int32_t> group_pack, group_rank, mlog2log;
-  std::vector<float> node_weight, replica_load;
-  std::vector<int32_t> slot_expert, slot_rank, gpu, rank_in_gpu;
-};
-
-// Balanced packing of n items into m packs of n/m items (spec "Balanced packing").
-void pack_row(const float* w, int32_t n, int32_t m, int32_t* pack, int32_t* rank, Scratch& s) {
-  const int32_t per_pack = n / m;
-  if (per_pack == 1) {
-    for (int32_t i = 0; i < n; ++i) {
-      pack[i] = i;
-      rank[i] = 0;
-    }
-    return;
-  }
-  // Heaviest first; equal weights: lowest index first. Non-negative float bits order like the
-  // floats (+0.0f turns -0.0 into +0.0), so one sort of packed 64-bit keys does it.
-  s.keys.resize(n);
-  for (int32_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    const float v = w[i] + 0.0f;
-    std::memcpy(&bits, &v, sizeof(bits));
-    s.keys[i] = (static_cast<uint64_t>(~bits) << 32) | static_cast<uint32_t>(i);
-  }
-  std::sort(s.keys.begin(), s.keys.end());
-  s.pack_weight.assign(m, 0.0f);
-  s.pack_items.assign(m, 0);
-  if (m <= kLinearPacks) {
-    // Few packs: scan the packs that still have room, kept in increasing index order; strict
-    // "<" keeps the lowest index among equal weights.
-    s.pack_heap.resize(m);
-    for (int32_t p = 0; p < m; ++p) s.pack_heap[p] = p;
-    int32_t open = m;
-    for (int32_t k = 0; k < n; ++k) {
-      const int32_t item = static_cast<int32_t>(s.keys[k] & 0xffffffffu);
-      int32_t best = 0;
-      float best_w = s.pack_weight[s.pack_heap[0]];
-      for (int32_t q = 1; q < open; ++q) {
-        const float pw = s.pack_weight[s.pack_heap[q]];
-        if (pw < best_w) {
-          best_w = pw;
-          best = q;
-        }
-      }
-      const int32_t p = s.pack_heap[best];
-      pack[item] = p;
-      rank[item] = s.pack_items[p];
-      s.pack_weight[p] += w[item];
-      if (++s.pack_items[p] == per_pack) {
-        for (int32_t q = best + 1; q < open; ++q) s.pack_heap[q - 1] = s.pack_heap[q];
-        --open;
-      }
-    }
-    return;
-  }
-  // Many packs: min-heap of the packs with room keyed by (weight, index). Pack weights only
-  // grow, so the chosen pack goes back in after its update (or leaves the heap once full).
-  auto lighter = [&s](int32_t a, int32_t b) {  // "a after b" for std heap (max-heap API)
-    const float wa = s.pack_weight[a], wb = s.pack_weight[b];
-    return wa > wb || (wa == wb && a > b);
-  };
-  s.pack_heap.resize(m);
-  for (int32_t p = 0; p < m; ++p) s.pack_heap[p] = p;  // all weights 0: already a valid heap
-  for (int32_t k = 0; k < n; ++k) {
-    const int32_t item = static_cast<int32_t>(s.keys[k] & 0xffffffffu);
-    std::pop_heap(s.pack_heap.begin(), s.pack_heap.end(), lighter);
-    const int32_t p = s.pack_heap.back();
-    pack[item] = p;
-    rank[item] = s.pack_items[p];
-    s.pack_weight[p] += w[item];
-    if (++s.pack_items[p] < per_pack) {
-      std::push_heap(s.pack_heap.begin(), s.pack_heap.end(), lighter);
-    } else {
-      s.pack_heap.pop_back();
-    }
-  }
-}
-
-// Replication of n experts into k >= n slots (spec "Replication").
-void replicate_row(const float* w, int32_t n, int32_t k, int32_t* slot_expert, int32_t* slot_rank,
-                   int32_t* count, Scratch& s) {
-  for (int32_t i = 0; i < n; ++i) {
-    slot_expert[i] = i;
-    slot_rank[i] = 0;
-    count[i] = 1;
-  }
-  if (k == n) return;
-  s.rep_ratio.resize(n);
-  s.rep_heap.resize(n);
-  for (int32_t i = 0; i < n; ++i) {
-    s.rep_ratio[i] = w[i];  // w / 1
-    s.rep_heap[i] = i;
-  }
-  // "a below b": b has the larger ratio, or the same ratio and fewer replicas, or the same
-  // ratio and count and a lower index.
-  auto below = [&s, count](int32_t a, int32_t b) {
-    const float ra = s.rep_ratio[a], rb = s.rep_ratio[b];
-    if (ra != rb) return ra < rb;
-    if (count[a] != count[b]) return count[a] > count[b];
-    return a > b;
-  };
-  std::make_heap(s.rep_heap.begin(), s.rep_heap.end(), below);
-  for (int32_t j = n; j < k; ++j) {
-    std::pop_heap(s.rep_heap.begin(), s.rep_heap.end(), below);
-    const int32_t e = s.rep_heap.back();
-    slot_expert[j] = e;
-    slot_rank[j] = count[e];
-    count[e] += 1;
-    s.rep_ratio[e] = w[e] / static_cast<float>(count[e]);
-    std::push_heap(s.rep_heap.begin(), s.rep_heap.end(), below);
-  }
-}
-
-// The spec's rules assume finite non-negative loads (a NaN would break the sort's ordering).
-void check_row(const float* w, int64_t n, const char* op) {
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(w[i] >= 0.0f && w[i] <= std::numeric_limits<float>::max(), op,
-                ": weight must hold finite non-negative loads, got ", w[i]);
-  }
-}
-
-struct Shape {
-  int32_t experts, replicas, groups, nodes, gpus;
-};
-
-// Hierarchical policy for one layer (spec "Hierarchical policy").
-void hierarchical_row(const float* w, const Shape& sh, int64_t* phy2log, int64_t* phy_rank,
-                      int64_t* logcnt, Scratch& s) {
-  const int32_t group_size = sh.experts / sh.groups;
-  const int32_t groups_per_node = sh.groups / sh.nodes;
-  const int32_t experts_per_node = sh.experts / sh.nodes;
-  const int32_t slots_per_node = sh.replicas / sh.nodes;
-  const int32_t gpus_per_node = sh.gpus / sh.nodes;
-  const int32_t slots_per_gpu = sh.replicas / sh.gpus;
-
-  // Step 1: group loads, left to right in float32, packed onto nodes.
-  s.group_load.resize(sh.groups);
-  for (int32_t g = 0; g < sh.groups; ++g) {
-    float total = 0.0f;
-    for (int32_t i = 0; i < group_size; ++i) total += w[g * group_size + i];
-    s.group_load[g] = total;
-  }
-  s.group_pack.resize(sh.groups);
-  s.group_rank.resize(sh.groups);
-  pack_row(s.group_load.data(), sh.groups, sh.nodes, s.group_pack.data(), s.group_rank.data(), s);
-
-  // Step 2: node-major order.
-  s.mlog2log.resize(sh.experts);
-  for (int32_t g = 0; g < sh.groups; ++g) {
-    const int32_t base = (s.group_pack[g] * groups_per_node + s.group_rank[g]) * group_size;
-    for (int32_t i = 0; i < group_size; ++i) s.mlog2log[base + i] = g * group_size + i;
-  }
-
-  s.node_weight.resize(experts_per_node);
-  s.rep_count.resize(experts_per_node);
-  s.slot_expert.resize(slots_per_node);
-  s.slot_rank.resize(slots_per_node);
-  s.replica_load.resize(slots_per_node);
-  s.gpu.resize(slots_per_node);
-  s.rank_in_gpu.resize(slots_per_node);
-  for (int32_t node = 0; node < sh.nodes; ++node) {
-    const int32_t* node_log = s.mlog2log.data() + node * experts_per_node;
-    for (int32_t i = 0; i < experts_per_node; ++i) s.node_weight[i] = w[node_log[i]];
-    // Step 3: replicate within the node.
-    int32_t* count = s.rep_count.data();
-    replicate_row(s.node_weight.data(), experts_per_node, slots_per_node, s.slot_expert.data(),
-                  s.slot_rank.data(), count, s);
-    // Step 4: pack the node's replicas onto its GPUs.
-    for (int32_t j = 0; j < slots_per_node; ++j) {
-      const int32_t e = s.slot_expert[j];
-      s.replica_load[j] = s.node_weight[e] / static_cast<float>(count[e]);
-    }
-    pack_row(s.replica_load.data(), slots_per_node, gpus_per_node, s.gpu.data(),
-             s.rank_in_gpu.data(), s);
-    // Step 5: physical slots.
-    for (int32_t j = 0; j < slots_per_node; ++j) {
-      const int32_t slot = node * slots_per_node + s.gpu[j] * slots_per_gpu + s.rank_in_gpu[j];
-      phy2log[slot] = node_log[s.slot_expert[j]];
-      phy_rank[slot] = s.slot_rank[j];
-    }
-    for (int32_t i = 0; i < experts_per_node; ++i) logcnt[node_log[i]] = count[i];
-  }
-}
 
 void check_weight(const at::Tensor& weight, const char* op) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, op,

@@ -14,11 +14,13 @@
 // broadcast, so every lane acts on the same choice even for malformed input (NaN).
 #pragma once
 #include <cstdint>
+#include <cstdio>
 
 namespace deeppar {
 namespace eplb_detail {
 
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kMaxFinite = 3.40282347e+38f;  // FLT_MAX
 
 // Shared-memory layout of one block (one layer), in 4-byte words.
 struct Layout {
@@ -227,7 +229,17 @@ __global__ void eplb_rebalance_kernel(const float* __restrict__ weight,  // [L, 
   const int slots_per_gpu = replicas / gpus;
   const float* row = weight + static_cast<int64_t>(layer) * experts;
 
-  for (int e = tid; e < experts; e += blockDim.x) w[e] = __fadd_rn(row[e], 0.0f);  // -0 -> +0
+  for (int e = tid; e < experts; e += blockDim.x) {
+    const float v = row[e];
+    if (!(v >= 0.0f && v <= kMaxFinite)) {
+      // Device-side assert (the op takes no host sync): as the CPU kernel, refuse NaN, inf and
+      // negative loads; the spec's ordering is undefined for them.
+      printf("eplb_rebalance: weight must hold finite non-negative loads, got %f (layer %d)\n",
+             v, layer);
+      __trap();
+    }
+    w[e] = __fadd_rn(v, 0.0f);  // -0 -> +0
+  }
   __syncthreads();
   // Step 1: group loads, left to right, then packed onto nodes by warp 0.
   for (int g = tid; g < groups; g += blockDim.x) {

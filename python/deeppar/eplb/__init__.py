@@ -3,6 +3,7 @@
 ``import deeppar.eplb as eplb`` then ``eplb.rebalance_experts(weight, R, G, N, P)``; the exact
 rules (ties included) are in ``specs/eplb.md``. Backends: ``reference`` (plain Python, the
 oracle), ``cpu`` (C++), ``cuda`` (CUDA kernel) and ``triton``; all bit-identical.
+``method="balanced"`` plans a better placement with the same replica counts (C++ on the CPU).
 
 Around the planner: ``LoadRecorder`` (per-layer expert loads counted on the device),
 ``migrate`` (a new plan that moves few replicas, with its transfer plan),
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "BACKENDS": "deeppar.eplb._backends",
     "BackendUnavailable": "deeppar.eplb._backends",
+    "METHODS": "deeppar.eplb._backends",
     "available": "deeppar.eplb._backends",
     "balanced_packing": "deeppar.eplb.api",
     "rebalance_experts": "deeppar.eplb.api",
@@ -39,6 +41,7 @@ _EXPORTS = {
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "METHODS",
     "LoadRecorder",
     "Migration",
     "Plan",
@@ -55,7 +58,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from deeppar.eplb._backends import BACKENDS, BackendUnavailable, available
+    from deeppar.eplb._backends import BACKENDS, METHODS, BackendUnavailable, available
     from deeppar.eplb.api import (
         balanced_packing,
         rebalance_experts,

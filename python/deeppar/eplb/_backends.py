@@ -14,8 +14,13 @@ import torch
 
 from deeppar import _native
 from deeppar.eplb import reference
+from deeppar.eplb._validate import Problem
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+# Planning methods: "deepseek" is the spec's algorithm (every backend); "balanced" improves its
+# placement (C++ CPU kernel only; inputs on another device are planned on a host copy).
+METHODS = ("deepseek", "balanced")
 
 Core = Callable[[torch.Tensor, int, int, int, int], tuple[torch.Tensor, ...]]
 
@@ -27,6 +32,10 @@ if _native.has_kernel("eplb_rebalance", "cpu") or _native.has_kernel("eplb_rebal
         slots = weight.new_empty((layers, num_replicas), dtype=torch.int64)
         counts = weight.new_empty((layers, experts), dtype=torch.int64)
         return slots, torch.empty_like(slots), counts
+
+    @torch.library.register_fake("deeppar::eplb_rebalance_balanced")
+    def _rebalance_balanced_fake(weight, num_replicas, num_groups, num_nodes, num_gpus):
+        return _rebalance_fake(weight, num_replicas, num_groups, num_nodes, num_gpus)
 
     @torch.library.register_fake("deeppar::eplb_pack")
     def _pack_fake(weight, num_packs):
@@ -84,18 +93,62 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be None or one of {', '.join(BACKENDS)}; got {backend!r}")
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """The backend to run: ``backend`` itself (checked), or the best one for ``device``."""
+def cuda_smem_bytes(experts: int, replicas: int, groups: int, gpus: int) -> int:
+    """Shared memory one block of the CUDA kernel needs (``Layout`` in
+    csrc/cuda/eplb_kernel.cuh): 4-byte words for 5 per-expert, 3 per-group, 6 per-slot and
+    2 per-GPU arrays."""
+    return 4 * (5 * experts + 3 * groups + 6 * replicas + 2 * gpus)
+
+
+def _cuda_smem_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+
+
+def shape_reason(
+    backend: str, problem: Problem, device: torch.device, smem_limit: int | None = None
+) -> str | None:
+    """Why ``backend`` cannot plan ``problem`` (a size limit of its kernel); None when it can.
+    ``smem_limit`` overrides the CUDA device's shared memory per block (tests)."""
+    replicas, groups, nodes, gpus = problem.kernel_args
+    if backend == "cuda":
+        need = cuda_smem_bytes(problem.experts, replicas, groups, gpus)
+        limit = _cuda_smem_limit(device) if smem_limit is None else smem_limit
+        if need > limit:
+            return (
+                f"this problem needs {need} bytes of shared memory per layer, the GPU offers "
+                f"{limit} per block"
+            )
+    if backend == "triton":  # only asked once triton imports (unavailable_reason is None)
+        from deeppar.kernels.eplb_triton import MAX_BLOCK
+
+        if max(groups, replicas // nodes) > MAX_BLOCK:
+            return f"the Triton kernel handles at most {MAX_BLOCK} items per row and node"
+    return None
+
+
+def resolve(
+    backend: str | None, device: torch.device, problem: Problem | None = None
+) -> str:
+    """The backend to run: ``backend`` itself (checked), or the best one for ``device`` that
+    can take ``problem``'s sizes (a kernel's size limit skips it rather than failing)."""
     if backend is not None:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
         why = unavailable_reason(backend, device)
+        if why is None and problem is not None:
+            why = shape_reason(backend, problem, device)
         if why is not None:
             raise BackendUnavailable(f"EPLB backend {backend!r} is not available: {why}")
         return backend
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    if device.type == "cuda":
+        order: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
+    else:
+        order = ("cpu", "reference")
     for name in order:
-        if unavailable_reason(name, device) is None:
+        if unavailable_reason(name, device) is None and (
+            problem is None or shape_reason(name, problem, device) is None
+        ):
             return name
     return "reference"
 
@@ -129,8 +182,40 @@ def _triton_core(weight: torch.Tensor, *sizes: int) -> tuple[torch.Tensor, ...]:
     return eplb_rebalance_triton(weight, *sizes)
 
 
-def core(backend: str) -> Core:
+def check_method(method: object) -> str:
+    """``method`` if it is one of :data:`METHODS`, else ValueError."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+    return method  # type: ignore[return-value]
+
+
+def resolve_balanced(backend: str | None) -> str:
+    """The backend of ``method="balanced"``: the C++ CPU kernel (``None`` or ``"cpu"``)."""
+    if backend is not None and backend != "cpu":
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"backend must be None or one of {', '.join(BACKENDS)}; got {backend!r}"
+            )
+        raise BackendUnavailable(
+            f"EPLB backend {backend!r} does not implement method='balanced' (only 'cpu' does; "
+            "tensors on other devices are planned on a host copy)"
+        )
+    if not _native.has_kernel("eplb_rebalance_balanced", "cpu"):
+        raise BackendUnavailable(
+            "method='balanced' needs the C++ kernel eplb_rebalance_balanced: "
+            f"{_native_reason('cpu') or 'rebuild the extension'}"
+        )
+    return "cpu"
+
+
+def _balanced_core(weight: torch.Tensor, *sizes: int) -> tuple[torch.Tensor, ...]:
+    return torch.ops.deeppar.eplb_rebalance_balanced(weight, *sizes)
+
+
+def core(backend: str, method: str = "deepseek") -> Core:
     """The planner core of a resolved backend."""
+    if method == "balanced":
+        return _on_cpu(_balanced_core)
     if backend == "reference":
         return _on_cpu(reference.rebalance_hierarchical)
     if backend == "cpu":

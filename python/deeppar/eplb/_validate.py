@@ -96,18 +96,26 @@ def check_problem(
     weight: torch.Tensor, num_replicas: object, num_groups: object, num_nodes: object,
     num_gpus: object,
 ) -> Problem:
-    """Check the sizes against each other (spec "Signature"); ``weight`` is already 2-D."""
+    """Check the sizes against each other (spec "Signature": the rules of the policy that runs);
+    ``weight`` is already 2-D."""
     layers, experts = weight.shape
     replicas = as_count(num_replicas, "num_replicas")
     groups = as_count(num_groups, "num_groups")
     nodes = as_count(num_nodes, "num_nodes")
     gpus = as_count(num_gpus, "num_gpus")
-    if experts % groups:
-        raise ValueError(
-            f"the number of experts ({experts}) must be a multiple of num_groups ({groups})"
-        )
-    if gpus % nodes:
-        raise ValueError(f"num_gpus ({gpus}) must be a multiple of num_nodes ({nodes})")
+    # As in DeepSeek's planner, the group and node rules hold only for the hierarchical policy;
+    # the global one ignores num_groups and num_nodes (it plans with one group and one node).
+    if groups % nodes == 0:
+        if experts % groups:
+            raise ValueError(
+                f"the number of experts ({experts}) must be a multiple of num_groups ({groups}) "
+                "for the hierarchical policy (num_groups % num_nodes == 0)"
+            )
+        if gpus % nodes:
+            raise ValueError(
+                f"num_gpus ({gpus}) must be a multiple of num_nodes ({nodes}) "
+                "for the hierarchical policy (num_groups % num_nodes == 0)"
+            )
     if replicas % gpus:
         raise ValueError(f"num_replicas ({replicas}) must be a multiple of num_gpus ({gpus})")
     if replicas < experts:

@@ -56,21 +56,30 @@ def plan_maps(
     *,
     backend: str | None = None,
     max_replicas: int | None = None,
+    method: str = "deepseek",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Problem, str]:
     """``rebalance_experts`` plus the checked problem and the backend that ran."""
     w = as_weight(weight)
     problem = check_problem(w, num_replicas, num_groups, num_nodes, num_gpus)
     if max_replicas is not None:
         max_replicas = as_count(max_replicas, "max_replicas")
-    name = _backends.resolve(backend, w.device)
+    if _backends.check_method(method) == "balanced":
+        name = _backends.resolve_balanced(backend)
+    else:
+        name = _backends.resolve(backend, w.device, problem)
     sync_free = _sync_free(w, max_replicas)
     if sync_free:
         torch._assert_async(
             ~bad_values(w), "weight must hold finite non-negative loads (NaN, inf or negative)"
         )
-    elif w.device.type == "cpu":
-        check_values(w)
-    phy2log, phy_rank, logcnt = _backends.core(name)(w, *problem.kernel_args)
+    elif w.device.type == "cpu" and name != "cpu":
+        check_values(w)  # the C++ kernel checks (ValueError) while it plans: no extra pass
+    planned = w
+    if name == "cuda" and not sync_free:
+        # The CUDA kernel asserts on bad loads (a device-side error ends the CUDA context);
+        # here a bad load must raise ValueError after the single read below instead.
+        planned = torch.where(torch.isfinite(w) & (w >= 0), w, 0.0)
+    phy2log, phy_rank, logcnt = _backends.core(name, method)(planned, *problem.kernel_args)
     if max_replicas is None:
         if w.device.type == "cpu":
             width = int(logcnt.max())
@@ -103,25 +112,32 @@ def rebalance_experts(
     *,
     backend: str | None = None,
     max_replicas: int | None = None,
+    method: str = "deepseek",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plan expert replicas and their placement on GPUs (DeepSeek EPLB, exact tie rules).
 
     Args:
         weight: ``[layers, experts]`` non-negative loads (any real or integer dtype; float32 used).
         num_replicas: physical expert slots per layer, a multiple of ``num_gpus``, >= experts.
-        num_groups: expert groups; experts must be a multiple of it.
-        num_nodes: server nodes; ``num_gpus`` must be a multiple of it.
+        num_groups: expert groups; experts must be a multiple of it when the hierarchical
+            policy runs (``num_groups % num_nodes == 0``); the global policy ignores it.
+        num_nodes: server nodes; ``num_gpus`` must be a multiple of it under the
+            hierarchical policy; the global policy ignores it.
         num_gpus: GPUs; slot ``s`` lives on GPU ``s // (num_replicas // num_gpus)``.
         backend: None (best for the device), "reference", "cpu", "cuda" or "triton".
         max_replicas: fixed width of ``log2phy``: no host sync, static shapes (CUDA graphs,
             torch.compile); an error if some expert needs more replicas.
+        method: "deepseek" (the spec's algorithm, exact) or "balanced": the same replication
+            and node rules with a better placement (max GPU load per layer never above
+            "deepseek"'s, no duplicate replicas on a GPU where avoidable); C++ on the CPU only
+            (``backend`` None or "cpu"; other devices are planned on a host copy).
     Returns:
         ``phy2log [L, R]``, ``log2phy [L, E, X]`` (-1 padded), ``logcnt [L, E]``; int64, on the
         input's device. ``X`` is ``max_replicas`` or the largest replica count.
     """
     phy2log, log2phy, logcnt, _, _ = plan_maps(
         weight, num_replicas, num_groups, num_nodes, num_gpus,
-        backend=backend, max_replicas=max_replicas,
+        backend=backend, max_replicas=max_replicas, method=method,
     )
     return phy2log, log2phy, logcnt
 

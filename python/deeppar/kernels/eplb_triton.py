@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 # Largest block Triton allows for one tensor.
-_MAX_BLOCK = 1 << 20
+MAX_BLOCK = 1 << 20
 
 
 @triton.jit
@@ -186,8 +186,8 @@ def _eplb_rebalance_kernel(
 
 def _block(n: int) -> int:
     block = triton.next_power_of_2(max(n, 1))
-    if block > _MAX_BLOCK:
-        raise ValueError(f"the Triton EPLB kernel handles at most {_MAX_BLOCK} items per row "
+    if block > MAX_BLOCK:
+        raise ValueError(f"the Triton EPLB kernel handles at most {MAX_BLOCK} items per row "
                          f"and node, got {n}")
     return block
 

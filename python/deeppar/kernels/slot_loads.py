@@ -7,7 +7,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# debug=True keeps the device-side bounds assert (Triton drops tl.device_assert otherwise).
+@triton.jit(debug=True)
 def _slot_loads_kernel(
     weight_ptr,  # [L, E] float32
     phy2log_ptr,  # [L, R] int64
@@ -21,8 +22,11 @@ def _slot_loads_kernel(
     slots = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = slots < replicas
     expert = tl.load(phy2log_ptr + layer * replicas + slots, mask=mask, other=0)
-    load = tl.load(weight_ptr + layer * experts + expert, mask=mask, other=0.0)
-    count = tl.load(logcnt_ptr + layer * experts + expert, mask=mask, other=1).to(tl.float32)
+    valid = (expert >= 0) & (expert < experts)
+    tl.device_assert(valid | ~mask, "slot_loads: phy2log holds an invalid expert id")
+    in_row = mask & valid  # never read outside the row, even were the assert compiled out
+    load = tl.load(weight_ptr + layer * experts + expert, mask=in_row, other=float("nan"))
+    count = tl.load(logcnt_ptr + layer * experts + expert, mask=in_row, other=1).to(tl.float32)
     # div_rn: correctly rounded, as the CPU and CUDA kernels divide.
     tl.store(out_ptr + layer * replicas + slots, tl.div_rn(load, count), mask=mask)
 

@@ -1,0 +1,140 @@
+"""Quality of EPLB plans: balancedness of method="deepseek" and method="balanced" against the
+spec's upper bound, on the spec's shapes with Zipf and log-normal loads, with times.
+
+Each section is a function from the parsed arguments to rows (dicts); ``SECTIONS`` lists them
+in print order, and every section's rows go to the JSON under the section's name, so a new
+comparison is one more function in that list.
+
+    PYTHONPATH=python python benchmarks/bench_eplb_quality.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import measure, ratio, write_json  # noqa: E402
+
+import deeppar.eplb as eplb  # noqa: E402
+
+# name, (layers, experts, replicas, groups, nodes, gpus)
+SHAPES = [
+    ("DeepSeek-V3 prefill", (58, 256, 288, 8, 4, 32)),
+    ("DeepSeek-V3, 9 nodes x 8 GPUs", (58, 256, 288, 8, 9, 72)),
+    ("DeepSeek-V3 decode", (58, 256, 320, 8, 40, 320)),
+    ("Qwen3-235B-like", (94, 128, 144, 1, 2, 16)),
+    ("Stress", (128, 512, 1024, 64, 16, 128)),
+]
+
+
+def zipf_loads(layers: int, experts: int, seed: int = 0, exponent: float = 0.6,
+               tokens: int = 1 << 20) -> torch.Tensor:
+    """Token counts per expert: Zipf popularity (rank r gets ~1/r^exponent of the tokens) with
+    the ranks shuffled per layer."""
+    g = torch.Generator().manual_seed(seed)
+    share = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** exponent
+    share /= share.sum()
+    order = torch.argsort(torch.rand(layers, experts, generator=g), dim=1)
+    return (share[order] * tokens).round().float()
+
+
+def lognormal_loads(layers: int, experts: int, seed: int = 0, sigma: float = 1.0) -> torch.Tensor:
+    """Token counts per expert: log-normal popularity (a few hot experts per layer)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.exp(torch.randn(layers, experts, generator=g) * sigma) * 1000).round()
+
+
+def node_rule_bound(weight: torch.Tensor, groups: int, nodes: int) -> float:
+    """Upper bound on balancedness when each group's replicas stay on one node (hierarchical
+    policy, every node has P/N GPUs): a node holding the heaviest group holds at least the
+    G/N - 1 lightest others too, and its GPUs share that load; averaged over layers."""
+    if groups % nodes or nodes == 1:
+        return 1.0
+    group_load = weight.double().view(weight.shape[0], groups, -1).sum(-1).sort(dim=1).values
+    heaviest_node = group_load[:, -1] + group_load[:, : groups // nodes - 1].sum(dim=1)
+    mean_node = group_load.sum(dim=1) / nodes
+    return float((mean_node / torch.maximum(heaviest_node, mean_node)).mean())
+
+
+LOADS: dict[str, Callable[[int, int], torch.Tensor]] = {
+    "zipf": zipf_loads,
+    "lognormal": lognormal_loads,
+}
+
+
+def balancedness_section(args: argparse.Namespace) -> list[dict]:
+    """Balancedness, distance to the bound, duplicate replicas and time of each method."""
+    rows = []
+    print("\n== balancedness (mean / max GPU load, averaged over layers; bound: spec's upper "
+          "bound)")
+    print(f"{'shape':<31} {'loads':<9} {'deepseek':>8} {'balanced':>8} {'bound':>6} "
+          f"{'node':>6} {'gap ds':>7} {'gap bal':>7} {'dup ds':>6} {'dup bal':>7} {'t ds':>8} "
+          f"{'t bal':>8} {'bal/ds':>7}")
+    for name, shape in SHAPES:
+        if args.quick and name == "Stress":
+            continue
+        layers, experts, replicas, groups, nodes, gpus = shape
+        for kind, make in LOADS.items():
+            weight = make(layers, experts)
+            plans = {m: eplb.plan(weight, replicas, groups, nodes, gpus, method=m)
+                     for m in eplb.METHODS}
+            times = {
+                m: measure(partial(eplb.rebalance_experts, weight, *shape[2:], method=m),
+                           repeats=args.repeats, warmup=2)
+                for m in eplb.METHODS
+            }
+            ds, bal = plans["deepseek"], plans["balanced"]
+            node_bound = node_rule_bound(weight, groups, nodes)
+            row = {
+                "shape": name, "sizes": list(shape), "loads": kind, "policy": ds.policy,
+                "balancedness": {m: plans[m].balancedness for m in eplb.METHODS},
+                "bound": ds.balancedness_bound,
+                "node_rule_bound": node_bound,
+                "bound_gap": {m: plans[m].bound_gap for m in eplb.METHODS},
+                "duplicate_gpus": {m: plans[m].duplicate_gpus for m in eplb.METHODS},
+                "time": {m: times[m] for m in eplb.METHODS},
+            }
+            rows.append(row)
+            print(f"{name:<31} {kind:<9} {ds.balancedness:8.4f} {bal.balancedness:8.4f} "
+                  f"{ds.balancedness_bound:6.4f} {node_bound:6.4f} {100 * ds.bound_gap:6.2f}% "
+                  f"{100 * bal.bound_gap:6.2f}% {ds.duplicate_gpus:6d} {bal.duplicate_gpus:7d} "
+                  f"{times['deepseek'].ms:6.2f}ms {times['balanced'].ms:6.2f}ms "
+                  f"{ratio(times['balanced'].median, times['deepseek'].median):>7}")
+    print("node: upper bound with every group on one node (hierarchical policy); gap: max GPU "
+          "load above the spec's lower bound, averaged over layers; dup: (layer, GPU) pairs "
+          "holding one expert twice or more; bal/ds: deepseek's time / balanced's")
+    return rows
+
+
+# (JSON key, section): printed and stored in this order.
+SECTIONS: list[tuple[str, Callable[[argparse.Namespace], list[dict]]]] = [
+    ("balancedness", balancedness_section),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, skip the stress size")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per method")
+    parser.add_argument("--json", default="out/bench/eplb_quality.json",
+                        help="where to write the rows as JSON")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 20
+    print(f"EPLB plan quality: torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
+          f"times: median of {args.repeats} calls of rebalance_experts on CPU tensors")
+    payload = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    for key, section in SECTIONS:
+        payload[key] = section(args)
+    print(f"\nrows written to {write_json(args.json, payload)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""method="balanced": valid plans, never a larger max GPU load than "deepseek" on any layer,
+no duplicate replicas on a GPU where avoidable, deterministic, batched."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from _eplb_helpers import SHAPES, check_invariants, random_shape, random_weight
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import deeppar.eplb as eplb
+from deeppar import _native, ops
+from deeppar.eplb.planning import duplicate_gpus
+
+pytestmark = pytest.mark.skipif(
+    not _native.has_kernel("eplb_rebalance_balanced", "cpu"),
+    reason="deeppar._C has no eplb_rebalance_balanced kernel",
+)
+KINDS = ["real", "int", "zero", "sparse", "half"]
+
+
+def _max_loads(weight, phy2log, logcnt, gpus) -> torch.Tensor:
+    """[L] float64 max GPU load: float32 replica loads (as planned) summed in float64."""
+    slot = ops.slot_loads(weight.float().contiguous(), phy2log, logcnt).double()
+    return slot.view(slot.shape[0], gpus, -1).sum(-1).max(dim=1).values
+
+
+def _zipf(layers: int, experts: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    share = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64)
+    order = torch.argsort(torch.rand(layers, experts, generator=g), dim=1)
+    return (share[order] / share.sum() * (1 << 20)).round().float()
+
+
+def _check_balanced(weight, shape):
+    _, _, replicas, groups, nodes, gpus = shape
+    spec = eplb.rebalance_experts(weight, replicas, groups, nodes, gpus)
+    got = eplb.rebalance_experts(weight, replicas, groups, nodes, gpus, method="balanced")
+    check_invariants(weight, *got, replicas, groups, nodes, gpus)
+    spec_max = _max_loads(weight, spec[0], spec[2], gpus)
+    got_max = _max_loads(weight, got[0], got[2], gpus)
+    # Never larger on any layer (float64 sums in another order: a 1e-12 relative margin).
+    assert (got_max <= spec_max * (1 + 1e-12)).all(), (got_max - spec_max).max()
+    return spec, got
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_valid_and_never_worse(shape, kind):
+    weight = random_weight(shape[0], shape[1], kind, seed=SHAPES.index(shape))
+    _check_balanced(weight, shape)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(KINDS + ["zipf"]))
+def test_never_worse_random_shapes(seed, kind):
+    shape = random_shape(random.Random(seed))
+    if kind == "zipf":
+        weight = _zipf(shape[0], shape[1], seed)
+    else:
+        weight = random_weight(shape[0], shape[1], kind, seed)
+    _check_balanced(weight, shape)
+
+
+@pytest.mark.parametrize(
+    "shape", [(6, 256, 288, 8, 4, 32), (6, 256, 288, 8, 9, 72), (4, 128, 144, 1, 2, 16),
+              (3, 512, 1024, 64, 16, 128)]
+)
+@pytest.mark.parametrize("loads", ["zipf", "lognormal"])
+def test_better_plans_fewer_duplicates_at_model_shapes(shape, loads):
+    layers, experts, replicas, groups, nodes, gpus = shape
+    if loads == "zipf":
+        weight = _zipf(layers, experts, seed=1)
+    else:
+        g = torch.Generator().manual_seed(1)
+        weight = (torch.exp(torch.randn(layers, experts, generator=g)) * 1000).round()
+    spec, got = _check_balanced(weight, shape)
+    spec_b = eplb.plan(weight, replicas, groups, nodes, gpus)
+    got_b = eplb.plan(weight, replicas, groups, nodes, gpus, method="balanced")
+    assert got_b.balancedness >= spec_b.balancedness
+    assert got_b.bound_gap <= spec_b.bound_gap + 1e-7 and got_b.bound_gap >= -1e-6
+    assert got_b.method == "balanced" and got_b.to_dict()["method"] == "balanced"
+    assert got_b.duplicate_gpus <= spec_b.duplicate_gpus
+    if gpus == 72:  # global policy, 72 GPUs of 4 slots: room to place every replica apart
+        assert int(duplicate_gpus(got[0], gpus).sum()) == 0
+
+
+def test_deterministic_and_batched():
+    shape = (6, 64, 96, 8, 2, 16)
+    weight = random_weight(6, 64, "real", 5)
+    first = eplb.rebalance_experts(weight, *shape[2:], method="balanced")
+    again = eplb.rebalance_experts(weight.clone(), *shape[2:], method="balanced")
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    for layer in range(6):
+        alone = eplb.rebalance_experts(weight[layer:layer + 1], *shape[2:], method="balanced")
+        assert torch.equal(alone[0][0], first[0][layer])
+        assert torch.equal(alone[2][0], first[2][layer])
+
+
+def test_same_replica_counts_as_deepseek():
+    # Replication follows the spec's greedy (it minimises the largest per-replica load).
+    weight = random_weight(5, 32, "real", 2)
+    spec = eplb.rebalance_experts(weight, 48, 4, 2, 8)
+    got = eplb.rebalance_experts(weight, 48, 4, 2, 8, method="balanced")
+    assert torch.equal(spec[2], got[2])
+
+
+def test_duplicates_only_when_unavoidable():
+    # One hot expert with 6 replicas on a node of 4 GPUs: some GPU must hold two of them.
+    weight = torch.tensor([[1000.0, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    _, got = _check_balanced(weight, (1, 10, 16, 1, 1, 4))
+    assert int(got[2][0, 0]) > 4
+    assert int(duplicate_gpus(got[0], 4).sum()) <= 4
+
+
+def test_opcheck_and_errors():
+    weight = random_weight(3, 16, "real", 0)
+    torch.library.opcheck(torch.ops.deeppar.eplb_rebalance_balanced.default, (weight, 24, 4, 2, 8))
+    with pytest.raises(ValueError, match="method must be one of"):
+        eplb.rebalance_experts(weight, 24, 4, 2, 8, method="best")
+    with pytest.raises(eplb.BackendUnavailable, match="balanced"):
+        eplb.rebalance_experts(weight, 24, 4, 2, 8, method="balanced", backend="reference")
+    with pytest.raises(ValueError, match="NaN"):
+        eplb.rebalance_experts(torch.full((2, 16), float("nan")), 24, 4, 2, 8, method="balanced")
+    fixed = eplb.rebalance_experts(weight, 24, 4, 2, 8, method="balanced", max_replicas=8)
+    assert fixed[1].shape == (3, 16, 8)
