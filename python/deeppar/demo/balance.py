@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -53,7 +54,6 @@ class ExpertBalancer:
         self.recorder = LoadRecorder(cfg.layers, cfg.experts, window=max(cfg.steps, 1),
                                      device=device)
         self.recording = True
-        self.plans_bound = 1.0
         self.phy2log = torch.arange(cfg.experts).repeat(cfg.layers, 1)  # identity at first
         self._maps(device)
         for index, moe in self.layers:
@@ -97,7 +97,6 @@ class ExpertBalancer:
         from deeppar.eplb.migration import migrate
 
         out["migration"] = migrate(loads, self.phy2log, *args[1:])
-        self.plans_bound = out["deepseek"].balancedness_bound
         return out
 
     def move_experts(self, new_phy2log: torch.Tensor, source_slot: torch.Tensor,
@@ -131,22 +130,22 @@ class ExpertBalancer:
         _, logcnt = log2phy_of(phy, self.cfg.experts)
         return float(balancedness(gpu_loads(loads, phy, logcnt, self.cfg.ep)).mean())
 
-    def applied_plan(self, loads: torch.Tensor, migration: Any) -> Any:
-        """The migration as a :class:`~deeppar.eplb.planning.Plan` (for its picture): its
-        "before" is the contiguous placement the run starts from."""
-        from deeppar.eplb.planning import Plan, balancedness, gpu_loads, identity_loads
+    def applied_plan(self, plans: dict[str, Any]) -> Any:
+        """The migration as a :class:`~deeppar.eplb.planning.Plan` (for its picture): the
+        ``deepseek`` plan of the same loads with the migration's maps and the figures that
+        follow from them; its "before" is the contiguous placement the run starts from."""
+        from deeppar.eplb.planning import balancedness, gpu_loads
 
-        c = self.cfg
-        after = gpu_loads(loads, migration.phy2log, migration.logcnt, c.ep)
-        before = identity_loads(loads, c.ep)
-        return Plan(weight=loads.float(), phy2log=migration.phy2log,
-                    log2phy=migration.log2phy, logcnt=migration.logcnt, gpu_load=after,
-                    gpu_load_before=before, layer_balancedness=balancedness(after),
-                    balancedness=float(balancedness(after).mean()),
-                    balancedness_before=float(balancedness(before).mean()),
-                    balancedness_bound=self.plans_bound, policy="migration-aware",
-                    backend="", num_replicas=c.experts, num_groups=c.n_group, num_nodes=1,
-                    num_gpus=c.ep)
+        base, mig = plans["deepseek"], plans["migration"]
+        after = gpu_loads(base.weight, mig.phy2log, mig.logcnt, self.cfg.ep)
+        per_layer = balancedness(after)
+        top = after.max(dim=1).values
+        bound = base.max_load_bound.to(top.dtype)
+        gap = torch.where(bound > 0, top / bound - 1, torch.zeros_like(bound))
+        return replace(base, phy2log=mig.phy2log, log2phy=mig.log2phy, logcnt=mig.logcnt,
+                       gpu_load=after, layer_balancedness=per_layer,
+                       balancedness=float(per_layer.mean()), bound_gap=float(gap.mean()),
+                       method="migration-aware")
 
 
 __all__ = ["ExpertBalancer", "log2phy_of"]

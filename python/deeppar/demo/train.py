@@ -189,7 +189,7 @@ class Trainer:
         self.result.eplb = eplb_outcome(steps_done, loads, plans, before, after,
                                         int(moved[0]), int(moved[1]))
         self.result.missing += plans["missing"]
-        self.result.eplb["plan"] = self.balancer.applied_plan(loads, mig)  # drawn at the end
+        self.result.eplb["plan"] = self.balancer.applied_plan(plans)  # drawn at the end
 
     def loads_after_move(self) -> None:
         """Balancedness of the loads recorded after the move, under the old and the new
