@@ -141,11 +141,12 @@ def analyse(folder: Path, engine_entries: list[Any], pictures: Path) -> dict[str
         summary = ""
     phases = phase_table(report)
     if phases:
-        lines.append(f"  {'phase (all ranks)':<28}{'count':>7}{'CPU ms':>10}{'GPU busy ms':>13}"
-                     f"{'exposed comm ms':>17}")
+        gpu_cols = (f"{'GPU busy ms':>13}{'exposed comm ms':>17}" if devices else "")
+        lines.append(f"  {'phase (all ranks, all layers)':<30}{'count':>7}{'CPU ms':>10}"
+                     + gpu_cols)
         for name, count, cpu, busy, exposed in phases:
-            lines.append(f"  {name[:27]:<28}{count:>7}{cpu:>10.2f}{busy:>13.3f}"
-                         f"{exposed:>17.3f}")
+            gpu = f"{busy:>13.3f}{exposed:>17.3f}" if devices else ""
+            lines.append(f"  {name[:29]:<30}{count:>7}{cpu:>10.2f}{gpu}")
     else:
         lines.append("  no record_function phases in the trace")
     if engine_entries:

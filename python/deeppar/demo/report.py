@@ -74,8 +74,8 @@ def eplb_outcome(step: int, loads: Any, plans: dict[str, Any], before: dict, aft
         lines.append(f"balanced plan (from scratch): balancedness {b.balancedness:.4f}")
     else:
         lines.append("balanced plan: not available in this installation")
-    lines += [f"migration-aware plan from the placement in use: {line}"
-              for line in mig.summary().splitlines()]
+    lines.append("migration-aware plan from the placement in use (the one applied):")
+    lines += [f"  {line}" for line in mig.summary().splitlines()]
     lines.append(f"expert weights and their Adam state moved between ranks: {moved_slots} "
                  f"slots received over all processes ({moved_bytes} bytes), all or nothing")
     lines.append(f"held-out losses before and after the move: "
