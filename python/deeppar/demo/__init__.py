@@ -19,6 +19,21 @@ from pathlib import Path
 
 from .config import TrainConfig, add_arguments, from_args
 
+DESCRIPTION = """\
+Train a small DeepSeek-style MoE transformer on a synthetic next-token task as one system, on
+pp x ep local processes (default 4: PP 2 x EP 2; gloo on CPU, NCCL with a GPU per process):
+
+  1. DualPipe over the pipeline ranks, every overlapped F&B pair run by the fused engine, the
+     routed experts sharded over the expert-parallel ranks (their all-to-alls overlapped);
+  2. the first step checked against the same model run in one process (--no-check: skip);
+  3. EPLB after --rebalance-at steps: loads recorded from the routers, deepseek, balanced and
+     migration-aware plans, expert weights moved between ranks, losses checked unchanged;
+  4. the last step profiled and analysed (--no-profile: skip);
+  5. the measured step replayed by the schedule simulator;
+  6. a summary, summary.json and pictures in --out (exit status 1 if a check fails).
+
+The same training runs under torchrun: examples/train_moe.py."""
+
 
 def _section(title: str) -> None:
     print(f"\n=== {title} " + "=" * max(0, 72 - len(title)), flush=True)
@@ -114,7 +129,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
     p = subparsers.add_parser(
         "demo", help="train a small MoE with DualPipe, expert parallelism, EPLB and profiling",
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/demo", help="folder for pictures and reports "
                    "(created if missing)")
     add_arguments(p)

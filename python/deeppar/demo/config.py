@@ -30,7 +30,8 @@ class TrainConfig:
     n_group: int = _opt(2, "expert groups for DeepSeek-V3's group-limited routing")
     topk_group: int = _opt(1, "groups a token may route to")
     expert_hidden: int = _opt(32, "hidden size of each routed and of the shared expert")
-    shared_experts: int = _opt(1, "shared experts (dense, every token)")
+    shared_experts: int = _opt(1, "shared experts (every token; several are one wider MLP, "
+                                  "as in DeepSeek-V3)")
     vocab: int = _opt(32, "vocabulary of the synthetic next-token task")
     seq: int = _opt(16, "sequence length")
     # training
@@ -56,8 +57,8 @@ class TrainConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, int) and not isinstance(v, bool) and f.name != "rebalance_at":
-                need(v >= (0 if f.name == "seed" else 1), f"--{f.name.replace('_', '-')} must "
-                     f"be >= {0 if f.name == 'seed' else 1}, got {v}")
+                least = 0 if f.name in ("seed", "shared_experts") else 1
+                need(v >= least, f"--{f.name.replace('_', '-')} must be >= {least}, got {v}")
         need(self.pp % 2 == 0, f"--pp must be even for DualPipe, got {self.pp}")
         need(self.layers % self.pp == 0, f"--layers ({self.layers}) must be a multiple of --pp "
              f"({self.pp})")
@@ -75,8 +76,8 @@ class TrainConfig:
              f"--top-k ({self.top_k}) must be <= the experts in --topk-group groups "
              f"({self.topk_group * self.experts // self.n_group})")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        need(self.rebalance_at < self.steps, f"--rebalance-at ({self.rebalance_at}) must be "
-             f"< --steps ({self.steps})")
+        need(-1 <= self.rebalance_at < self.steps, f"--rebalance-at must be -1 (half-way), 0 "
+             f"(never) or a step before --steps ({self.steps}), got {self.rebalance_at}")
 
     @property
     def world(self) -> int:
