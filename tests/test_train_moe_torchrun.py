@@ -20,7 +20,8 @@ def test_train_moe_under_torchrun(tmp_path):
                + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
            "--standalone", str(ROOT / "examples" / "train_moe.py"), "--pp", "2",
-           "--ep", "2", "--steps", "2", "--no-profile", "--out", str(tmp_path)]
+           "--ep", "2", "--steps", "2", "--chunks", "4", "--micro-batch", "4", "--no-profile",
+           "--out", str(tmp_path)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
