@@ -27,8 +27,8 @@ TORCH_LIBRARY(deeppar, m) {
   m.def("eplb_pack(Tensor weight, int num_packs) -> (Tensor, Tensor)");
   // EPLB replication of each row: weight [X, n] -> (phy2log [X, k], rank [X, k], logcnt [X, n]).
   m.def("eplb_replicate(Tensor weight, int num_phy) -> (Tensor, Tensor, Tensor)");
-  // EPLB log2phy [L, E, width] from phy2log and replica ranks [L, R]; -1 padded, replicas of
-  // rank >= width dropped.
+  // EPLB log2phy [L, E, width] from phy2log and replica ranks [L, R]; -1 padded; a replica of
+  // rank >= width is an error (ValueError).
   m.def("eplb_log2phy(Tensor phy2log, Tensor phy_rank, int num_experts, int width) -> Tensor");
   // MoE token permute: x [T, H], topk_ids [T, k] -> (rows [T*k, H] ordered by expert, stably by
   // (token, slot); pos [T, k] row of each pair; rows per rank [R]; rows per expert [E]), experts

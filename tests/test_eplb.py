@@ -221,9 +221,12 @@ def test_log2phy_torch_path_matches_native(monkeypatch):
 
     weight = random_weight(3, 16, "int", 6)
     phy2log, rank, _ = reference.rebalance_hierarchical(weight, 40, 4, 2, 8)
-    native = api.build_log2phy(phy2log, rank, 16, 3)
+    width = int(rank.max()) + 2
+    native = api.build_log2phy(phy2log, rank, 16, width)
+    with pytest.raises(ValueError, match="more replicas than max_replicas"):
+        api.build_log2phy(phy2log, rank, 16, width - 3)
     monkeypatch.setattr(api._native, "has_kernel", lambda op, device: False)
-    assert torch.equal(api.build_log2phy(phy2log, rank, 16, 3), native)
+    assert torch.equal(api.build_log2phy(phy2log, rank, 16, width), native)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

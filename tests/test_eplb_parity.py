@@ -114,8 +114,13 @@ def test_torch_compile_fullgraph_with_max_replicas():
 
     compiled = torch.compile(fn, fullgraph=True)
     assert _same(compiled(weight), fn(weight))
-    with pytest.raises(RuntimeError, match="finite non-negative"):
+    with pytest.raises((RuntimeError, ValueError), match="finite non-negative"):
         compiled(torch.full((4, 16), float("nan")))
+    narrow = torch.compile(
+        lambda w: eplb.rebalance_experts(w, 24, 4, 2, 8, max_replicas=1), fullgraph=True
+    )
+    with pytest.raises((RuntimeError, ValueError), match="max_replicas"):
+        narrow(weight)
 
 
 # ---------------------------------------------------------------------------- GPU backends

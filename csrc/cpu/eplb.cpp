@@ -144,7 +144,7 @@ at::Tensor eplb_log2phy_cpu(const at::Tensor& phy2log,   // [L, R] int64
   // Memory-bound and cheap per element: waking the thread pool only pays off for large rows.
   const int64_t per_layer = std::max<int64_t>(row + replicas, 1);
   const int64_t grain = std::max<int64_t>(1, kLog2PhyElementsPerTask / per_layer);
-  std::atomic<bool> invalid{false};
+  std::atomic<bool> invalid{false}, too_narrow{false};
   at::parallel_for(0, layers, grain, [&](int64_t begin, int64_t end) {
     for (int64_t l = begin; l < end; ++l) {
       int64_t* o = op + l * row;
@@ -155,11 +155,19 @@ at::Tensor eplb_log2phy_cpu(const at::Tensor& phy2log,   // [L, R] int64
           invalid.store(true, std::memory_order_relaxed);
           continue;
         }
-        if (k < width) o[e * width + k] = s;  // replicas beyond width: dropped, caller checks
+        if (k < width) {
+          o[e * width + k] = s;
+        } else {
+          too_narrow.store(true, std::memory_order_relaxed);
+        }
       }
     }
   });
   TORCH_CHECK(!invalid.load(), "eplb_log2phy: phy2log/phy_rank hold an invalid slot entry");
+  // Checked here rather than by the caller, so that a compiled sync-free plan on CPU needs no
+  // extra reduction (Inductor would run it as an OpenMP region).
+  TORCH_CHECK_VALUE(!too_narrow.load(), "an expert needs more replicas than max_replicas (",
+                    width, ")");
   return out;
 }
 

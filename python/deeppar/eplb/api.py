@@ -33,7 +33,8 @@ def build_log2phy(
 ) -> torch.Tensor:
     """``log2phy [L, E, width]``: slot of each (expert, replica rank), padded with -1.
 
-    Replicas whose rank is ``>= width`` are dropped (callers check for them).
+    Replicas whose rank is ``>= width``: ValueError from the C++ kernel; dropped by the torch
+    path (its callers check for them).
     """
     if phy2log.device.type == "cpu" and _native.has_kernel("eplb_log2phy", "cpu"):
         # One pass, no thread-pool round trips (which cost milliseconds on a busy machine).
@@ -68,7 +69,13 @@ def plan_maps(
     else:
         name = _backends.resolve(backend, w.device, problem)
     sync_free = _sync_free(w, max_replicas)
-    if sync_free:
+    # On CPU the C++ planner checks the loads and eplb_log2phy the width (ValueError), so a
+    # compiled plan is only those ops: no Inductor reductions, whose OpenMP regions cost
+    # milliseconds on a busy machine.
+    native_checks = name == "cpu" and w.device.type == "cpu" and _native.has_kernel(
+        "eplb_log2phy", "cpu"
+    )
+    if sync_free and not native_checks:
         torch._assert_async(
             ~bad_values(w), "weight must hold finite non-negative loads (NaN, inf or negative)"
         )
@@ -89,7 +96,9 @@ def plan_maps(
                 check_values(w)
     else:
         width = max_replicas
-        if sync_free:
+        if sync_free and native_checks:
+            pass  # eplb_log2phy raises if an expert needs more than max_replicas
+        elif sync_free:
             torch._assert_async(
                 (logcnt <= width).all(), "an expert needs more replicas than max_replicas"
             )
