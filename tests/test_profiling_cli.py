@@ -64,8 +64,12 @@ def test_text_report_and_png(tmp_path, capsys):
 def test_no_gpu_events(tmp_path, capsys):
     b = TraceBuilder()
     b.cpu_op("aten::add", 0, 3)
-    assert main(["trace", "analyze", str(b.write(tmp_path / "cpu.json"))]) == 0
+    p = str(b.write(tmp_path / "cpu.json"))
+    assert main(["trace", "analyze", p]) == 0
     assert "no GPU activity" in capsys.readouterr().out
+    png, html = tmp_path / "cpu.png", tmp_path / "cpu.html"
+    assert main(["trace", "analyze", p, "--png", str(png), "--html", str(html)]) == 0
+    assert png.exists() and "no GPU activity" in html.read_text()
 
 
 def _error(args, capsys) -> str:
@@ -322,3 +326,16 @@ def test_module_entry_point_errors_are_one_line(tmp_path, capsys):
         return
     assert module_main(["analyze", str(d)]) == 2
     assert "Permission denied" in capsys.readouterr().err
+
+
+def test_progress_line_is_closed_before_an_error(tmp_path, capsys, monkeypatch):
+    from deeppar.profiling import _parse
+
+    monkeypatch.setattr(_parse, "_CHUNK", 256)  # the error comes before the end of the file
+    p = tmp_path / "bad.json"
+    p.write_text('{"traceEvents": [{"ph": "X", "cat": "kernel", "ts": tru}, '
+                 + ",".join(['{"ph": "X", "cat": "cpu_op"}'] * 200) + "]}")
+    assert main(["trace", "analyze", str(p), "--progress"]) == 2
+    progress, message, _ = capsys.readouterr().err.split("\n")
+    assert progress.startswith("\rreading bad.json:") and "100%" not in progress
+    assert message.startswith("deeppar trace: error:") and "invalid JSON" in message

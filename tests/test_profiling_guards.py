@@ -127,6 +127,16 @@ def test_unbalanced_event_is_bounded(tmp_path, monkeypatch):
     assert read <= (1 << 20) + 2 * _parse._CHUNK
 
 
+def test_unclosed_metadata_value_is_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(_parse, "MAX_EVENT_BYTES", 1 << 20)
+    p = tmp_path / "m.json"
+    p.write_text('{"deviceProperties": "' + "x" * (3 << 20))  # the string never ends
+    msg, read = _read_until_error(p)
+    assert "a JSON value longer than 1048576 bytes (unbalanced brackets or quotes?) " \
+           "starts at byte 21" in msg
+    assert read <= (1 << 20) + 2 * _parse._CHUNK
+
+
 def test_each_byte_is_read_once(tmp_path):
     """A valid file is read exactly once, whatever its size (no second pass)."""
     for mb in (1, 4):

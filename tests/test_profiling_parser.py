@@ -10,9 +10,12 @@ import gzip
 import json
 import random
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deeppar.data import sample_trace
 from deeppar.profiling import _parse, loader
@@ -300,3 +303,38 @@ def test_event_record_fields():
 
 def test_meta_keys():
     assert "distributedInfo" in META_KEYS
+
+
+# ------------------------------------------------------------------ property: any layout
+
+_text = st.text(alphabet=st.sampled_from(list('ab"\\/{}[],: \u00e9\u4e2d\U0001F600\x01\n')),
+                max_size=8)
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
+                       st.floats(-1e6, 1e6, allow_nan=False), _text)
+_json_any = st.recursive(_json_leaf, lambda kids: st.one_of(
+    st.lists(kids, max_size=3), st.dictionaries(_text, kids, max_size=3)), max_leaves=8)
+_number = st.one_of(st.integers(0, 10**15), st.floats(0, 1e9, allow_nan=False),
+                    st.integers(0, 10**6).map(str), st.sampled_from(["abc", None, True]))
+_event = st.fixed_dictionaries(
+    {"ph": st.sampled_from(["X", "X", "B", "E", "i", "M"])},
+    optional={"cat": st.sampled_from(["kernel", "gpu_memcpy", "cuda_runtime", "Runtime",
+                                      "user_annotation", "cpu_op", "ac2g", "k\u00e9rnel"]),
+              "name": _text, "ts": _number, "dur": _number,
+              "pid": st.one_of(st.integers(0, 3), _text), "tid": st.integers(0, 3),
+              "args": st.fixed_dictionaries({}, optional={
+                  "device": st.integers(0, 3), "stream": st.integers(0, 9),
+                  "correlation": st.integers(-1, 50), "extra": _json_any}),
+              "extra": _json_any})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(_event, _event, _event, _json_any), max_size=25),
+       st.sampled_from([None, 0, 1, 3]), st.booleans(), st.sampled_from([5, 64, 1 << 22]),
+       st.booleans())
+def test_any_layout_matches_json_load(tmp_path_factory, events, indent, ascii_only, chunk,
+                                      bare):
+    path = tmp_path_factory.mktemp("prop") / "t.json"
+    doc = events if bare else {"schemaVersion": 1, "traceEvents": events, "x": events[:2]}
+    path.write_text(json.dumps(doc, indent=indent, ensure_ascii=ascii_only), encoding="utf-8")
+    with mock.patch.object(_parse, "_CHUNK", chunk):
+        _same(load_trace(path), reference(path))

@@ -44,10 +44,12 @@ def structure(buf: bytes, start: int = 0, end: int | None = None
     # '{', '}', '[' and ']' (with 'Y', '_', 'y', DEL) in one pass, then the exact bytes
     offsets = np.flatnonzero((a & 0xD9) == 0x59)
     steps = _STEP[a[offsets]]
-    keep = steps != 0
+    brackets = steps != 0
+    offsets, steps = offsets[brackets], steps[brackets]
     if quotes.size:
-        keep &= (np.searchsorted(quotes, offsets) & 1) == 0
-    return offsets[keep], steps[keep]
+        outside = (np.searchsorted(quotes, offsets) & 1) == 0
+        offsets, steps = offsets[outside], steps[outside]
+    return offsets, steps
 
 
 def _escaped(a: np.ndarray, quotes: np.ndarray) -> np.ndarray:

@@ -59,6 +59,8 @@ def build_lanes(traces: list[RankTrace], report: TraceReport, classifier: Classi
                 end = max(end, float(x.max()) + off)
     lo = 0.0 if window[0] is None else float(window[0])
     hi = end if window[1] is None else float(window[1])
+    if hi <= lo and window == (None, None):
+        hi = 1.0  # nothing to draw (a CPU-only trace): an empty 1 us timeline
     if hi <= lo:
         raise ValueError(f"window: the end ({hi:g} us) must lie after the start ({lo:g} us); "
                          f"the timeline runs from 0 to {end:g} us")

@@ -40,7 +40,7 @@ META_KEYS = ("schemaVersion", "distributedInfo", "deviceProperties", "traceName"
 DEFAULT_MAX_BYTES = 32 << 30
 
 _CHUNK = 1 << 22  # bytes read per refill (more when one value is longer)
-MAX_EVENT_BYTES = 1 << 26  # one element of traceEvents longer than this is an error
+MAX_EVENT_BYTES = 1 << 26  # an event (or other value) longer than this is an error
 Progress = Callable[[int, "int | None"], None]  # (bytes of the file read, file size or None)
 
 
@@ -121,7 +121,8 @@ _WS = re.compile(rb"[ \t\r\n]*+")
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
 _SCALAR = re.compile(rb"[^ \t\r\n,:\[\]{}\"]++")  # a number or literal (json checks it)
 _GAP = re.compile(rb"[ \t\r\n]*+,[ \t\r\n]*+")
-_WS_BYTES = np.array([32, 9, 10, 13], dtype=np.uint8)
+_IS_WS = np.zeros(256, dtype=bool)
+_IS_WS[[32, 9, 10, 13]] = True
 
 
 class _Source:
@@ -258,6 +259,9 @@ class _Parser:
                 if m.end() < len(buf) or self.eof:
                     self.pos = m.end()
                     return m.group()
+            if len(buf) - pos > MAX_EVENT_BYTES:
+                raise self.error(f"a JSON value longer than {MAX_EVENT_BYTES} bytes (unbalanced "
+                                 "brackets or quotes?) starts")
             if not self.fill():
                 raise self.truncated("a value")
 
@@ -483,9 +487,8 @@ def _gaps_ok(a: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarr
                        for s in starts[sel].tolist()]
             continue
         rows = a[starts[sel, None] + np.arange(length)]
-        commas = (rows == 0x2C).sum(axis=1)
-        spaces = np.isin(rows, _WS_BYTES).sum(axis=1)
-        ok[sel] = (commas == 1) & (commas + spaces == length)
+        commas = rows == 0x2C
+        ok[sel] = (commas.sum(axis=1) == 1) & (commas | _IS_WS[rows]).all(axis=1)
     return ok
 
 

@@ -6,7 +6,6 @@ Only argparse at import time; the analysis (NumPy) and matplotlib load inside th
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from deeppar._io import OUTPUT_POLICY
@@ -18,20 +17,28 @@ if TYPE_CHECKING:
 _PROGRESS_MIN_BYTES = 64 << 20  # on a terminal, files from this size on show progress
 
 
-def _progress_for(show: bool | None) -> Callable[[str], Progress | None]:
-    """A per-file progress printer factory for ``load_traces``: lines on stderr, shown when
-    ``show`` (--progress), or on a terminal for files of 64 MB and more (``show`` None)."""
-    import os
-    import sys
+class _ProgressLines:
+    """Reading progress on stderr, one updating line per file: shown with --progress, or on a
+    terminal for files of 64 MB and more (``show`` None); ``for_file`` is what
+    ``load_traces`` takes, ``end`` closes a line left open (e.g. by an error)."""
 
-    def for_file(path: str) -> Progress | None:
-        if show is False or (show is None and not sys.stderr.isatty()):
+    def __init__(self, show: bool | None) -> None:
+        import sys
+
+        self.show = show
+        self.err = sys.stderr
+        self.open_line = False
+
+    def for_file(self, path: str) -> Progress | None:
+        import os
+
+        if self.show is False or (self.show is None and not self.err.isatty()):
             return None
         try:
             size = os.stat(path).st_size
         except OSError:
             return None
-        if show is None and size < _PROGRESS_MIN_BYTES:
+        if self.show is None and size < _PROGRESS_MIN_BYTES:
             return None
         name = os.path.basename(path)
         last = [-1]
@@ -46,25 +53,31 @@ def _progress_for(show: bool | None) -> Callable[[str], Progress | None]:
                 line = f"reading {name}: {step:3d}% ({mb:,.1f} of {total / 2**20:,.1f} MB)"
             else:
                 line = f"reading {name}: {mb:,.1f} MB"
-            end = "\n" if total and done >= total else ""
-            print(f"\r{line}", end=end, file=sys.stderr, flush=True)
+            self.open_line = not (total and done >= total)
+            print(f"\r{line}", end="" if self.open_line else "\n", file=self.err, flush=True)
 
         return report
 
-    return for_file
+    def end(self) -> None:
+        if self.open_line:
+            print(file=self.err, flush=True)
+            self.open_line = False
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from deeppar._io import declare_files, dumps_json
 
-    from ._lanes import parse_window
     from .analysis import analyze
     from .classify import Classifier
     from .loader import load_traces
 
-    window = parse_window(args.window) if args.window else (None, None)
-    if args.window and not (args.png or args.html):
-        raise ValueError("--window applies to the pictures: give --png and/or --html")
+    window: tuple[float | None, float | None] = (None, None)
+    if args.window:
+        if not (args.png or args.html):
+            raise ValueError("--window applies to the pictures: give --png and/or --html")
+        from ._lanes import parse_window
+
+        window = parse_window(args.window)
     if args.max_mb is not None and args.max_mb <= 0:
         raise ValueError(f"--max-mb must be a positive number of MB, got {args.max_mb}")
     max_bytes = None if args.max_mb is None else int(args.max_mb * 2**20)
@@ -72,8 +85,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                                           tuple(args.compute_pattern or ()))
     declare_files(inputs=args.paths, outputs=(args.png, args.html))
     skipped: list[str] = []
-    traces = load_traces(args.paths, skipped, max_bytes=max_bytes,
-                         progress=_progress_for(args.progress))
+    progress = _ProgressLines(args.progress)
+    try:
+        traces = load_traces(args.paths, skipped, max_bytes=max_bytes,
+                             progress=progress.for_file)
+    finally:
+        progress.end()
     report = analyze(traces, classifier, phase_fallback=args.phase_fallback)
     report.notes.extend(skipped)
     if args.png:

@@ -25,7 +25,7 @@ def write_png(path: str, traces: list[RankTrace], report: TraceReport,
     lanes, (lo, hi) = build_lanes(traces, report, classifier or Classifier(), max_ranks, window)
     phase_colors = phase_color_map(lanes)
     n = max(len(lanes), 1)
-    fig, ax = plt.subplots(figsize=(18, 1.4 + 0.42 * n + (0.5 if phase_colors else 0)))
+    fig, ax = plt.subplots(figsize=(18, max(3.0, 1.4 + 0.42 * n + (0.5 if phase_colors else 0))))
     try:
         for row, lane in enumerate(lanes):
             y = n - 1 - row
@@ -53,7 +53,8 @@ def write_png(path: str, traces: list[RankTrace], report: TraceReport,
         handles.append(Patch(color=COLORS["exposed"], label="exposed communication"))
         handles += [Patch(facecolor=c, edgecolor="#555555", label=nm)
                     for nm, c in phase_colors.items()]
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.9 / n),
+        ax.legend(handles=handles, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.12 - 0.9 / max(n, 4)),
                   ncol=min(len(handles), 8), fontsize=8, frameon=False)
         title = "communication/computation overlap"
         dev = [d for r in report.ranks for d in r.devices]
