@@ -6,7 +6,8 @@ bubble against the one simulated from the measured step durations.
 Torch comparison (default): 2 ranks, stages of 3 x (Linear + GELU) of width ``--sizes``
 (256 and 1024), micro-batches of 8 rows, 8 micro-batches per step; both sides defer the weight
 gradients of the I steps to W steps. Columns: ``torch ms`` and ``deeppar ms`` (median step over
-rounds that alternate the two), ``deeppar/torch`` (< 1 is faster).
+rounds that alternate the two), ``deeppar/torch`` (< 1 is faster), ``cpu ms`` (CPU time of
+rank 0's process per step: the work done, less sensitive than wall time to a loaded machine).
 
 Runs on GPUs with NCCL when at least ``--ranks`` GPUs are visible, otherwise on CPU processes
 with gloo (one thread each). Every method runs through the same runtime from its schedule IR;
@@ -218,14 +219,19 @@ def compare_pair(rank: int, P: int, args: argparse.Namespace, x: torch.Tensor, y
         raise AssertionError(f"{method} vs {torch_name} at hidden {d}: losses differ: "
                              f"{a} vs {b}")
     medians: dict[str, list[float]] = {"deeppar": [], "torch": []}
+    cpu: dict[str, list[float]] = {"deeppar": [], "torch": []}
     order = (("deeppar", step_ours), ("torch", step_theirs))
     for r in range(args.rounds):
         for name, fn in (order if r % 2 == 0 else order[::-1]):
+            c0 = time.process_time()
             medians[name].append(measure(fn, repeats=args.steps, warmup=1).median)
+            cpu[name].append((time.process_time() - c0) / (args.steps + 1))
     ms = {k: statistics.median(v) * 1e3 for k, v in medians.items()}
+    cpu_ms = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
     return {"hidden": d, "method": method, "torch_schedule": torch_name,
             "torch_ms": ms["torch"], "deeppar_ms": ms["deeppar"],
             "ratio": ms["deeppar"] / ms["torch"],
+            "torch_cpu_ms": cpu_ms["torch"], "deeppar_cpu_ms": cpu_ms["deeppar"],
             "losses_equal": bool(a is not None and b is not None and torch.equal(a, b))}
 
 
@@ -254,10 +260,12 @@ def compare_with_torch(args: argparse.Namespace) -> int:
           f"3 x (Linear+GELU), {args.chunks} micro-batches of {args.mb} rows, torch "
           f"{torch.__version__}; median of {args.rounds} rounds x {args.steps} steps")
     print(f"{'hidden':>6} {'deeppar':<10} {'torch schedule':<22} {'torch ms':>9} "
-          f"{'deeppar ms':>10} {'deeppar/torch':>13} {'losses':>7}")
+          f"{'deeppar ms':>10} {'deeppar/torch':>13} {'cpu ms torch':>12} {'deeppar':>8} "
+          f"{'losses':>7}")
     for r in rows:
         print(f"{r['hidden']:>6} {r['method']:<10} {r['torch_schedule']:<22} "
               f"{r['torch_ms']:>9.2f} {r['deeppar_ms']:>10.2f} {r['ratio']:>12.2f}x "
+              f"{r['torch_cpu_ms']:>12.2f} {r['deeppar_cpu_ms']:>8.2f} "
               f"{'equal' if r['losses_equal'] else 'close':>7}")
     if args.json:
         write_json(args.json, {"benchmark": "pipeline_vs_torch", "torch": torch.__version__,

@@ -304,3 +304,45 @@ def test_compat_batch_helpers() -> None:
     assert torch.equal(back[0], x) and torch.equal(back[1], y)
     assert torch.equal(gather([m[0] for m in mbs], 0)[0], x)
     assert cat_tensor([None, None], 0) is None and cat_tensor([x], 0) is x
+
+
+def test_batched_p2p_works_are_explicit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One work per op, or one for the whole batch standing for each op; anything else (no
+    work at all) is an error instead of a step that silently skips waiting."""
+    import deeppar.pipeline.comm as comm_mod
+    from deeppar.pipeline.comm import P2PComm
+
+    comm = P2PComm(None, [0, 1], 0, torch.device("cpu"), {}, [])
+    ops = [object(), object()]
+    monkeypatch.setattr(comm_mod.dist, "batch_isend_irecv", lambda ops: ["a", "b"])
+    assert comm._issue(ops) == ["a", "b"]
+    monkeypatch.setattr(comm_mod.dist, "batch_isend_irecv", lambda ops: ["whole"])
+    assert comm._issue(ops) == ["whole", "whole"]
+    for works in ([], None, ["a", "b", "c"]):
+        monkeypatch.setattr(comm_mod.dist, "batch_isend_irecv", lambda ops, w=works: w)
+        with pytest.raises(RuntimeError, match="works for 2 operations"):
+            comm._issue(ops)
+
+
+def test_channel_cursor_and_walk() -> None:
+    from deeppar.pipeline.walk import ChannelCursor, walk
+
+    channels = {(0, 1): ["a", "b", "c"], (1, 0): ["x"], (2, 1): ["p"]}
+    out = ChannelCursor(channels, 0, "send")
+    assert out.take(1, "b") is None and out.take(1, "a") == 0 and out.take(1, "b") == 1
+    inc = ChannelCursor(channels, 1, "recv")
+    assert inc.through(0, "b", lambda k: False) == ["a", "b"]
+    assert inc.through(0, "b", lambda k: True) == []
+    assert inc.through(2, "p", lambda k: False) == ["p"]
+    # rank 1 needs rank 0's second step; rank 0 moves one step per round
+    pos = [0, 0]
+
+    def advance(r: int) -> bool:
+        if pos[r] >= 2 or (r == 1 and pos[0] < 2):
+            return False
+        pos[r] += 1
+        return True
+
+    rounds: list[list[int]] = []
+    walk(2, advance, per_round=1, end_round=lambda: rounds.append(list(pos)) is not None)
+    assert pos == [2, 2] and rounds[:3] == [[1, 0], [2, 1], [2, 2]]

@@ -38,6 +38,8 @@ _LAZY: dict[str, str] = {
     "DualPipe": ".runtime",
     "DualPipeV": ".runtime",
     "PipelineRuntime": ".runtime",
+    "PipelineConfig": ".runtime",
+    "PipelineFailure": ".coordination",
     "defer_weight_grads": ".weight_grad",
     # ---- end of runtime exports ----
 }

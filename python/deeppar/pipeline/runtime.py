@@ -512,22 +512,8 @@ class PipelineRuntime(nn.Module):
         labels_given = labels is not None
         labels = () if labels is None else (labels,) if isinstance(labels, torch.Tensor) \
             else tuple(labels)
-        problems: list[str] = []
-        sched = sched_hash = None
-        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int):
-            problems.append(f"num_chunks must be an int, got {type(num_chunks).__name__}")
-        else:
-            try:
-                sched, sched_hash = self._schedule_and_hash(num_chunks)
-            except ValueError as e:
-                problems.append(f"num_chunks: {e}")
-        problems += self._check(sched, inputs, labels, criterion, forward_only, labels_given)
-        shapes = tuple((tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else None
-                       for x in inputs)
-        payload = _Payload(self.rank, tuple(problems),
-                           self._program_signature(sched_hash, num_chunks, forward_only),
-                           (shapes, self._message_state()),
-                           self._batch_info(sched, inputs, labels))
+        sched, payload = self._describe(num_chunks, inputs, labels, criterion, forward_only,
+                                        labels_given)
         all_shapes = self._agree(payload, sched)
         if sched is None:  # _agree raised for a bad num_chunks; this guards the invariant
             raise RuntimeError(f"{type(self).__name__}.step: no schedule for num_chunks="
@@ -544,6 +530,28 @@ class PipelineRuntime(nn.Module):
             self._fail(comm, exc)
             raise  # _fail raises; this satisfies the type checker
         return self._collect(prog, st)
+
+    def _describe(self, num_chunks: Any, inputs: Sequence[Any], labels: tuple,
+                  criterion: Callable | None, forward_only: bool, labels_given: bool
+                  ) -> tuple[Schedule | None, _Payload]:
+        """The step's schedule (None for a bad ``num_chunks``) and this rank's agreement
+        payload: its problems with the arguments, its program signature, its shapes."""
+        problems: list[str] = []
+        sched = sched_hash = None
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int):
+            problems.append(f"num_chunks must be an int, got {type(num_chunks).__name__}")
+        else:
+            try:
+                sched, sched_hash = self._schedule_and_hash(num_chunks)
+            except ValueError as e:
+                problems.append(f"num_chunks: {e}")
+        problems += self._check(sched, inputs, labels, criterion, forward_only, labels_given)
+        shapes = tuple((tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else None
+                       for x in inputs)
+        return sched, _Payload(self.rank, tuple(problems),
+                               self._program_signature(sched_hash, num_chunks, forward_only),
+                               (shapes, self._message_state()),
+                               self._batch_info(sched, inputs, labels))
 
     def _open_comm(self, prog: _Program, forward_only: bool, cache_key: Any) -> P2PComm:
         """The step's messages: fixed shapes, shapes agreed on an earlier step, or headers."""

@@ -207,7 +207,11 @@ class _DeferredLinearFn(torch.autograd.Function):
         def weight_grad() -> None:
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
             if w_param.requires_grad:
-                _accumulate(w_param, g2.t() @ x.reshape(-1, x.shape[-1]))
+                x2 = x.reshape(-1, x.shape[-1])
+                if w_param.grad is None:
+                    w_param.grad = g2.t() @ x2
+                else:  # accumulate inside the GEMM: no temporary of the weight's size
+                    w_param.grad.addmm_(g2.t(), x2)
             if b_param is not None and b_param.requires_grad:
                 _accumulate(b_param, g2.sum(0))
 
