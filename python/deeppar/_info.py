@@ -15,6 +15,23 @@ def _triton_kernels() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(deeppar.kernels.__path__))
 
 
+def _moe_info(cuda_available: bool) -> dict[str, Any]:
+    """Backends of the MoE permute / unpermute kernels and the SM-partitioning levers."""
+    from deeppar import _native
+    from deeppar.moe.sm_budget import sm_budget_info
+
+    ops = ("moe_permute", "moe_unpermute")
+    return {
+        "permute_backends": {
+            "native_cpu": all(_native.has_kernel(op, "cpu") for op in ops),
+            "native_cuda": all(_native.has_kernel(op, "cuda") for op in ops) and cuda_available,
+            "triton": _native.triton_usable("cuda") or _native.triton_usable("cpu"),
+            "reference": True,
+        },
+        "sm_budget": sm_budget_info(),
+    }
+
+
 def collect_info() -> dict[str, Any]:
     """Versions, native extension state, backends (compiled / usable), and the GPU if any."""
     import torch
@@ -68,6 +85,7 @@ def collect_info() -> dict[str, Any]:
                 "error": triton_reason,
             },
         },
+        "moe": _moe_info(cuda_available),
         "cpu_threads": torch.get_num_threads(),
         "gpus": gpus,
     }
@@ -92,6 +110,17 @@ def format_info(data: dict[str, Any]) -> str:
             + (f" kernels: {', '.join(kernels)}" if kernels else "")
         )
         lines.append(line.rstrip())
+    moe = data.get("moe")
+    if moe:
+        usable = [name for name, ok in moe["permute_backends"].items() if ok]
+        lines.append(f"moe permute/unpermute backends usable: {', '.join(usable)}")
+        sm = moe["sm_budget"]
+        for key, label in (("nccl_cta_budget", "NCCL CTA budget (ep_group)"),
+                           ("green_contexts", "green contexts (compute_partition)")):
+            entry = sm[key]
+            state = "yes" if entry["available"] else f"no ({entry['reason']})"
+            lines.append(f"  {label}: {state}")
+        lines.append("  kernel num_sms: yes")
     lines.append(f"cpu threads: {data['cpu_threads']}")
     if data["gpus"]:
         for g in data["gpus"]:

@@ -71,9 +71,9 @@ def _scatter_kernel(
     before = tl.zeros([EXPERTS_P2], dtype=tl.int64)
     g = pid * 0
     while g < num_programs:
-        row = tl.load(hist_ptr + g * experts + expert, mask=valid, other=0)
-        totals += row
-        before += tl.where(g < pid, row, 0)
+        chunk_counts = tl.load(hist_ptr + g * experts + expert, mask=valid, other=0)
+        totals += chunk_counts
+        before += tl.where(g < pid, chunk_counts, 0)
         g += 1
     next_row = tl.cumsum(totals, axis=0) - totals + before
     if pid == 0:

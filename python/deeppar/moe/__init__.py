@@ -18,8 +18,17 @@ from deeppar.moe.layer import MoELayer, Routing
 from deeppar.moe.permute import PermutedTokens, check_topk_ids, permute, unpermute
 from deeppar.moe.reference import permute_reference, unpermute_reference
 from deeppar.moe.router import Router
+from deeppar.moe.sm_budget import (
+    ComputePartition,
+    compute_partition,
+    ep_group,
+    green_context_status,
+    nccl_cta_budget_status,
+)
 
 __all__ = [
+    "ComputePartition", "compute_partition", "ep_group", "green_context_status",
+    "nccl_cta_budget_status",
     "DispatchLayout", "MoELayer", "PendingTransfer", "PermutedTokens", "Router", "Routing",
     "SwiGLUExperts", "agree_on_routing", "check_topk_ids", "combine", "combine_backward_start",
     "combine_start", "dispatch", "dispatch_backward_start", "dispatch_start", "exchange_counts",
