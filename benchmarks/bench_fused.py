@@ -141,11 +141,8 @@ def _worker(rank: int, world: int, port: int, repeats: int, out: str, q) -> None
     dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--json", default=str(Path(__file__).with_name("bench_fused.json")))
-    args = ap.parse_args(argv)
+def run(repeats: int = 10) -> list[dict]:
+    """Spawn the 2 gloo processes, measure every size, print the table; rank 0's rows."""
     import socket
 
     with socket.socket() as s:
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with tempfile.TemporaryDirectory() as out:
-        procs = [ctx.Process(target=_worker, args=(r, 2, port, args.repeats, out, q))
+        procs = [ctx.Process(target=_worker, args=(r, 2, port, repeats, out, q))
                  for r in range(2)]
         for p in procs:
             p.start()
@@ -176,7 +173,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['fused_exposed_comm_s'] * 1e3:>20.3f} "
               f"{r['trace_plain_exposed_s'] * 1e3:>18.3f} ms "
               f"{r['trace_fused_exposed_s'] * 1e3:>11.3f} ms {hidden_frac:>12.0%}")
-    write_json(args.json, {"benchmark": "fused_fb_cpu", "rows": rows})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--json", default=str(Path(__file__).with_name("bench_fused.json")))
+    args = ap.parse_args(argv)
+    write_json(args.json, {"benchmark": "fused_fb_cpu", "rows": run(args.repeats)})
     return 0
 
 

@@ -10,6 +10,9 @@ Sections (``--section``, default all that can run here):
   through a green context when torch has them). Reports T_gemm(SMs-k), T_comm(k), T_overlapped,
   R_max = T_overlapped / max(T_gemm, T_comm), the hidden fraction of T_comm, and the permute /
   unpermute bandwidth against a device-to-device copy at 4096 x 8 x 7168 bf16.
+* ``fb-cpu``: the fused F&B engine against F then B on an MoE stage with EP over 2 gloo
+  processes (``bench_fused.py``): pair times, exposed communication from the engine's timeline
+  and from a ``deeppar.profiling.capture`` trace.
 
     PYTHONPATH=python python benchmarks/bench_overlap.py [--section permute-cpu] [--quick]
 
@@ -182,9 +185,16 @@ def section_gpu(args: argparse.Namespace) -> Rows:
     return rows
 
 
+def section_fb_cpu(args: argparse.Namespace) -> Rows:
+    import bench_fused
+
+    return [{"section": "fb-cpu", **row} for row in bench_fused.run(3 if args.quick else 10)]
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], Rows]] = {
     "permute-cpu": section_permute_cpu,
     "gpu": section_gpu,
+    "fb-cpu": section_fb_cpu,
 }
 
 

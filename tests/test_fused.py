@@ -264,6 +264,8 @@ def test_bad_declaration_from_a_stage() -> None:
 
     with pytest.raises(ValueError, match="missing sub-step"):
         Broken(1)(torch.randn(2, HIDDEN))
+    with pytest.raises(ValueError, match="missing sub-step"):
+        can_overlap([MixStage(1), Broken(1)])  # what a pipeline checks when it is built
     with pytest.raises(ValueError, match="stage outputs"):
         check_stage(StageSubSteps(("x",), MixStage(1).substeps().layers, ("nope",)))
     with pytest.raises(TypeError):
@@ -287,6 +289,9 @@ def test_forward_two_microbatches(lag: int, rows: int, grad: bool) -> None:
     assert torch.equal(got, want.detach() if grad else want)
     # the two micro-batches alternate: B's first attn comes before A's last sub-step
     tl = [(e.microbatch, e.name, e.layer) for e in eng.timeline if e.stream == "compute"]
+    # every sub-step ran once per micro-batch and stage
+    assert sorted(tl) == sorted((mb, f"F.{n}", k) for mb in (0, 1) for _ in stages
+                                for k in (0, 1) for n in ("attn", "mlp", "post"))
     assert tl.index((1, "F.attn", 0)) < tl.index((0, "F.post", 1))
     if lag == 0:
         assert tl[:2] == [(0, "F.attn", 0), (1, "F.attn", 0)]
@@ -367,3 +372,79 @@ def test_weight_gradient_paths(monkeypatch) -> None:
         assert sorted(paths) == sorted(fast)
         b = fb_pair(FusedEngine(), want, xi, xj, fused=False)
         _compare(got, want, a, b)
+
+
+# ----------------------------------------------------------------------------- CUDA ordering
+
+
+class _FakeStream:
+    """Stands in for a CUDA stream: a vector clock of what its next work has to follow."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.clock: dict[str, int] = {}
+
+    def wait_event(self, event: _FakeEvent) -> None:
+        for s, n in event.clock.items():
+            self.clock[s] = max(self.clock.get(s, 0), n)
+
+    def tick(self) -> dict[str, int]:
+        self.clock[self.name] = self.clock.get(self.name, 0) + 1
+        return dict(self.clock)
+
+
+class _FakeEvent:
+    def __init__(self) -> None:
+        self.clock: dict[str, int] = {}
+
+    def record(self, stream: _FakeStream) -> None:
+        self.clock = stream.tick()
+
+
+def test_cuda_event_chains_order_each_microbatch(monkeypatch) -> None:
+    """The CUDA path's streams and events, with stand-ins that track what each sub-step must
+    follow (no GPU): every sub-step of a micro-batch happens after the previous one of the same
+    chain, whichever stream each ran on; communication runs on the communication stream."""
+    import contextlib
+
+    compute, comm = _FakeStream("compute"), _FakeStream("comm")
+    current: list[_FakeStream] = [compute]
+    ran: list[tuple[int, str, str, dict[str, int]]] = []
+
+    @contextlib.contextmanager
+    def fake_stream(s: _FakeStream):
+        current.append(s)
+        yield
+        current.pop()
+
+    def bind(self, tensors, modules) -> None:
+        self._cuda, self._compute, self._comm = True, compute, comm
+
+    real_on = FusedEngine._on
+
+    @contextlib.contextmanager
+    def on(self, chain, stream, label, layer, microbatch):
+        with real_on(self, chain, stream, label, layer, microbatch):
+            if label and chain is not None:
+                s = current[-1]
+                assert s is (comm if stream == "comm" else compute)
+                ran.append((chain.microbatch, label, stream, s.tick()))
+            yield
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", fake_stream)
+    monkeypatch.setattr(FusedEngine, "_bind_device", bind)
+    monkeypatch.setattr(FusedEngine, "_on", on)
+    stages = make_stages(2, layers=2)
+    xi, xj = _data(14)
+    loss_j = crit(stages[1](xj.clone().requires_grad_()))
+    ran.clear()
+    FusedEngine().forward_backward(stages[0], [xi], crit, [], stages[1], loss_j, [], [],
+                                   microbatches=(3, 4))
+    for mb in (3, 4):
+        chain = [(label, stream, clock) for m, label, stream, clock in ran if m == mb]
+        assert len(chain) > 10
+        for (la, sa, ca), (lb, _, cb) in zip(chain, chain[1:]):
+            assert ca[sa] <= cb.get(sa, 0), f"mb {mb}: {lb} is not ordered after {la}"
+        assert {s for label, s, _ in chain if label.startswith("comm.")} == {"comm"}
+        assert {s for label, s, _ in chain if not label.startswith("comm.")} == {"compute"}

@@ -448,6 +448,7 @@ class _ForwardRun:
         self.trace = _Trace(decl, inputs)
         self.bag: dict[str, Any] = dict(zip(decl.inputs, inputs))
         self.pending: list[tuple[_Record, float]] = []
+        self.posted: set[int] = set()
 
     def action(self, name: str, k: int, with_post: bool = True) -> None:
         layer = self.decl.layers[k]
@@ -463,7 +464,10 @@ class _ForwardRun:
             raise ValueError(f"unknown forward action {name!r}")
 
     def post(self, k: int) -> None:
-        """Wait for layer ``k``'s combine and run its post sub-step (if declared)."""
+        """Wait for layer ``k``'s combine and run its post sub-step (if declared), once."""
+        if k in self.posted:
+            return
+        self.posted.add(k)
         step = self.decl.layers[k].step(POST)
         self._wait(set(self.decl.layers[k].step(COMBINE).outputs))  # type: ignore[union-attr]
         if step is not None:

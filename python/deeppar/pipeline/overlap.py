@@ -36,11 +36,17 @@ def has_overlap_hook(modules: Sequence[nn.Module]) -> bool:
 
 def can_overlap(modules: Sequence[nn.Module]) -> bool:
     """True when the runtime can overlap a pair of these stages: they share a class with the
-    hook, or every one declares sub-steps for the fused engine."""
-    from .substeps import declares_substeps
+    hook, or every one declares sub-steps for the fused engine. Declarations are checked here
+    (when the pipeline is built, before any step): one that does not cover its layers raises
+    ValueError."""
+    from .substeps import declares_substeps, stage_substeps
 
-    return has_overlap_hook(modules) or (
-        len(modules) >= 1 and all(declares_substeps(m) for m in modules))
+    if has_overlap_hook(modules):
+        return True
+    declaring = [m for m in modules if declares_substeps(m)]
+    for m in declaring:
+        stage_substeps(m)
+    return len(modules) >= 1 and len(declaring) == len(modules)
 
 
 def run_backward(tensors: Sequence[torch.Tensor], grad_tensors: Sequence[torch.Tensor]) -> None:
