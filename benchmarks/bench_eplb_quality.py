@@ -1,5 +1,6 @@
 """Quality of EPLB plans: balancedness of method="deepseek" and method="balanced" against the
-spec's upper bound, on the spec's shapes with Zipf and log-normal loads, with times.
+spec's upper bound, on the spec's shapes with Zipf and log-normal loads, with times; and the
+replicas moved by a plan from scratch vs ``migrate`` after the loads drift.
 
 Each section is a function from the parsed arguments to rows (dicts); ``SECTIONS`` lists them
 in print order, and every section's rows go to the JSON under the section's name, so a new
@@ -112,9 +113,76 @@ def balancedness_section(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def drift(weight: torch.Tensor, sigma: float, seed: int = 1) -> torch.Tensor:
+    """The loads times log-normal noise of width ``sigma`` (how loads move between two plans)."""
+    g = torch.Generator().manual_seed(seed)
+    return weight * torch.exp(torch.randn(weight.shape, generator=g) * sigma)
+
+
+def _migrate_into(out: dict, *args, **kwargs) -> None:
+    out["m"] = eplb.migrate(*args, **kwargs)
+
+
+def migration_section(args: argparse.Namespace) -> list[dict]:
+    """Moved replicas of a plan from scratch vs ``migrate`` after the loads drift.
+
+    The placement in use is the plan (same method) for the loads; the loads then drift and,
+    under the new loads: from scratch = ``rebalance_experts`` as it comes; relabel = the same
+    plan with its GPUs renumbered to overlap the old placement; migrate = ``migrate`` (never
+    less balanced than the fresh plan on any layer). A moved replica is a slot whose expert its
+    GPU did not hold (a network transfer)."""
+    sigmas = (0.3,) if args.quick else (0.2, 0.5)
+    rows = []
+    print("\n== moved replicas after the loads drift by exp(N(0, sigma)): from scratch vs "
+          "migrate (balancedness under the new loads)")
+    print(f"{'shape':<31} {'loads':<9} {'method':<8} {'sigma':>5} | {'now':>6} {'scratch':>7} "
+          f"{'migrate':>7} | {'moved: scratch':>14} {'relabel':>7} {'migrate':>7} {'ratio':>6} "
+          f"| {'t scratch':>9} {'t migrate':>9}")
+    for name, shape in SHAPES:
+        if args.quick and name == "Stress":
+            continue
+        layers, experts, replicas, groups, nodes, gpus = shape
+        for kind, make in LOADS.items():
+            weight = make(layers, experts)
+            for method in ("deepseek",) if args.quick else eplb.METHODS:
+                current, _, _ = eplb.rebalance_experts(weight, *shape[2:], method=method)
+                for sigma in sigmas:
+                    loads = drift(weight, sigma)
+                    t_scratch = measure(partial(eplb.rebalance_experts, loads, *shape[2:],
+                                                method=method), repeats=args.repeats, warmup=1)
+                    done: dict = {}
+                    t_migrate = measure(partial(_migrate_into, done, loads, current, *shape[2:],
+                                                method=method), repeats=1, warmup=0)
+                    m = done["m"]
+                    row = {
+                        "shape": name, "sizes": list(shape), "loads": kind, "method": method,
+                        "sigma": sigma, "slots": layers * replicas,
+                        "balancedness": {"current": m.balancedness_current,
+                                         "scratch": m.balancedness_scratch,
+                                         "migrate": m.balancedness},
+                        "moved": {"scratch": int(m.moved_scratch.sum()),
+                                  "relabelled": int(m.moved_relabelled.sum()),
+                                  "migrate": int(m.moved.sum())},
+                        "layers_from_scratch": int(m.from_scratch.sum()),
+                        "time": {"scratch": t_scratch, "migrate": t_migrate},
+                    }
+                    rows.append(row)
+                    moved = row["moved"]
+                    print(f"{name:<31} {kind:<9} {method:<8} {sigma:5.2f} | "
+                          f"{m.balancedness_current:6.4f} {m.balancedness_scratch:7.4f} "
+                          f"{m.balancedness:7.4f} | {moved['scratch']:14d} "
+                          f"{moved['relabelled']:7d} {moved['migrate']:7d} "
+                          f"{ratio(moved['scratch'], moved['migrate']):>6} | "
+                          f"{t_scratch.ms:7.2f}ms {t_migrate.median:8.2f}s")
+    print("now: the placement in use under the new loads; ratio: moved from scratch / moved by "
+          "migrate; t migrate: one call")
+    return rows
+
+
 # (JSON key, section): printed and stored in this order.
 SECTIONS: list[tuple[str, Callable[[argparse.Namespace], list[dict]]]] = [
     ("balancedness", balancedness_section),
+    ("migration", migration_section),
 ]
 
 

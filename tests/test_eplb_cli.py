@@ -144,3 +144,22 @@ def test_current_plan_errors_name_the_problem(tmp_path, capsys):
     assert "current plan not found" in capsys.readouterr().err
     assert main(["eplb", "plan", "--loads", str(drifted), *ARGS, "--expert-bytes", "8"]) == 2
     assert "need --current" in capsys.readouterr().err
+
+
+def test_method_is_passed_to_the_planner(tmp_path, capsys):
+    old, drifted = _write_plan_and_drifted_loads(tmp_path)
+    weight = torch.from_numpy(np.load(drifted))
+    out = tmp_path / "balanced.json"
+    assert main(["eplb", "plan", "--loads", str(drifted), *ARGS, "--method", "balanced",
+                 "--out", str(out)]) == 0
+    want, _, _ = eplb.rebalance_experts(weight, 16, 4, 2, 8, method="balanced")
+    assert json.loads(out.read_text())["phy2log"] == want.tolist()
+    moved = tmp_path / "moved.json"
+    assert main(["eplb", "plan", "--loads", str(drifted), "--current", str(old), "--method",
+                 "balanced", "--out", str(moved)]) == 0
+    current = torch.tensor(json.loads(old.read_text())["phy2log"])
+    m = eplb.migrate(weight, current, 16, 4, 2, 8, method="balanced")
+    assert json.loads(moved.read_text())["phy2log"] == m.phy2log.tolist()
+    capsys.readouterr()
+    assert main(["eplb", "plan", "--loads", str(drifted), *ARGS, "--method", "best"]) == 2
+    assert "method must be one of 'deepseek', 'balanced'" in capsys.readouterr().err

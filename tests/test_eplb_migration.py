@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _eplb_helpers import check_invariants
@@ -174,3 +175,63 @@ def test_bad_current_placement():
         migrate(w, good, 12, 2, 2, 4, tolerance=1.5)
     with pytest.raises(ValueError, match="num_gpus"):
         migrate(w, good, 12, 2, 2, 5)
+
+
+def test_group_swaps_lower_the_heaviest_node_with_fewest_swaps():
+    from deeppar.eplb.migration import group_swaps
+
+    loads = np.array([9.0, 8.0, 1.0, 2.0])
+    after = group_swaps(loads, np.array([0, 0, 1, 1]), 2, target=10.0)
+    assert after.tolist() == [1, 0, 1, 0]  # one swap: node loads 10 and 10
+    assert group_swaps(loads, np.array([0, 1, 0, 1]), 2, 10.0).tolist() == [0, 1, 0, 1]
+
+
+def test_regroup_moves_groups_off_an_overloaded_node():
+    from deeppar.eplb.migration import regroup
+
+    layers, experts, replicas, groups, nodes, gpus = 2, 16, 24, 4, 2, 4
+    w0 = zipf(layers, experts, 4)
+    current, _, _ = eplb.rebalance_experts(w0, replicas, groups, nodes, gpus)
+    # Make both groups of node 0 five times heavier: the node loads need other groups there.
+    group_size, per_node = experts // groups, replicas // nodes
+    w1 = w0.clone()
+    for layer in range(layers):
+        for g in set((current[layer, :per_node] // group_size).tolist()):
+            w1[layer, g * group_size:(g + 1) * group_size] *= 5
+    fresh, _, _ = eplb.rebalance_experts(w1, replicas, groups, nodes, gpus)
+    start = regroup(w1, current, fresh, torch.ones(layers, dtype=torch.bool), groups, nodes)
+    counts = torch.zeros(layers, experts, dtype=torch.long).scatter_add_(
+        1, start, torch.ones_like(start))
+    assert (counts >= 1).all()
+    node_of_slot = torch.arange(replicas) // per_node
+    for layer in range(layers):
+        group_node = {}
+        for s, e in enumerate(start[layer].tolist()):
+            assert group_node.setdefault(e // group_size, int(node_of_slot[s])) == node_of_slot[s]
+        node_load = [sum(float(w1[layer, g * group_size:(g + 1) * group_size].sum())
+                         for g, n in group_node.items() if n == node) for node in range(nodes)]
+        fresh_node = [float(w1[layer, fresh[layer, node * per_node:(node + 1) * per_node]
+                              .unique()].sum()) for node in range(nodes)]
+        assert max(node_load) <= max(fresh_node) * (1 + 1e-6)
+        # Groups that stay keep their slots.
+        stay = [s for s in range(replicas)
+                if group_node[int(current[layer, s]) // group_size] == node_of_slot[s]]
+        assert torch.equal(start[layer, stay], current[layer, stay])
+    m = migrate(w1, current, replicas, groups, nodes, gpus)
+    check_invariants(w1, m.phy2log, m.log2phy, m.logcnt, replicas, groups, nodes, gpus)
+    assert (m.moved <= m.moved_relabelled).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_balanced_method_is_matched_too(shape):
+    layers, experts, replicas, groups, nodes, gpus = shape
+    w0 = zipf(layers, experts, 6)
+    current, _, _ = eplb.rebalance_experts(w0, replicas, groups, nodes, gpus, method="balanced")
+    w1 = drift(w0, 0.3, 7)
+    m = migrate(w1, current, replicas, groups, nodes, gpus, method="balanced")
+    fresh, _, cnt = eplb.rebalance_experts(w1, replicas, groups, nodes, gpus, method="balanced")
+    want = layer_balancedness(w1, fresh, cnt, gpus)
+    assert (m.layer_balancedness >= want * (1 - 1e-6)).all()
+    check_invariants(w1, m.phy2log, m.log2phy, m.logcnt, replicas, groups, nodes, gpus)
+    with pytest.raises(ValueError, match="method must be one of"):
+        migrate(w1, current, replicas, groups, nodes, gpus, method="best")

@@ -41,8 +41,8 @@ _EXPORTS = {
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
-    "METHODS",
     "LoadRecorder",
+    "METHODS",
     "Migration",
     "Plan",
     "RearrangeStats",

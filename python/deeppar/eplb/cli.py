@@ -35,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", type=int, help="GPUs (P)")
     p.add_argument("--backend", choices=("reference", "cpu", "cuda", "triton"),
                    help="planner backend (default: best available)")
-    p.add_argument("--method", choices=("deepseek", "balanced"),
-                   help="planning method, passed to the planner (default: its own, deepseek)")
+    p.add_argument("--method", metavar="NAME",
+                   help="planning method, passed to the planner: deepseek (default, the "
+                   "published algorithm) or balanced")
     p.add_argument("--current", type=Path, metavar="PLAN.json",
                    help="plan in use (JSON written by --out): plan with few moved replicas and "
                    "print the transfer summary; sizes default to the file's")

@@ -11,7 +11,9 @@ costs an expert's weights over the network. ``migrate`` keeps the cost low in th
    GPU until it is no worse than the fresh plan (minus ``tolerance``): it swaps two replicas
    (the top GPU's and one on another GPU of the same node, or any GPU under the global policy)
    or hands a spare replica (an expert with >= 2) to an expert of the top GPU. Every layer
-   searches at once, in batched torch.
+   searches at once, in batched torch. Under the hierarchical policy, a layer whose node loads
+   need other groups on a node searches again after the fewest group swaps between nodes that
+   bring every node down to the fresh plan's most loaded node.
 3. Per layer, the warm-start result is taken when it reaches the fresh plan's balancedness
    (within ``tolerance``, measured as the planner measures it, in float32) with fewer moved
    replicas; otherwise the relabelled fresh plan.
@@ -27,14 +29,16 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from deeppar.eplb import api
 from deeppar.eplb._validate import as_count, as_weight, check_problem, check_values
 from deeppar.eplb.planning import balancedness, gpu_loads
 
-_DONORS = 6  # spare replicas considered per search step and layer
+_DONORS = 12  # spare replicas considered per search step and layer
 _ROUNDING = 1e-6  # relative float32 rounding slack when comparing balancedness
+_BUDGET_EVERY = 16  # search steps between checks of the moved-replica budget
 
 
 @dataclass(frozen=True)
@@ -262,19 +266,26 @@ def _gpu_load64(weight: torch.Tensor, phy: torch.Tensor, cnt: torch.Tensor,
 
 
 def warm_search(weight: torch.Tensor, current: torch.Tensor, target: torch.Tensor,
-                num_gpus: int, gpus_per_region: int, max_steps: int) -> torch.Tensor:
+                num_gpus: int, gpus_per_region: int, max_steps: int,
+                budget: torch.Tensor | None = None, origin: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """Local search from ``current [L, R]`` until each layer's max GPU load is at most
     ``target [L]`` (or no move helps, or ``max_steps``): swaps inside a region of
-    ``gpus_per_region`` GPUs and spare-replica hand-overs. Returns the new ``[L, R]``."""
+    ``gpus_per_region`` GPUs and spare-replica hand-overs. A layer also stops once it moves
+    more than ``budget [L]`` replicas away from ``origin [L, R]`` (checked every few steps:
+    past that, another candidate is cheaper anyway). Returns the new ``[L, R]``."""
     w = weight.to(torch.float64)
     phy = current.clone()
+    start = current if origin is None else origin
     layers, replicas = phy.shape
     experts = w.shape[1]
     per_gpu = replicas // num_gpus
     slot_gpu = torch.arange(replicas) // per_gpu
     slot_region = slot_gpu // gpus_per_region
     stalled = torch.zeros(layers, dtype=torch.bool)
-    for _ in range(max_steps):
+    for step in range(max_steps):
+        if budget is not None and step % _BUDGET_EVERY == _BUDGET_EVERY - 1:
+            stalled |= moved_replicas(origin, phy, num_gpus, experts) > budget
         cnt = _counts(phy, experts)
         slot_load, load = _gpu_load64(w, phy, cnt, num_gpus)
         top_val = load.max(1).values
@@ -282,14 +293,29 @@ def warm_search(weight: torch.Tensor, current: torch.Tensor, target: torch.Tenso
         if active.numel() == 0:
             break
         moved = _step(w[active], phy[active], cnt[active], slot_load[active], load[active],
-                      slot_gpu, slot_region, gpus_per_region, per_gpu)
+                      start[active], target[active], slot_gpu, slot_region, gpus_per_region,
+                      per_gpu)
         phy[active] = moved[0]
         stalled[active[~moved[1]]] = True
     return phy
 
 
-def _step(w, phy, cnt, slot_load, load, slot_gpu, slot_region, gpus_per_region, per_gpu):
-    """One move on each given layer: (new phy2log, whether a move was made)."""
+def _lexmin(score: torch.Tensor, cost: torch.Tensor, last: torch.Tensor):
+    """Per row, the smallest (score, cost, last): (score, cost, index)."""
+    best = score.min(1).values
+    tie = score == best[:, None]
+    cheapest = torch.where(tie, cost, torch.iinfo(cost.dtype).max).min(1).values
+    tie &= cost == cheapest[:, None]
+    return best, cheapest, torch.where(tie, last, torch.inf).argmin(1)
+
+
+def _step(w, phy, cnt, slot_load, load, origin, target, slot_gpu, slot_region,
+          gpus_per_region, per_gpu):
+    """One move on each given layer: (new phy2log, whether a move was made).
+
+    Moves are ranked by the max GPU load they leave (anything at or below ``target`` counts
+    the same), then by the slots they change away from ``origin`` (fewer is better), then by
+    the larger load of the two GPUs they touch."""
     layers, replicas = phy.shape
     num_gpus = load.shape[1]
     rows = torch.arange(layers)
@@ -313,8 +339,14 @@ def _step(w, phy, cnt, slot_load, load, slot_gpu, slot_region, gpus_per_region, 
                        vals[:, 1, None, None])
     ok = ((delta > 0) & (gpu_b != top[:, None, None]) & same_region[:, None, :]
           & (ea[:, :, None] != phy[:, None, :]) & (pair < top_val[:, None, None]))
-    swap_score = torch.where(ok, torch.maximum(pair, rest), torch.inf).view(layers, -1)
-    swap_best, swap_at = swap_score.min(1)
+    swap_score = torch.where(ok, torch.maximum(torch.maximum(pair, rest), target[:, None, None]),
+                             torch.inf).view(layers, -1)
+    oa = origin.gather(1, top_slots)  # [L, spg]
+    changed_before = (ea != oa).long()[:, :, None] + (phy != origin).long()[:, None, :]
+    changed_after = (phy[:, None, :] != oa[:, :, None]).long() + (
+        ea[:, :, None] != origin[:, None, :]).long()
+    swap_cost = (changed_after - changed_before).view(layers, -1)
+    swap_best, swap_cost, swap_at = _lexmin(swap_score, swap_cost, pair.view(layers, -1))
 
     # Hand-overs: a spare replica (donor slot s, expert with >= 2 replicas) of the region
     # becomes one more replica of an expert of the top GPU.
@@ -344,11 +376,15 @@ def _step(w, phy, cnt, slot_load, load, slot_gpu, slot_region, gpus_per_region, 
     hand_max = (load[:, None, None, :] + d1[:, None] + d2[:, :, None] + fix).max(-1).values
     hand_ok = donor_ok[:, None, :] & (e1[:, None, :] != ea[:, :, None]) & (
         hand_max < top_val[:, None, None])
-    hand_score = torch.where(hand_ok, hand_max, torch.inf).view(layers, -1)
-    hand_best, hand_at = hand_score.min(1)
+    hand_score = torch.where(hand_ok, torch.maximum(hand_max, target[:, None, None]),
+                             torch.inf).view(layers, -1)
+    od = origin.gather(1, donors)  # [L, D]
+    hand_cost = ((ea[:, :, None] != od[:, None, :]).long()
+                 - (e1 != od).long()[:, None, :]).view(layers, -1)
+    hand_best, hand_cost, hand_at = _lexmin(hand_score, hand_cost, hand_max.view(layers, -1))
 
     out = phy.clone()
-    use_hand = hand_best < swap_best  # equal score: a swap (same max, no count change)
+    use_hand = (hand_best < swap_best) | ((hand_best == swap_best) & (hand_cost < swap_cost))
     do_swap = torch.isfinite(swap_best) & ~use_hand
     do_hand = torch.isfinite(hand_best) & use_hand
     a = top_slots[rows, swap_at // replicas]
@@ -363,32 +399,71 @@ def _step(w, phy, cnt, slot_load, load, slot_gpu, slot_region, gpus_per_region, 
     return out, do_swap | do_hand
 
 
+def _node_of_groups(row: list[int], group_size: int, per_node: int) -> dict[int, int] | None:
+    """Node of each group in a placement row; None if some group spans several nodes."""
+    node_of: dict[int, int] = {}
+    for slot, e in enumerate(row):
+        if node_of.setdefault(e // group_size, slot // per_node) != slot // per_node:
+            return None
+    return node_of
+
+
+def group_swaps(group_load: np.ndarray, node_of: np.ndarray, num_nodes: int,
+                target: float) -> np.ndarray:
+    """Fewest-moves node assignment of groups: starting from ``node_of [G]``, swap a group of
+    the most loaded node with a lighter group of another node (the swap that lowers that
+    node's load to the smallest pair maximum) until every node load is at most ``target`` or
+    no swap helps. Deterministic (lowest indices on ties)."""
+    node_of = node_of.copy()
+    for _ in range(len(node_of)):
+        loads = np.bincount(node_of, weights=group_load, minlength=num_nodes)
+        top = int(np.argmax(loads))
+        if loads[top] <= target:
+            break
+        here = np.flatnonzero(node_of == top)
+        there = np.flatnonzero(node_of != top)
+        delta = group_load[here][:, None] - group_load[there][None, :]
+        pair = np.maximum(loads[top] - delta, loads[node_of[there]][None, :] + delta)
+        pair = np.where((delta > 0) & (pair < loads[top]), pair, np.inf)
+        best = int(np.argmin(pair))
+        if not np.isfinite(pair.flat[best]):
+            break
+        g, h = here[best // len(there)], there[best % len(there)]
+        node_of[g], node_of[h] = node_of[h], node_of[g]
+    return node_of
+
+
 def regroup(weight: torch.Tensor, old: torch.Tensor, fresh: torch.Tensor, layers: torch.Tensor,
             num_groups: int, num_nodes: int) -> torch.Tensor:
-    """Start placements for a warm search under the hierarchical policy: in each layer of
-    ``layers [L]`` (bool), the groups move to the nodes that ``fresh [L, R]`` (relabelled) gives
-    them; a group that stays keeps its slots, an arriving group takes the slots of the groups
-    that left (one replica per expert, the rest to its experts by the replication rule of the
-    spec: largest load per replica, then fewest replicas, then lowest index). Other layers, and
-    layers whose current placement splits a group over nodes, are returned unchanged."""
+    """Start placements for a warm search under the hierarchical policy, for the layers in
+    ``layers [L]`` (bool) whose node loads need other groups on some node.
+
+    Groups are swapped between nodes (:func:`group_swaps`) until no node is more loaded than
+    the most loaded node of ``fresh [L, R]``; a group that stays keeps its slots, an arriving
+    group takes the slots of the groups that left (one replica per expert, the rest by the
+    replication rule of the spec: largest load per replica, then fewest replicas, then lowest
+    index). Other layers, and layers whose current placement splits a group over nodes, are
+    returned unchanged."""
     out = old.clone()
     replicas = old.shape[1]
     group_size = weight.shape[1] // num_groups
     per_node = replicas // num_nodes
+    group_loads = weight.double().view(weight.shape[0], num_groups, group_size).sum(-1).numpy()
     for layer in layers.nonzero().flatten().tolist():
         row, w = old[layer].tolist(), weight[layer].tolist()
-        node_old: dict[int, set[int]] = defaultdict(set)
-        node_new: dict[int, int] = {}
-        for s_, (e_old, e_new) in enumerate(zip(row, fresh[layer].tolist())):
-            node_old[e_old // group_size].add(s_ // per_node)
-            node_new[e_new // group_size] = s_ // per_node
-        if any(len(n) != 1 for n in node_old.values()):
+        before = _node_of_groups(row, group_size, per_node)
+        planned = _node_of_groups(fresh[layer].tolist(), group_size, per_node)
+        if before is None or planned is None:
             continue
+        gl = group_loads[layer]
+        target = np.bincount([planned[g] for g in range(num_groups)], weights=gl,
+                             minlength=num_nodes).max()
+        start = np.array([before[g] for g in range(num_groups)])
+        after = group_swaps(gl, start, num_nodes, target * (1 + 1e-12))
         for node in range(num_nodes):
             freed = [s_ for s_ in range(node * per_node, (node + 1) * per_node)
-                     if node_new[row[s_] // group_size] != node]
-            arriving = [g for g in sorted(node_new) if node_new[g] == node
-                        and next(iter(node_old[g])) != node]
+                     if after[row[s_] // group_size] != node]
+            arriving = [g for g in range(num_groups) if after[g] == node and start[g] != node]
             experts = [g * group_size + i for g in arriving for i in range(group_size)]
             count = dict.fromkeys(experts, 1)
             for _ in range(len(freed) - len(experts)):
@@ -429,7 +504,7 @@ def migrate(
         current: the placement in use, ``phy2log [L, R]``; every expert in every layer.
         tolerance: balancedness (mean / max GPU load) the result may give up per layer against
             a plan from scratch; 0.0: never worse than it.
-        max_steps: bound of the local search (moves per layer); default 256.
+        max_steps: bound of the local search (moves per layer); default 256 + 8 * num_gpus.
         method, backend: passed to the planner for the fresh plan.
     Returns:
         a :class:`Migration` (CPU tensors) with the new maps and ``source_slot``.
@@ -443,7 +518,8 @@ def migrate(
         0.0 <= tolerance < 1.0
     ):
         raise ValueError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
-    steps = 256 if max_steps is None else as_count(max_steps, "max_steps", 0)
+    steps = (256 + 8 * problem.gpus if max_steps is None
+             else as_count(max_steps, "max_steps", 0))
     extra = {} if method is None else {"method": method}
     fresh, _, _ = api.rebalance_experts(w, problem.replicas, problem.groups, problem.nodes,
                                         problem.gpus, backend=backend, **extra)
@@ -465,15 +541,16 @@ def migrate(
     region = gpus // problem.nodes if hierarchical else gpus
     moved_relabelled = moved_replicas(old, relabelled, gpus, experts)
     # Candidates per layer, in order of preference on equal moves: warm start from the current
-    # placement, warm start after regrouping (hierarchical: the fresh plan's groups-to-nodes
-    # assignment, for layers the first one could not bring to the goal), relabelled fresh plan.
-    candidates = [warm_search(w, old, target, gpus, region, steps)]
+    # placement, warm start after regrouping (hierarchical: a few group swaps between nodes, for
+    # layers the first one could not bring to the goal), relabelled fresh plan.
+    candidates = [warm_search(w, old, target, gpus, region, steps, moved_relabelled, old)]
     if hierarchical:
         missed = bal32(candidates[0]).double() < goal
         if missed.any():
             start = regroup(w, old, relabelled, missed, problem.groups, problem.nodes)
             only_missed = torch.where(missed, target, torch.inf)
-            candidates.append(warm_search(w, start, only_missed, gpus, region, steps))
+            candidates.append(warm_search(w, start, only_missed, gpus, region, steps,
+                                          moved_relabelled, old))
     candidates = [relabel(old, c, gpus, problem.nodes, hierarchical) for c in candidates]
     candidates.append(relabelled)
     moved = torch.stack([moved_replicas(old, c, gpus, experts) for c in candidates])
