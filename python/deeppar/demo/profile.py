@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+TOP_PHASES = 12  # rows of the phase table printed
+
 
 def engine_overlap(entries: list[Any]) -> dict[str, float]:
     """Overlap of in-flight transfers with computation in the engine's timeline (seconds):
@@ -86,7 +88,7 @@ def draw_engine_timeline(entries: list[Any], path: Path) -> None:
         plt.close(fig)
 
 
-def phase_table(report: Any, top: int = 12) -> list[tuple[str, int, float, float, float]]:
+def phase_table(report: Any) -> list[tuple[str, int, float, float, float]]:
     """Phases added up by name over all ranks and layers (``F.attn[1]`` counts as
     ``F.attn``, through :func:`deeppar.profiling.analysis.summarize_phases`): (name, count,
     CPU ms, GPU busy ms, exposed communication ms), longest CPU time first."""
@@ -97,7 +99,7 @@ def phase_table(report: Any, top: int = 12) -> list[tuple[str, int, float, float
     rows = [(s.name, s.count, s.cpu_total_us / 1e3, s.busy_us / 1e3, s.exposed_comm_us / 1e3)
             for s in summarize_phases(phases)]
     rows.sort(key=lambda r: -r[2])
-    return rows[:top]
+    return rows
 
 
 def published_trace_lines() -> list[str]:
@@ -144,7 +146,7 @@ def analyse(folder: Path, engine_entries: list[Any], pictures: Path) -> dict[str
         gpu_cols = (f"{'GPU busy ms':>13}{'exposed comm ms':>17}" if devices else "")
         lines.append(f"  {'phase (all ranks, all layers)':<30}{'count':>7}{'CPU ms':>10}"
                      + gpu_cols)
-        for name, count, cpu, busy, exposed in phases:
+        for name, count, cpu, busy, exposed in phases[:TOP_PHASES]:
             gpu = f"{busy:>13.3f}{exposed:>17.3f}" if devices else ""
             lines.append(f"  {name[:29]:<30}{count:>7}{cpu:>10.2f}{gpu}")
     else:
