@@ -168,8 +168,10 @@ void improve_max(Packing& pk, int32_t max_rounds) {
 }
 
 // Moves duplicate replicas away by swaps that keep both packs at most `limit` and create no
-// new duplicate; the swap with the smallest resulting pair max first.
-void remove_duplicates(Packing& pk, double limit) {
+// new duplicate; the swap with the smallest resulting pair max first. Returns whether any
+// swap was made.
+bool remove_duplicates(Packing& pk, double limit) {
+  bool changed = false;
   for (int32_t p = 0; p < pk.m; ++p) {
     for (int32_t i = 0; i < pk.per_pack; ++i) {
       const int32_t c = pk.item_class[pk.pack(p)[i]];
@@ -190,9 +192,13 @@ void remove_duplicates(Packing& pk, double limit) {
           }
         }
       }
-      if (bq >= 0) pk.swap(p, i, bq, bj);
+      if (bq >= 0) {
+        pk.swap(p, i, bq, bj);
+        changed = true;
+      }
     }
   }
+  return changed;
 }
 
 struct BalancedScratch {
@@ -294,8 +300,10 @@ double place(const float* w, const Shape& sh, const int32_t* mlog2log, bool from
   }
   if (slots_per_gpu > 1) {
     for (int32_t node = 0; node < sh.nodes; ++node) {
-      remove_duplicates(b.node_packs[node], layer_max);
-      improve_max(b.node_packs[node], rounds);
+      // Still a local optimum of improve_max unless a duplicate moved.
+      if (remove_duplicates(b.node_packs[node], layer_max)) {
+        improve_max(b.node_packs[node], rounds);
+      }
     }
   }
   for (int32_t node = 0; node < sh.nodes; ++node) {

@@ -11,11 +11,39 @@ import torch
 
 from deeppar import _native
 
+# Shape functions of every native op (here, in one place), so torch.compile can trace them.
 if _native.NATIVE_LOADED:
 
     @torch.library.register_fake("deeppar::slot_loads")
     def _slot_loads_fake(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor):
         return weight.new_empty(phy2log.shape)
+
+if _native.has_kernel("eplb_rebalance", "cpu") or _native.has_kernel("eplb_rebalance", "cuda"):
+
+    @torch.library.register_fake("deeppar::eplb_rebalance")
+    def _rebalance_fake(weight, num_replicas, num_groups, num_nodes, num_gpus):
+        layers, experts = weight.shape
+        slots = weight.new_empty((layers, num_replicas), dtype=torch.int64)
+        counts = weight.new_empty((layers, experts), dtype=torch.int64)
+        return slots, torch.empty_like(slots), counts
+
+    @torch.library.register_fake("deeppar::eplb_rebalance_balanced")
+    def _rebalance_balanced_fake(weight, num_replicas, num_groups, num_nodes, num_gpus):
+        return _rebalance_fake(weight, num_replicas, num_groups, num_nodes, num_gpus)
+
+    @torch.library.register_fake("deeppar::eplb_pack")
+    def _pack_fake(weight, num_packs):
+        out = weight.new_empty(weight.shape, dtype=torch.int64)
+        return out, torch.empty_like(out)
+
+    @torch.library.register_fake("deeppar::eplb_log2phy")
+    def _log2phy_fake(phy2log, phy_rank, num_experts, width):
+        return phy2log.new_empty((phy2log.shape[0], num_experts, width))
+
+    @torch.library.register_fake("deeppar::eplb_replicate")
+    def _replicate_fake(weight, num_phy):
+        slots = weight.new_empty((weight.shape[0], num_phy), dtype=torch.int64)
+        return slots, torch.empty_like(slots), weight.new_empty(weight.shape, dtype=torch.int64)
 
 
 def slot_loads_reference(

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from deeppar import _native
+from deeppar import _native, ops  # noqa: F401  (ops registers the fakes of the eplb ops)
 from deeppar.eplb import reference
 from deeppar.eplb._validate import Problem
 
@@ -23,34 +23,6 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 METHODS = ("deepseek", "balanced")
 
 Core = Callable[[torch.Tensor, int, int, int, int], tuple[torch.Tensor, ...]]
-
-if _native.has_kernel("eplb_rebalance", "cpu") or _native.has_kernel("eplb_rebalance", "cuda"):
-
-    @torch.library.register_fake("deeppar::eplb_rebalance")
-    def _rebalance_fake(weight, num_replicas, num_groups, num_nodes, num_gpus):
-        layers, experts = weight.shape
-        slots = weight.new_empty((layers, num_replicas), dtype=torch.int64)
-        counts = weight.new_empty((layers, experts), dtype=torch.int64)
-        return slots, torch.empty_like(slots), counts
-
-    @torch.library.register_fake("deeppar::eplb_rebalance_balanced")
-    def _rebalance_balanced_fake(weight, num_replicas, num_groups, num_nodes, num_gpus):
-        return _rebalance_fake(weight, num_replicas, num_groups, num_nodes, num_gpus)
-
-    @torch.library.register_fake("deeppar::eplb_pack")
-    def _pack_fake(weight, num_packs):
-        out = weight.new_empty(weight.shape, dtype=torch.int64)
-        return out, torch.empty_like(out)
-
-    @torch.library.register_fake("deeppar::eplb_log2phy")
-    def _log2phy_fake(phy2log, phy_rank, num_experts, width):
-        return phy2log.new_empty((phy2log.shape[0], num_experts, width))
-
-    @torch.library.register_fake("deeppar::eplb_replicate")
-    def _replicate_fake(weight, num_phy):
-        slots = weight.new_empty((weight.shape[0], num_phy), dtype=torch.int64)
-        return slots, torch.empty_like(slots), weight.new_empty(weight.shape, dtype=torch.int64)
-
 
 class BackendUnavailable(ValueError):
     """The requested backend cannot run here (not compiled, no GPU, no triton, ...)."""
