@@ -594,13 +594,26 @@ def _count_deferrable(pipe, n: int) -> int:
 
 def case_zero_bubble(rank: int, world: int, v: bool = False) -> None:
     """Plain nn.Linear stages made deferrable: W slots do the weight-gradient work."""
-    from deeppar.pipeline import defer_weight_grads
+    from deeppar.pipeline import defer_weight_grads, weight_grad
 
     check = check_dualpipev if v else check_dualpipe
     n = 2 * world + 2
-    p1 = check(rank, world, n, transform=defer_weight_grads)
+    # only the forwards whose backward is an I record the deferrable graph
+    fn = weight_grad._DeferredLinearFn
+    plain_forward, recorded = fn.forward, [0]
+
+    def counting_forward(ctx, *args):
+        recorded[0] += 1
+        return plain_forward(ctx, *args)
+
+    fn.forward = staticmethod(counting_forward)
+    try:
+        p1 = check(rank, world, n, transform=defer_weight_grads)
+    finally:
+        fn.forward = staticmethod(plain_forward)
     expected = _count_deferrable(p1, n)
     assert expected > 0
+    assert recorded[0] == expected, f"{recorded[0]} deferrable forwards, {expected} needed"
     st = p1.weight_grad_store
     assert st.deferred == expected, f"deferred {st.deferred}, expected {expected}"
     assert st.executed == st.deferred, "deferred work not run"
@@ -936,7 +949,7 @@ def _one_failure(rank: int, world: int, failing: int, at: int, backward: bool,
     elapsed = time.monotonic() - t0
     assert err is not None, "no rank error after a failing step"
     assert elapsed < FAIL_BOUND_S, f"failed after {elapsed:.1f}s"
-    what = "in backward" if backward else f"at forward call {at}"
+    what = "in backward" if backward else "at forward call"
     if rank == failing:
         assert type(err) is RuntimeError and f"stage failed {what}" in str(err), repr(err)
     else:
