@@ -145,6 +145,6 @@ def sync_dense_grads(stages: nn.Module, group: Any) -> None:
 def named_grads(stage: Stage, first_slot: int = 0) -> dict[str, tuple[int, torch.Tensor]]:
     """``{"S<index>.<name>": (first expert, grad)}``: expert banks carry the logical id of
     their first row (slots = experts before any rebalance), other parameters 0."""
-    return {f"S{stage.index}.{n.removeprefix('_orig_mod.')}":
+    return {f"S{stage.index}.{n}":
             (first_slot if is_expert(n) else 0, p.grad.detach().cpu().clone())
             for n, p in stage.named_parameters() if p.grad is not None}
