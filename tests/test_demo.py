@@ -4,6 +4,8 @@ it relies on."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,13 +20,25 @@ CLAIMS = ("loss falls", "first step losses bit-identical to one process",
           "first step gradients match one process", "losses unchanged by the expert move")
 
 
+SMALL = ["--steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One run of the demo (4 steps, experts moved after step 2): exit code, what it
+    printed (the spawned ranks write to the file descriptors), its output folder."""
+    out = tmp_path_factory.mktemp("demo")
+    run = subprocess.run([sys.executable, "-m", "deeppar", "demo", "--out", str(out), *SMALL,
+                          "--rebalance-at", "2"], capture_output=True, text=True, timeout=280)
+    return run.returncode, run.stdout + run.stderr, out
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
-def test_demo_trains_the_moe_end_to_end(tmp_path, capfd):
-    code = main(["demo", "--out", str(tmp_path), "--steps", "4", "--rebalance-at", "2"])
-    out = capfd.readouterr().out  # spawned ranks write to the file descriptors
-    assert code == 0, out
+def test_demo_trains_the_moe_end_to_end(demo_run):
+    code, out, tmp_path = demo_run
+    assert code == 0, out[-5000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(CLAIMS) <= set(summary["claims"]), summary["claims"]
     assert all(summary["claims"].values()), summary["claims"]
@@ -44,6 +58,21 @@ def test_demo_trains_the_moe_end_to_end(tmp_path, capfd):
                  "trace_timeline.png", "trace_timeline.html", "traces/rank0.json",
                  "traces/rank3.json"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_training_losses_are_those_of_a_run_without_the_move(demo_run, tmp_path, capfd):
+    code, out, moved_dir = demo_run
+    assert code == 0, out[-5000:]
+    assert main(["demo", "--out", str(tmp_path), *SMALL, "--rebalance-at", "0",
+                 "--no-check", "--no-profile"]) == 0, capfd.readouterr().out
+    moved = json.loads((moved_dir / "summary.json").read_text())
+    kept = json.loads((tmp_path / "summary.json").read_text())
+    assert "eplb" in moved and "eplb" not in kept
+    assert moved["eplb"]["moved"] > 0  # the experts did change ranks
+    assert moved["losses"] == kept["losses"]  # every step, bit for bit
 
 
 def test_demo_rejects_sizes_that_cannot_work(capsys):
