@@ -4,9 +4,10 @@ Prints, per shape, the median time of ``rebalance_experts`` end to end (argument
 planning and ``log2phy`` included; host-observed: on GPU each call is followed by a
 synchronize) for each backend, its speed-up over the reference backend measured in the same
 run, and the plan's balancedness (mean / max GPU load, averaged over layers) with the spec's
-upper bound. Where a GPU is present the GPU backends (``cuda``, ``triton``) run on CUDA
-tensors; Triton on the CPU (its interpreter) is only for tests and is left out unless named in
-``--backends``. The rows also go to a JSON file.
+upper bound, and for CPU backends the single-thread CPU time per call (less disturbed than wall
+time when other jobs share the cores). Where a GPU is present the GPU backends (``cuda``,
+``triton``) run on CUDA tensors; Triton on the CPU (its interpreter) is only for tests and is
+left out unless named in ``--backends``. The rows also go to a JSON file.
 
     PYTHONPATH=python python benchmarks/bench_eplb.py [--backends cpu,reference] [--quick]
 """
@@ -14,7 +15,9 @@ tensors; Triton on the CPU (its interpreter) is only for tests and is left out u
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +42,25 @@ def skewed_loads(layers: int, experts: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     loads = torch.exp(torch.randn(layers, experts, generator=g) * 1.2) * 100
     return loads.round()
+
+
+def cpu_time(fn, repeats: int) -> float:
+    """Median single-thread CPU seconds per call (``time.thread_time`` with one intra-op
+    thread): what a call costs when it does not wait for a core, unlike wall time on a busy
+    machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(3):
+            fn()
+        samples = []
+        for _ in range(repeats):
+            start = time.thread_time()
+            fn()
+            samples.append(time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  balancedness: before {p.balancedness_before:.4f}, after {p.balancedness:.4f}, "
               f"upper bound {p.balancedness_bound:.4f}")
         print(f"  {'backend':<10} {'device':<6} {'time':>10} {'[20%, 80%]':>20} "
-              f"{'vs reference':>13}")
+              f"{'vs reference':>13} {'1-thread CPU time':>18}")
         # Native backends first: after the slow Python reference, the CPU thread pool can
         # take a while to wake up on a busy machine.
         times = {}
@@ -90,10 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends:
             on, t = times[backend]
             speedup = ratio(ref.median, t.median) if ref else "-"
+            cpu = None
+            if on == "cpu" and backend != "reference":
+                cpu = cpu_time(partial(eplb.rebalance_experts, weight, *shape[2:],
+                                       backend=backend), max(5, repeats // 2))
+            cpu_text = f"{cpu * 1e3:15.3f} ms" if cpu is not None else f"{'-':>18}"
             print(f"  {backend:<10} {on:<6} {t.ms:7.3f} ms  [{t.q20 * 1e3:7.3f}, "
-                  f"{t.q80 * 1e3:7.3f}] ms {speedup:>13}")
+                  f"{t.q80 * 1e3:7.3f}] ms {speedup:>13} {cpu_text}")
             rows.append({"shape": name, "sizes": list(shape), "policy": p.policy,
-                         "backend": backend, "device": on, "time": t,
+                         "backend": backend, "device": on, "time": t, "cpu_time": cpu,
                          "balancedness": p.balancedness, "bound": p.balancedness_bound})
     print(f"\nrows written to {write_json(args.json, {'torch': torch.__version__, 'rows': rows})}")
     return 0
