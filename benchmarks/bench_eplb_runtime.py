@@ -9,7 +9,7 @@ with and without locality; the Triton kernel on a GPU) against a plain-torch gat
 decode 128 tokens per rank.
 
     PYTHONPATH=python python benchmarks/bench_eplb_runtime.py [--device cuda] [--quick]
-        [--json benchmarks/results/bench_eplb_runtime.json]
+        [--json out/bench/eplb_runtime.json]
 
 On a CPU shared with other busy processes, run it with ``OMP_WAIT_POLICY=passive``: spinning
 OpenMP workers otherwise slow every parallel torch op by 10-100x there (baseline included).
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--json", type=Path,
-                        default=Path("benchmarks/results/bench_eplb_runtime.json"))
+                        default=Path("out/bench/eplb_runtime.json"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
