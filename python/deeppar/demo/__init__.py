@@ -127,9 +127,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
+    import textwrap
+
+    from deeppar._io import OUTPUT_POLICY
+
     p = subparsers.add_parser(
         "demo", help="train a small MoE with DualPipe, expert parallelism, EPLB and profiling",
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, epilog=textwrap.fill(OUTPUT_POLICY, 92),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/demo", help="folder for pictures and reports "
                    "(created if missing)")
     add_arguments(p)
