@@ -12,9 +12,10 @@ from deeppar.eplb import api, reference
 
 def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor,
               num_gpus: int) -> torch.Tensor:
-    """``[L, P]`` float64 load of each GPU: sum over its slots of expert load / replica count
-    (summed in float64: sums of large float32 loads would overflow to inf and make
-    balancedness NaN)."""
+    """``[L, P]`` float64 load of each GPU: sum over its slots of expert load / replica count.
+    The per-slot loads come from the ``slot_loads`` kernel (float32, as planned); the sums per
+    GPU are float64 (sums of large float32 loads would overflow to inf and make balancedness
+    NaN)."""
     slot = ops.slot_loads(weight.to(torch.float32).contiguous(), phy2log, logcnt)
     slot = slot.to(torch.float64)
     return slot.view(slot.shape[0], num_gpus, -1).sum(-1)
