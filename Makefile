@@ -45,7 +45,7 @@ bench: install
 		echo "== $$script"; $(PY) $$script; done
 
 lint: $(DEPS_STAMP)
-	$(VENV)/bin/ruff check python tests benchmarks tools setup.py
+	$(VENV)/bin/ruff check python tests benchmarks tools examples setup.py
 
 # Compile the CUDA kernels and their bindings with plain nvcc (no GPU needed).
 cuda-check: $(DEPS_STAMP)

@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, port: int, cases: list[str], q) -> None:
         return
     for name in cases:
         try:
-            _case(name, module)(rank, world)
+            _case(name)(rank, world)
             q.put((rank, name, None))
         except Exception:  # noqa: BLE001
             q.put((rank, name, traceback.format_exc()))
