@@ -363,3 +363,36 @@ def case_dualpipe_grid(rank: int, world: int) -> None:
 
 def case_dualpipev_grid(rank: int, world: int) -> None:
     _grid_case(rank, "dualpipev")
+
+
+class UncoveredMixStage(MixStage):
+    """A declaration whose first layer stops after dispatch: it does not cover the layer."""
+
+    def substeps(self) -> StageSubSteps:
+        good = super().substeps()
+        first = good.layers[0]
+        return StageSubSteps(("x",), (LayerSubSteps(first.layer, first.steps[:2]),
+                                      *good.layers[1:]), ("x",))
+
+
+def case_bad_declaration_fails_every_rank(rank: int, world: int) -> None:
+    """Rank 0 holds a stage whose declaration does not cover its layer: building the pipeline
+    does not raise on that rank alone; the first step raises the same ValueError on every rank
+    (naming rank 0 and the problem) before any message."""
+    from deeppar.pipeline import DualPipeV
+
+    stages = make_stages(2 * world, layers=1)
+    slots = (rank, 2 * world - 1 - rank)
+    local = [stages[s] for s in slots]
+    if rank == 0:
+        local[0] = UncoveredMixStage(1)
+    pipe = DualPipeV(tuple(local))
+    x = torch.randn(4 * MB, HIDDEN) if rank == 0 else None
+    y = torch.randn(4 * MB, HIDDEN) if rank == 0 else None
+    try:
+        pipe.step(x, num_chunks=4, criterion=crit, labels=(y,))
+    except ValueError as exc:
+        message = str(exc)
+        assert "rank 0" in message and "missing sub-step" in message, message
+    else:
+        raise AssertionError(f"rank {rank}: the step ran with an uncovered declaration")

@@ -10,7 +10,8 @@ import pytest
 pytestmark = pytest.mark.distributed
 
 GROUPS: dict[int, list[str]] = {
-    2: ["case_ep_fb", "case_timeline", "case_forward_two", "case_moe_ep_fb"],
+    2: ["case_ep_fb", "case_timeline", "case_forward_two", "case_moe_ep_fb",
+        "case_bad_declaration_fails_every_rank"],
     4: ["case_moe_ep_fb", "case_dualpipe_grid", "case_dualpipev_grid"],
 }
 _results: dict[int, dict] = {}

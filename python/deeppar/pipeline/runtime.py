@@ -234,7 +234,14 @@ class PipelineRuntime(nn.Module):
         self.max_tensors = config.max_tensors
         self.cache_shapes = config.cache_shapes
         self.record_timeline = config.record_timeline
-        self.use_overlap_hook = can_overlap(modules) and len(modules) > 1
+        try:
+            overlap = can_overlap(modules)
+            self._stage_problems: tuple[str, ...] = ()
+        except ValueError as exc:  # a sub-step declaration that does not cover its layers
+            overlap = False
+            # reported by the first step's agreement, so that every rank raises it together
+            self._stage_problems = (f"stages: {exc}",)
+        self.use_overlap_hook = overlap and len(modules) > 1
         # runs Overlap pairs of stages that declare sub-steps (when no class hook wins)
         self.fused_engine = FusedEngine(record_timeline=False)
         self.weight_grad_store = WeightGradStore()
@@ -536,7 +543,7 @@ class PipelineRuntime(nn.Module):
                   ) -> tuple[Schedule | None, _Payload]:
         """The step's schedule (None for a bad ``num_chunks``) and this rank's agreement
         payload: its problems with the arguments, its program signature, its shapes."""
-        problems: list[str] = []
+        problems: list[str] = list(self._stage_problems)
         sched = sched_hash = None
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int):
             problems.append(f"num_chunks must be an int, got {type(num_chunks).__name__}")
