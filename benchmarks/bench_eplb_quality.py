@@ -21,17 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import measure, ratio, write_json  # noqa: E402
+from bench_eplb import SHAPES as SPEC_SHAPES  # noqa: E402
 
 import deeppar.eplb as eplb  # noqa: E402
 
-# name, (layers, experts, replicas, groups, nodes, gpus)
-SHAPES = [
-    ("DeepSeek-V3 prefill", (58, 256, 288, 8, 4, 32)),
-    ("DeepSeek-V3, 9 nodes x 8 GPUs", (58, 256, 288, 8, 9, 72)),
-    ("DeepSeek-V3 decode", (58, 256, 320, 8, 40, 320)),
-    ("Qwen3-235B-like", (94, 128, 144, 1, 2, 16)),
-    ("Stress", (128, 512, 1024, 64, 16, 128)),
-]
+# the spec's shapes, name -> (layers, experts, replicas, groups, nodes, gpus), with V3 spread
+# over 9 nodes of 8 GPUs after the prefill shape
+SHAPES = [SPEC_SHAPES[0], ("DeepSeek-V3, 9 nodes x 8 GPUs", (58, 256, 288, 8, 9, 72)),
+          *SPEC_SHAPES[1:]]
 
 
 def zipf_loads(layers: int, experts: int, seed: int = 0, exponent: float = 0.6,
