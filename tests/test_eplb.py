@@ -7,7 +7,7 @@ import torch
 from _eplb_helpers import SHAPES, check_invariants, random_weight
 
 import deeppar.eplb as eplb
-from deeppar import _native
+from deeppar import _native, ops
 from deeppar.eplb import reference
 
 WORKED_WEIGHT = torch.tensor([
@@ -253,7 +253,7 @@ def test_default_backend_skips_kernels_that_cannot_take_the_shape(monkeypatch):
     why = _backends.shape_reason("cuda", huge, cuda, smem_limit=227 * 1024)
     assert why is not None and "shared memory" in why
     # A CUDA tensor with every backend installed: the huge shape falls through to the next one.
-    monkeypatch.setattr(_backends, "unavailable_reason", lambda backend, device: None)
+    monkeypatch.setattr(ops, "unavailable_reason", lambda op, backend, device: None)
     monkeypatch.setattr(_backends, "_cuda_smem_limit", lambda device: 227 * 1024)
     triton_ok = _native.triton_status()[0]
     assert _backends.resolve(None, cuda, small) == "cuda"
