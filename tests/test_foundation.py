@@ -155,6 +155,23 @@ def test_slot_loads_triton_matches_reference(shape):
     assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.triton
+@pytest.mark.skipif(
+    not (HAS_CUDA or TRITON_INTERPRET), reason="Triton needs a GPU or TRITON_INTERPRET=1"
+)
+def test_slot_loads_triton_opcheck_and_compile():
+    from deeppar.kernels.slot_loads import slot_loads_triton
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    args = tuple(t.to(device) for t in _random_plan(4, 6, 9, 0))
+    torch.library.opcheck(slot_loads_triton, args)
+    compiled = torch.compile(
+        lambda w, p, c: ops.slot_loads(w, p, c, backend="triton") * 2, fullgraph=True
+    )
+    want = ops.slot_loads_reference(*(t.cpu() for t in args)) * 2
+    assert torch.equal(compiled(*args).cpu(), want)
+
+
 def test_write_atomic_leaves_nothing_on_failure(tmp_path):
     from deeppar._io import write_atomic
 
