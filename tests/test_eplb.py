@@ -166,11 +166,21 @@ def test_dtypes_converted_to_float32():
         ((torch.ones(2, 12), 16.0, 4, 2, 8), TypeError, "num_replicas must be an integer"),
         ((torch.ones(2, 12), 16, "4", 2, 8), TypeError, "num_groups must be an integer"),
         ((torch.ones(2, 12), 16, 4, True, 8), TypeError, "num_nodes must be an integer"),
+        # the planner's size limits (PlannerLimits), checked before any data is read
+        ((torch.ones(1, 1).expand(1, 1 << 24), 1 << 24, 1, 1, 1), ValueError, "too many experts"),
+        ((torch.ones(2, 12), 1 << 24, 4, 2, 8), ValueError, "must be below 16777216"),
     ],
 )
 def test_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         eplb.rebalance_experts(*args)
+
+
+def test_row_functions_share_the_planner_limits():
+    with pytest.raises(ValueError, match="num_phy .* must be below 16777216"):
+        eplb.replicate_experts(torch.ones(2, 4), 1 << 24)
+    with pytest.raises(ValueError, match="too many experts"):
+        eplb.balanced_packing(torch.ones(1, 1).expand(1, 1 << 24), 1)
 
 
 def test_bad_backend():
