@@ -183,6 +183,17 @@ def test_row_functions_share_the_planner_limits():
         eplb.balanced_packing(torch.ones(1, 1).expand(1, 1 << 24), 1)
 
 
+@pytest.mark.skipif(not _native.has_kernel("eplb_rebalance", "cpu"), reason="no C++ planner")
+def test_native_is_the_kernel_of_the_device():
+    got = eplb.plan(WORKED_WEIGHT, 16, 4, 2, 8, backend="native")
+    assert got.backend == "cpu"
+    want = eplb.rebalance_experts(WORKED_WEIGHT, 16, 4, 2, 8, backend="cpu")
+    assert torch.equal(got.phy2log, want[0]) and torch.equal(got.logcnt, want[2])
+    assert eplb.plan(WORKED_WEIGHT, 16, 4, 2, 8, backend="native", method="balanced").backend == (
+        "cpu")
+    assert eplb.BACKENDS == ops.BACKENDS and eplb.BackendUnavailable is ops.BackendUnavailable
+
+
 def test_bad_backend():
     with pytest.raises(ValueError, match="backend must be"):
         eplb.rebalance_experts(WORKED_WEIGHT, 16, 4, 2, 8, backend="fast")

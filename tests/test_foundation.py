@@ -140,6 +140,24 @@ def test_slot_loads_rejects_bad_input():
         ops.slot_loads(weight, phy2log, logcnt[:1])
     with pytest.raises(ValueError, match="backend must be"):
         ops.slot_loads(weight, phy2log, logcnt, backend="bogus")
+    with pytest.raises(ops.BackendUnavailable, match="CUDA tensors"):
+        ops.slot_loads(weight, phy2log, logcnt, backend="cuda")
+
+
+@pytest.mark.skipif(not _native.has_kernel("slot_loads", "cpu"), reason="no native slot_loads")
+def test_backend_names_are_shared():
+    cpu = torch.device("cpu")
+    for name in ("native", "cpu"):  # the device-specific spelling of native
+        assert ops.resolve(ops.SLOT_LOADS, name, cpu) == "cpu"
+    assert ops.resolve(ops.SLOT_LOADS, None, cpu) == "cpu"
+    assert ops.resolve(ops.SLOT_LOADS, "reference", cpu) == "reference"
+    # only the EPLB planner runs its CPU kernel on a host copy of a CUDA tensor
+    assert ops.auto_order(ops.EPLB_PLANNER, torch.device("cuda")) == (
+        "cuda", "triton", "cpu", "reference")
+    assert ops.auto_order(ops.SLOT_LOADS, torch.device("cuda")) == ("cuda", "triton", "reference")
+    assert ops.auto_order(ops.REPLICA_ROUTING, torch.device("cuda")) == (
+        "triton", "cuda", "reference")
+    assert ops.auto_order(ops.MOE_PERMUTE, cpu) == ("cpu", "reference")
 
 
 @pytest.mark.triton
