@@ -1,4 +1,7 @@
-"""EPLB backends: which exist, which can run on a device, and the planner core of each.
+"""EPLB backends: the planner's kernel size limits and the planner core of each backend.
+
+Which backend runs is decided by :func:`deeppar.ops.resolve` (names and order shared by every
+deeppar op); this module adds what only the planner knows: the shapes each kernel can take.
 
 Every backend computes the same thing, the hierarchical policy of the spec for every row, and
 returns ``(phy2log [L, R], phy_rank [L, R], logcnt [L, E])`` (int64, on the input's device);
@@ -25,6 +28,7 @@ BACKENDS = ops.BACKENDS
 METHODS = ("deepseek", "balanced")
 
 Core = Callable[[torch.Tensor, int, int, int, int], tuple[torch.Tensor, ...]]
+
 
 def cuda_smem_bytes(experts: int, replicas: int, groups: int, gpus: int) -> int:
     """Shared memory one block of the CUDA kernel needs (``Layout`` in
