@@ -8,6 +8,12 @@
 
 namespace deeppar {
 
+// Memory safety only: the EPLB kernels index rows with int32 and compute sizes up to about 16
+// words per item (the CUDA shared-memory layout) and 8 * slots + 64 (eplb_balanced.cpp), so rows
+// stay below 2^24 items, far from int32 overflow. The planner's size limits, and why, are
+// deeppar.eplb._validate.PlannerLimits, checked in Python before any kernel runs.
+constexpr int64_t kMaxRowItems = int64_t{1} << 24;
+
 // slot_loads(weight [L, E] float32, phy2log [L, R] int64, logcnt [L, E] int64)
 inline void check_slot_loads_args(const at::Tensor& weight, const at::Tensor& phy2log,
                                   const at::Tensor& logcnt) {
@@ -20,14 +26,14 @@ inline void check_slot_loads_args(const at::Tensor& weight, const at::Tensor& ph
               "slot_loads: logcnt must be an int64 tensor shaped like weight");
 }
 
-// eplb_rebalance(weight [L, E] float32, R, G, N, P): the spec's divisibility rules, and sizes
-// that fit the kernels' 32-bit (24-bit for float-exact keys) indices.
+// eplb_rebalance(weight [L, E] float32, R, G, N, P): the spec's divisibility rules, and row
+// sizes below kMaxRowItems.
 inline void check_eplb_rebalance_args(const at::Tensor& weight, int64_t num_replicas,
                                       int64_t num_groups, int64_t num_nodes, int64_t num_gpus) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
               "eplb_rebalance: weight must be a float32 [layers, experts] tensor");
   const int64_t experts = weight.size(1);
-  TORCH_CHECK(experts >= 1 && experts < (int64_t{1} << 24),
+  TORCH_CHECK(experts >= 1 && experts < kMaxRowItems,
               "eplb_rebalance: the number of experts must be in [1, 2^24)");
   TORCH_CHECK(num_groups > 0 && num_nodes > 0 && num_gpus > 0 && num_replicas > 0,
               "eplb_rebalance: counts must be positive");
@@ -35,7 +41,7 @@ inline void check_eplb_rebalance_args(const at::Tensor& weight, int64_t num_repl
   TORCH_CHECK(num_groups % num_nodes == 0, "eplb_rebalance: groups must be a multiple of nodes");
   TORCH_CHECK(num_gpus % num_nodes == 0, "eplb_rebalance: gpus must be a multiple of nodes");
   TORCH_CHECK(num_replicas % num_gpus == 0, "eplb_rebalance: replicas must be a multiple of gpus");
-  TORCH_CHECK(num_replicas >= experts && num_replicas < (int64_t{1} << 24),
+  TORCH_CHECK(num_replicas >= experts && num_replicas < kMaxRowItems,
               "eplb_rebalance: replicas must be in [experts, 2^24)");
   TORCH_CHECK(weight.size(0) < (int64_t{1} << 31), "eplb_rebalance: too many layers");
 }

@@ -7,7 +7,7 @@ import torch
 from _eplb_helpers import SHAPES, check_invariants, random_weight
 
 import deeppar.eplb as eplb
-from deeppar import _native
+from deeppar import _native, ops
 from deeppar.eplb import reference
 
 WORKED_WEIGHT = torch.tensor([
@@ -166,11 +166,32 @@ def test_dtypes_converted_to_float32():
         ((torch.ones(2, 12), 16.0, 4, 2, 8), TypeError, "num_replicas must be an integer"),
         ((torch.ones(2, 12), 16, "4", 2, 8), TypeError, "num_groups must be an integer"),
         ((torch.ones(2, 12), 16, 4, True, 8), TypeError, "num_nodes must be an integer"),
+        # the planner's size limits (PlannerLimits), checked before any data is read
+        ((torch.ones(1, 1).expand(1, 1 << 24), 1 << 24, 1, 1, 1), ValueError, "too many experts"),
+        ((torch.ones(2, 12), 1 << 24, 4, 2, 8), ValueError, "must be below 16777216"),
     ],
 )
 def test_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         eplb.rebalance_experts(*args)
+
+
+def test_row_functions_share_the_planner_limits():
+    with pytest.raises(ValueError, match="num_phy .* must be below 16777216"):
+        eplb.replicate_experts(torch.ones(2, 4), 1 << 24)
+    with pytest.raises(ValueError, match="too many experts"):
+        eplb.balanced_packing(torch.ones(1, 1).expand(1, 1 << 24), 1)
+
+
+@pytest.mark.skipif(not _native.has_kernel("eplb_rebalance", "cpu"), reason="no C++ planner")
+def test_native_is_the_kernel_of_the_device():
+    got = eplb.plan(WORKED_WEIGHT, 16, 4, 2, 8, backend="native")
+    assert got.backend == "cpu"
+    want = eplb.rebalance_experts(WORKED_WEIGHT, 16, 4, 2, 8, backend="cpu")
+    assert torch.equal(got.phy2log, want[0]) and torch.equal(got.logcnt, want[2])
+    assert eplb.plan(WORKED_WEIGHT, 16, 4, 2, 8, backend="native", method="balanced").backend == (
+        "cpu")
+    assert eplb.BACKENDS == ops.BACKENDS and eplb.BackendUnavailable is ops.BackendUnavailable
 
 
 def test_bad_backend():
@@ -253,7 +274,7 @@ def test_default_backend_skips_kernels_that_cannot_take_the_shape(monkeypatch):
     why = _backends.shape_reason("cuda", huge, cuda, smem_limit=227 * 1024)
     assert why is not None and "shared memory" in why
     # A CUDA tensor with every backend installed: the huge shape falls through to the next one.
-    monkeypatch.setattr(_backends, "unavailable_reason", lambda backend, device: None)
+    monkeypatch.setattr(ops, "unavailable_reason", lambda op, backend, device: None)
     monkeypatch.setattr(_backends, "_cuda_smem_limit", lambda device: 227 * 1024)
     triton_ok = _native.triton_status()[0]
     assert _backends.resolve(None, cuda, small) == "cuda"

@@ -350,3 +350,20 @@ def test_triton_kernel_compiles_for_gpu(sizes):
     ptx = compiled.asm["ptx"]
     assert "div.rn.f32" in ptx and "ftz" not in ptx  # IEEE division, subnormals kept
     assert compiled.asm["cubin"]
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_opcheck_and_compile():
+    if "triton" not in eplb.available(TRITON_DEVICE):
+        pytest.skip(f"triton backend not available on {TRITON_DEVICE}")
+    from deeppar.kernels.eplb_triton import eplb_rebalance_triton
+
+    weight = random_weight(2, 12, "real", 4).to(TRITON_DEVICE)
+    torch.library.opcheck(eplb_rebalance_triton, (weight, 16, 4, 2, 8))
+
+    def fn(w):
+        return eplb.rebalance_experts(w, 16, 4, 2, 8, backend="triton", max_replicas=6)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    assert _same(compiled(weight), fn(weight))

@@ -154,7 +154,12 @@ def test_bad_input():
     with pytest.raises(ValueError, match="logcnt must be in"):
         route_to_replicas(ids, log2phy, logcnt * 0)
     with pytest.raises(ValueError, match="backend must be"):
+        route_to_replicas(ids, log2phy, logcnt, backend="fast")
+    with pytest.raises(eplb.BackendUnavailable, match="CUDA tensors"):
         route_to_replicas(ids, log2phy, logcnt, backend="cuda")
+    for name in ("native", "torch", "cpu"):  # spellings of the vectorised PyTorch path
+        assert torch.equal(route_to_replicas(ids, log2phy, logcnt, backend=name),
+                           route_to_replicas(ids, log2phy, logcnt, backend="reference"))
     if not _native.triton_usable("cpu"):
         with pytest.raises(ValueError, match="Triton cannot run here"):
             route_to_replicas(ids, log2phy, logcnt, backend="triton")

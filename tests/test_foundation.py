@@ -140,6 +140,24 @@ def test_slot_loads_rejects_bad_input():
         ops.slot_loads(weight, phy2log, logcnt[:1])
     with pytest.raises(ValueError, match="backend must be"):
         ops.slot_loads(weight, phy2log, logcnt, backend="bogus")
+    with pytest.raises(ops.BackendUnavailable, match="CUDA tensors"):
+        ops.slot_loads(weight, phy2log, logcnt, backend="cuda")
+
+
+@pytest.mark.skipif(not _native.has_kernel("slot_loads", "cpu"), reason="no native slot_loads")
+def test_backend_names_are_shared():
+    cpu = torch.device("cpu")
+    for name in ("native", "cpu"):  # the device-specific spelling of native
+        assert ops.resolve(ops.SLOT_LOADS, name, cpu) == "cpu"
+    assert ops.resolve(ops.SLOT_LOADS, None, cpu) == "cpu"
+    assert ops.resolve(ops.SLOT_LOADS, "reference", cpu) == "reference"
+    # only the EPLB planner runs its CPU kernel on a host copy of a CUDA tensor
+    assert ops.auto_order(ops.EPLB_PLANNER, torch.device("cuda")) == (
+        "cuda", "triton", "cpu", "reference")
+    assert ops.auto_order(ops.SLOT_LOADS, torch.device("cuda")) == ("cuda", "triton", "reference")
+    assert ops.auto_order(ops.REPLICA_ROUTING, torch.device("cuda")) == (
+        "triton", "cuda", "reference")
+    assert ops.auto_order(ops.MOE_PERMUTE, cpu) == ("cpu", "reference")
 
 
 @pytest.mark.triton
@@ -153,6 +171,23 @@ def test_slot_loads_triton_matches_reference(shape):
     got = ops.slot_loads(weight, phy2log, logcnt, backend="triton")
     want = ops.slot_loads_reference(weight.cpu(), phy2log.cpu(), logcnt.cpu())
     assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(
+    not (HAS_CUDA or TRITON_INTERPRET), reason="Triton needs a GPU or TRITON_INTERPRET=1"
+)
+def test_slot_loads_triton_opcheck_and_compile():
+    from deeppar.kernels.slot_loads import slot_loads_triton
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    args = tuple(t.to(device) for t in _random_plan(4, 6, 9, 0))
+    torch.library.opcheck(slot_loads_triton, args)
+    compiled = torch.compile(
+        lambda w, p, c: ops.slot_loads(w, p, c, backend="triton") * 2, fullgraph=True
+    )
+    want = ops.slot_loads_reference(*(t.cpu() for t in args)) * 2
+    assert torch.equal(compiled(*args).cpu(), want)
 
 
 def test_write_atomic_leaves_nothing_on_failure(tmp_path):

@@ -9,6 +9,7 @@ from conftest import HAS_CUDA
 
 from deeppar import _native
 from deeppar.moe import _ops, permute, permute_reference, unpermute, unpermute_reference
+from deeppar.ops import BackendUnavailable
 
 # (tokens, hidden, experts, top_k, ranks)
 SHAPES = [
@@ -186,6 +187,8 @@ def test_bad_input():
     with pytest.raises(ValueError, match="num_sms"):
         permute(x, ids, 6, num_sms=-1)
     with pytest.raises(ValueError, match="backend must be"):
+        permute(x, ids, 6, backend="fast")
+    with pytest.raises(BackendUnavailable, match="CUDA tensors"):
         permute(x, ids, 6, backend="cuda")
     p = permute(x, ids, 6)
     with pytest.raises(ValueError, match="rows"):

@@ -37,7 +37,7 @@ constexpr int64_t kLog2PhyElementsPerTask = int64_t{1} << 20;
 void check_weight(const at::Tensor& weight, const char* op) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, op,
               ": weight must be a float32 [rows, items] tensor");
-  TORCH_CHECK(weight.size(1) >= 1 && weight.size(1) < (int64_t{1} << 24), op,
+  TORCH_CHECK(weight.size(1) >= 1 && weight.size(1) < kMaxRowItems, op,
               ": the number of items must be in [1, 2^24)");
 }
 
@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_replicate_cpu(
     int64_t num_phy) {
   check_weight(weight, "eplb_replicate");
   const int64_t rows = weight.size(0), n = weight.size(1);
-  TORCH_CHECK(num_phy >= n && num_phy < (int64_t{1} << 24),
+  TORCH_CHECK(num_phy >= n && num_phy < kMaxRowItems,
               "eplb_replicate: num_phy must be in [items, 2^24)");
   const at::Tensor w = weight.contiguous();
   const auto opts = w.options().dtype(at::kLong);

@@ -1,4 +1,7 @@
-"""EPLB backends: which exist, which can run on a device, and the planner core of each.
+"""EPLB backends: the planner's kernel size limits and the planner core of each backend.
+
+Which backend runs is decided by :func:`deeppar.ops.resolve` (names and order shared by every
+deeppar op); this module adds what only the planner knows: the shapes each kernel can take.
 
 Every backend computes the same thing, the hierarchical policy of the spec for every row, and
 returns ``(phy2log [L, R], phy_rank [L, R], logcnt [L, E])`` (int64, on the input's device);
@@ -7,62 +10,24 @@ they agree bit for bit on every input.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 
 import torch
 
-from deeppar import _native, ops  # noqa: F401  (ops registers the fakes of the eplb ops)
+from deeppar import ops
 from deeppar.eplb import reference
 from deeppar.eplb._validate import Problem
+from deeppar.ops import BackendUnavailable
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+# The names of deeppar.ops; "native" is also accepted (the CPU or CUDA kernel of the weight's
+# device).
+BACKENDS = ops.BACKENDS
 
 # Planning methods: "deepseek" is the spec's algorithm (every backend); "balanced" improves its
 # placement (C++ CPU kernel only; inputs on another device are planned on a host copy).
 METHODS = ("deepseek", "balanced")
 
 Core = Callable[[torch.Tensor, int, int, int, int], tuple[torch.Tensor, ...]]
-
-class BackendUnavailable(ValueError):
-    """The requested backend cannot run here (not compiled, no GPU, no triton, ...)."""
-
-
-def _native_reason(device: str) -> str | None:
-    if not _native.NATIVE_LOADED:
-        return f"the native extension deeppar._C is not loaded ({_native.NATIVE_ERROR})"
-    if not _native.has_kernel("eplb_rebalance", device):
-        if device == "cuda":
-            return "deeppar._C was built without CUDA kernels (torch or toolkit without CUDA)"
-        return "deeppar._C has no CPU kernel for eplb_rebalance (rebuild the extension)"
-    return None
-
-
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot plan for a tensor on ``device``; None when it can."""
-    if backend == "reference":
-        return None
-    if backend == "cpu":
-        return _native_reason("cpu")
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"it runs on CUDA tensors and weight is on {device}"
-        return _native_reason("cuda")
-    if backend == "triton":
-        if importlib.util.find_spec("deeppar.kernels.eplb_triton") is None:
-            return "the Triton EPLB kernel is not part of this build"
-        ok, why = _native.triton_status()
-        if not ok:
-            return f"triton cannot be imported ({why})"
-        if not _native.triton_usable(device):
-            if device.type == "cuda":
-                return "no CUDA device is available"
-            return (
-                "triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
-                f"weight is on {device}"
-            )
-        return None
-    raise ValueError(f"backend must be None or one of {', '.join(BACKENDS)}; got {backend!r}")
 
 
 def cuda_smem_bytes(experts: int, replicas: int, groups: int, gpus: int) -> int:
@@ -102,33 +67,20 @@ def shape_reason(
 def resolve(
     backend: str | None, device: torch.device, problem: Problem | None = None
 ) -> str:
-    """The backend to run: ``backend`` itself (checked), or the best one for ``device`` that
-    can take ``problem``'s sizes (a kernel's size limit skips it rather than failing)."""
-    if backend is not None:
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
-        why = unavailable_reason(backend, device)
-        if why is None and problem is not None:
-            why = shape_reason(backend, problem, device)
-        if why is not None:
-            raise BackendUnavailable(f"EPLB backend {backend!r} is not available: {why}")
-        return backend
-    if device.type == "cuda":
-        order: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
-    else:
-        order = ("cpu", "reference")
-    for name in order:
-        if unavailable_reason(name, device) is None and (
-            problem is None or shape_reason(name, problem, device) is None
-        ):
-            return name
-    return "reference"
+    """The backend to run (:func:`deeppar.ops.resolve`): ``backend`` itself (checked), or the
+    best one for ``device`` that can take ``problem``'s sizes (a kernel's size limit skips it
+    rather than failing)."""
+    fits = None
+    if problem is not None:
+        def fits(name: str) -> str | None:
+            return shape_reason(name, problem, device)
+    return ops.resolve(ops.EPLB_PLANNER, backend, device, fits=fits)
 
 
 def available(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can plan for a tensor on ``device`` now."""
     device = torch.device(device)
-    return [b for b in BACKENDS if unavailable_reason(b, device) is None]
+    return [b for b in BACKENDS if ops.unavailable_reason(ops.EPLB_PLANNER, b, device) is None]
 
 
 def _on_cpu(fn: Core) -> Core:
@@ -162,21 +114,19 @@ def check_method(method: object) -> str:
 
 
 def resolve_balanced(backend: str | None) -> str:
-    """The backend of ``method="balanced"``: the C++ CPU kernel (``None`` or ``"cpu"``)."""
-    if backend is not None and backend != "cpu":
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"backend must be None or one of {', '.join(BACKENDS)}; got {backend!r}"
-            )
+    """The backend of ``method="balanced"``: the C++ CPU kernel (``None``, ``"cpu"`` or
+    ``"native"``; tensors on other devices are planned on a host copy)."""
+    if backend not in (None, "cpu", ops.NATIVE):
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
+        ops.unavailable_reason(ops.EPLB_BALANCED, backend, torch.device("cpu"))  # unknown name
         raise BackendUnavailable(
             f"EPLB backend {backend!r} does not implement method='balanced' (only 'cpu' does; "
             "tensors on other devices are planned on a host copy)"
         )
-    if not _native.has_kernel("eplb_rebalance_balanced", "cpu"):
-        raise BackendUnavailable(
-            "method='balanced' needs the C++ kernel eplb_rebalance_balanced: "
-            f"{_native_reason('cpu') or 'rebuild the extension'}"
-        )
+    why = ops.unavailable_reason(ops.EPLB_BALANCED, "cpu", torch.device("cpu"))
+    if why is not None:
+        raise BackendUnavailable(f"method='balanced' needs the C++ kernel: {why}")
     return "cpu"
 
 

@@ -7,8 +7,32 @@ from dataclasses import dataclass
 
 import torch
 
-# Counts are held in float32 (weight / count) and int32 inside the kernels.
-MAX_SLOTS = 1 << 24
+
+@dataclass(frozen=True)
+class PlannerLimits:
+    """The planner's size limits, checked here for every backend (the C++ kernels check only
+    what keeps their memory accesses safe).
+
+    One reason for both: the spec's replication divides a load by a replica count in float32,
+    exact for counts below 2^24 only, and the Triton kernel keys each expert by
+    ``count << 24 | index``, so expert indices must fit in 24 bits.
+    """
+
+    experts_below: int = 1 << 24  # experts per layer
+    replicas_below: int = 1 << 24  # physical slots per layer
+
+    def check_experts(self, experts: int, name: str = "weight") -> None:
+        if experts >= self.experts_below:
+            raise ValueError(
+                f"{name} has too many experts ({experts}), at most {self.experts_below - 1}"
+            )
+
+    def check_replicas(self, replicas: int, name: str = "num_replicas") -> None:
+        if replicas >= self.replicas_below:
+            raise ValueError(f"{name} ({replicas}) must be below {self.replicas_below}")
+
+
+LIMITS = PlannerLimits()
 
 
 def as_count(value: object, name: str, minimum: int = 1) -> int:
@@ -41,10 +65,7 @@ def as_weight(weight: object, name: str = "weight") -> torch.Tensor:
         raise ValueError(
             f"{name} needs at least one layer and one expert, got shape {tuple(weight.shape)}"
         )
-    if weight.shape[1] >= MAX_SLOTS:
-        raise ValueError(
-            f"{name} has too many experts ({weight.shape[1]}), at most {MAX_SLOTS - 1}"
-        )
+    LIMITS.check_experts(weight.shape[1], name)
     return weight.detach().to(torch.float32).contiguous()
 
 
@@ -122,6 +143,5 @@ def check_problem(
         raise ValueError(
             f"num_replicas ({replicas}) must be at least the number of experts ({experts})"
         )
-    if replicas >= MAX_SLOTS:
-        raise ValueError(f"num_replicas ({replicas}) must be below {MAX_SLOTS}")
+    LIMITS.check_replicas(replicas)
     return Problem(layers, experts, replicas, groups, nodes, gpus)

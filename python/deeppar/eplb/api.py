@@ -12,7 +12,7 @@ import torch
 from deeppar import _native
 from deeppar.eplb import _backends, reference
 from deeppar.eplb._validate import (
-    MAX_SLOTS,
+    LIMITS,
     Problem,
     as_count,
     as_weight,
@@ -200,8 +200,10 @@ def replicate_experts(
     (phy2log ``[X, num_phy]``, replica rank ``[X, num_phy]``, logcnt ``[X, n]``)."""
     w = as_weight(weight)
     slots = as_count(num_phy, "num_phy")
-    if not w.shape[1] <= slots < MAX_SLOTS:
-        raise ValueError(f"num_phy ({slots}) must be in [{w.shape[1]}, {MAX_SLOTS})")
+    if slots < w.shape[1]:
+        raise ValueError(f"num_phy ({slots}) must be at least the number of items "
+                         f"({w.shape[1]})")
+    LIMITS.check_replicas(slots, "num_phy")
     check_values(w)
     if _row_native("eplb_replicate", w):
         out = torch.ops.deeppar.eplb_replicate(w.cpu(), slots)

@@ -9,19 +9,21 @@ deterministically; ``token_offset`` (e.g. this rank's first global token index, 
 counter) keeps ranks that each route a single token from all picking the first replica.
 
 The locality tiers depend only on the expert, so ``replica_candidates`` resolves them once per
-call into a compacted ``[experts, X]`` table; routing a token is then one gather. Backends:
-``"torch"`` (vectorised, any device), ``"triton"`` (the per-token part as one fused kernel, a
-custom op; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), ``"reference"`` (Python loops
-per token, the oracle).
+call into a compacted ``[experts, X]`` table; routing a token is then one gather. Backends
+(names and choice of :func:`deeppar.ops.resolve`): ``"native"`` (vectorised PyTorch, any device;
+also spelled ``"torch"``, ``"cpu"`` or ``"cuda"``), ``"triton"`` (the per-token part as one
+fused kernel, a custom op; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), ``"reference"``
+(Python loops per token, the oracle).
 """
 
 from __future__ import annotations
 
 import torch
 
-from deeppar import _native
+from deeppar import ops
 
-ROUTING_BACKENDS = ("torch", "triton", "reference")
+# "torch" is this op's own spelling of "native" (its native path is vectorised PyTorch).
+_ALIASES = {"torch": ops.NATIVE}
 _ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -145,34 +147,24 @@ def route_to_replicas(
         token_offset: added to the token index before the round-robin (see module doc).
         local_gpu: the GPU these tokens are on: prefer replicas there (needs
             ``slots_per_gpu``), then on its node if ``gpus_per_node`` is given.
-        backend: None (Triton on CUDA when usable, else torch), "torch", "triton", "reference".
+        backend: None (Triton on CUDA when usable, else native), "native" (also "torch"),
+            "triton" or "reference".
     Returns:
         ``[tokens, k]`` int64 physical slots, on the input's device.
     """
     _check(topk_ids, log2phy, logcnt, local_gpu, slots_per_gpu, gpus_per_node)
     offset = int(token_offset)
     device = topk_ids.device
-    if backend is None:
-        usable = device.type == "cuda" and _native.triton_usable(device)
-        backend = "triton" if usable else "torch"
-    if backend == "torch":
-        table, count = replica_candidates(log2phy, logcnt, local_gpu, slots_per_gpu,
-                                          gpus_per_node)
-        return route_torch(topk_ids, table, count, offset)
-    if backend == "reference":
+    name = ops.resolve(ops.REPLICA_ROUTING, backend, device, aliases=_ALIASES)
+    if name == "reference":
         out = route_reference(topk_ids.cpu(), log2phy.cpu(), logcnt.cpu(), offset, local_gpu,
                               slots_per_gpu, gpus_per_node)
         return out.to(device)
-    if backend == "triton":
-        if not _native.triton_usable(device):
-            raise ValueError("backend='triton': Triton cannot run here (needs a CUDA tensor, or "
-                             "TRITON_INTERPRET=1 for CPU tensors)")
+    table, count = replica_candidates(log2phy, logcnt, local_gpu, slots_per_gpu, gpus_per_node)
+    if name == "triton":
         from deeppar.kernels.replica_routing import route_replicas_triton
 
         tokens, k = topk_ids.shape
-        table, count = replica_candidates(log2phy, logcnt, local_gpu, slots_per_gpu,
-                                          gpus_per_node)
         return route_replicas_triton(topk_ids.reshape(-1), table, count, k, offset).view(
             tokens, k)
-    raise ValueError(f"backend must be None or one of {', '.join(ROUTING_BACKENDS)}, "
-                     f"got {backend!r}")
+    return route_torch(topk_ids, table, count, offset)

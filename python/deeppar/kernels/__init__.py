@@ -2,5 +2,5 @@
 
 They run compiled on CUDA tensors and, for testing, on CPU tensors under ``TRITON_INTERPRET=1``
 (set before triton is imported). Importing a kernel module requires triton; callers check
-``deeppar._native.triton_usable(device)`` first.
+``deeppar.ops.resolve`` first. Each launcher is a ``torch.library.custom_op`` with a fake.
 """

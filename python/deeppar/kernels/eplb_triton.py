@@ -20,6 +20,9 @@ Register arrays are updated in place with ``tl.where`` on the chosen index; the 
 data-dependent index use ``tl.gather``. Loops with data-dependent trip counts are ``while``
 loops: they compile to ``scf.while`` on GPU, and Triton's interpreter (where scalars are
 1-element arrays) runs them as plain Python loops, which ``range`` over a scalar it cannot.
+
+The launcher is the custom op ``deeppar::eplb_rebalance_triton`` with a fake (shape) function,
+so ``torch.compile`` traces it and ``torch.library.opcheck`` checks it.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def _replicate(
     j = tl.full([], 0, tl.int32) + n
     while j < k:
         # Largest weight / count (non-negative: bits order like floats), then fewest
-        # replicas, then lowest index.
+        # replicas, then lowest index (below 2^24: deeppar.eplb._validate.PlannerLimits).
         best = tl.max(tl.where(valid, ratio_bits, -1), 0)
         tie = valid & (ratio_bits == best)
         key = tl.where(tie, (count.to(tl.int64) << 24) | experts.to(tl.int64),
@@ -192,6 +195,7 @@ def _block(n: int) -> int:
     return block
 
 
+@torch.library.custom_op("deeppar::eplb_rebalance_triton", mutates_args=())
 def eplb_rebalance_triton(
     weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,3 +225,11 @@ def eplb_rebalance_triton(
         num_warps=num_warps, **blocks,
     )
     return phy2log, phy_rank, logcnt
+
+
+@eplb_rebalance_triton.register_fake
+def _eplb_rebalance_triton_fake(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    layers, experts = weight.shape
+    phy2log = weight.new_empty((layers, num_replicas), dtype=torch.int64)
+    logcnt = weight.new_empty((layers, experts), dtype=torch.int64)
+    return phy2log, torch.empty_like(phy2log), logcnt

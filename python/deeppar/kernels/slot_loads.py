@@ -1,4 +1,9 @@
-"""Triton kernel of ``slot_loads``: the load carried by each physical expert slot."""
+"""Triton kernel of ``slot_loads``: the load carried by each physical expert slot.
+
+Registered as the custom op ``deeppar::slot_loads_triton`` with a fake (shape) function, so
+``torch.compile`` traces it and ``torch.library.opcheck`` checks it (also under
+``TRITON_INTERPRET=1`` on CPU). Reached through ``deeppar.ops.slot_loads(backend="triton")``.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ def _slot_loads_kernel(
     tl.store(out_ptr + layer * replicas + slots, tl.div_rn(load, count), mask=mask)
 
 
+@torch.library.custom_op("deeppar::slot_loads_triton", mutates_args=())
 def slot_loads_triton(
     weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor
 ) -> torch.Tensor:
@@ -44,3 +50,8 @@ def slot_loads_triton(
     grid = (layers, triton.cdiv(replicas, block))
     _slot_loads_kernel[grid](weight, phy2log, logcnt, out, weight.shape[1], replicas, BLOCK=block)
     return out
+
+
+@slot_loads_triton.register_fake
+def _slot_loads_triton_fake(weight, phy2log, logcnt):
+    return weight.new_empty(phy2log.shape)

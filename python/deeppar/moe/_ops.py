@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from deeppar import _native
+from deeppar import _native, ops
 from deeppar.moe.reference import permute_reference, unpermute_backward, unpermute_reference
 
 OpPair = tuple[Callable[..., Any], Callable[..., Any]]
@@ -113,32 +113,13 @@ def triton_ops() -> OpPair:
     return _triton_ops
 
 
-BACKENDS = ("native", "triton", "reference")
-
-
 def resolve_backend(backend: str | None, device: torch.device) -> OpPair:
-    """The operator pair for ``backend`` on ``device``; ``None`` picks the device's native
-    kernel, else Triton, else the reference. An unusable explicit choice is a ValueError."""
-    kind = device.type
-    native_ok = NATIVE_OPS is not None and _native.has_kernel("moe_permute", kind)
-    if backend is None:
-        backend = "native" if native_ok else "triton" if _native.triton_usable(device) else (
-            "reference"
-        )
-    if backend == "native":
-        if not native_ok:
-            raise ValueError(
-                f"backend='native': no native moe_permute kernel for {kind} tensors "
-                f"(native extension: {_native.NATIVE_ERROR or 'loaded without this kernel'})"
-            )
-        return NATIVE_OPS
-    if backend == "triton":
-        if not _native.triton_usable(device):
-            raise ValueError(
-                "backend='triton': Triton cannot run here (needs a CUDA tensor, or "
-                "TRITON_INTERPRET=1 for CPU tensors)"
-            )
+    """The operator pair that :func:`deeppar.ops.resolve` picks for ``backend`` on ``device``
+    (``None``: the device's native kernel, else Triton on CUDA, else the reference)."""
+    name = ops.resolve(ops.MOE_PERMUTE, backend, device)
+    if name == "triton":
         return triton_ops()
-    if backend == "reference":
+    if name == "reference":
         return REFERENCE_OPS
-    raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    assert NATIVE_OPS is not None  # resolve() found the native kernel registered
+    return NATIVE_OPS

@@ -63,8 +63,9 @@ def permute(
         x: ``[T, H]`` tokens (differentiable).
         topk_ids: ``[T, k]`` int64 expert ids (from :class:`~deeppar.moe.Router`).
         num_experts: ``E``; rank ``r`` of ``num_ranks`` owns experts ``[r*E/R, (r+1)*E/R)``.
-        backend: ``None`` (native kernel of the device, else Triton, else reference),
-            ``"native"``, ``"triton"`` or ``"reference"``.
+        backend: ``None`` (native kernel of the device, else Triton on CUDA, else reference),
+            ``"native"`` (or ``"cpu"``/``"cuda"``), ``"triton"`` or ``"reference"``; names
+            and choice as in :func:`deeppar.ops.resolve`.
         num_sms: GPU kernels run on exactly this many persistent blocks (``None``: one wave
             sized by the device); ignored on CPU.
     """
