@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/eplb_layers.h"
 #include "cpu/eplb_rules.h"
 #include "op_checks.h"
 
@@ -44,32 +45,11 @@ void check_weight(const at::Tensor& weight, const char* op) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_cpu(
     const at::Tensor& weight,  // [L, E] float32, non-negative, finite
     int64_t num_replicas, int64_t num_groups, int64_t num_nodes, int64_t num_gpus) {
-  check_eplb_rebalance_args(weight, num_replicas, num_groups, num_nodes, num_gpus);
-  const int64_t layers = weight.size(0), experts = weight.size(1);
-  const at::Tensor w = weight.contiguous();
-  const auto opts = w.options().dtype(at::kLong);
-  at::Tensor phy2log = at::empty({layers, num_replicas}, opts);
-  at::Tensor phy_rank = at::empty({layers, num_replicas}, opts);
-  at::Tensor logcnt = at::empty({layers, experts}, opts);
-  const Shape sh{static_cast<int32_t>(experts), static_cast<int32_t>(num_replicas),
-                 static_cast<int32_t>(num_groups), static_cast<int32_t>(num_nodes),
-                 static_cast<int32_t>(num_gpus)};
-  const float* wp = w.const_data_ptr<float>();
-  int64_t* pp = phy2log.mutable_data_ptr<int64_t>();
-  int64_t* rp = phy_rank.mutable_data_ptr<int64_t>();
-  int64_t* cp = logcnt.mutable_data_ptr<int64_t>();
   // A layer takes ~4 us per 300 slots: below ~32k slots a second thread costs more than it saves
   // (and on a busy machine a late thread costs milliseconds), so small batches stay inline.
-  const int64_t grain = std::max<int64_t>(1, kSlotsPerTask / num_replicas);
-  at::parallel_for(0, layers, grain, [&](int64_t begin, int64_t end) {
-    Scratch s;
-    for (int64_t l = begin; l < end; ++l) {
-      check_row(wp + l * experts, experts, "eplb_rebalance");
-      hierarchical_row(wp + l * experts, sh, pp + l * num_replicas, rp + l * num_replicas,
-                       cp + l * experts, s);
-    }
-  });
-  return {phy2log, phy_rank, logcnt};
+  return eplb_cpu::plan_layers<Scratch>(weight, num_replicas, num_groups, num_nodes, num_gpus,
+                                        kSlotsPerTask, "eplb_rebalance",
+                                        [](auto... row) { hierarchical_row(row...); });
 }
 
 std::tuple<at::Tensor, at::Tensor> eplb_pack_cpu(const at::Tensor& weight,  // [X, n] float32

@@ -13,9 +13,7 @@
 //     is kept if it is at most the spec's plan's, else the spec's plan is (candidate 0 can
 //     only lower the spec's max, up to rounding).
 // Deterministic: every scan runs in index order and ties keep the first candidate.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -24,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/eplb_layers.h"
 #include "cpu/eplb_rules.h"
 #include "op_checks.h"
 
@@ -367,32 +366,12 @@ void balanced_row(const float* w, const Shape& sh, int64_t* phy2log, int64_t* ph
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_balanced_cpu(
     const at::Tensor& weight,  // [L, E] float32, non-negative, finite
     int64_t num_replicas, int64_t num_groups, int64_t num_nodes, int64_t num_gpus) {
-  check_eplb_rebalance_args(weight, num_replicas, num_groups, num_nodes, num_gpus);
-  const int64_t layers = weight.size(0), experts = weight.size(1);
-  const at::Tensor w = weight.contiguous();
-  const auto opts = w.options().dtype(at::kLong);
-  at::Tensor phy2log = at::empty({layers, num_replicas}, opts);
-  at::Tensor phy_rank = at::empty({layers, num_replicas}, opts);
-  at::Tensor logcnt = at::empty({layers, experts}, opts);
-  const Shape sh{static_cast<int32_t>(experts), static_cast<int32_t>(num_replicas),
-                 static_cast<int32_t>(num_groups), static_cast<int32_t>(num_nodes),
-                 static_cast<int32_t>(num_gpus)};
-  const float* wp = w.const_data_ptr<float>();
-  int64_t* pp = phy2log.mutable_data_ptr<int64_t>();
-  int64_t* rp = phy_rank.mutable_data_ptr<int64_t>();
-  int64_t* cp = logcnt.mutable_data_ptr<int64_t>();
   // About 0.1 ms per layer: batches of model size stay on the calling thread (waking the pool
   // costs milliseconds on a busy machine), only very large ones are split.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / num_replicas);
-  at::parallel_for(0, layers, grain, [&](int64_t begin, int64_t end) {
-    BalancedScratch b;
-    for (int64_t l = begin; l < end; ++l) {
-      check_row(wp + l * experts, experts, "eplb_rebalance_balanced");
-      balanced_row(wp + l * experts, sh, pp + l * num_replicas, rp + l * num_replicas,
-                   cp + l * experts, b);
-    }
-  });
-  return {phy2log, phy_rank, logcnt};
+  return eplb_cpu::plan_layers<BalancedScratch>(weight, num_replicas, num_groups, num_nodes,
+                                                num_gpus, int64_t{1} << 20,
+                                                "eplb_rebalance_balanced",
+                                                [](auto... row) { balanced_row(row...); });
 }
 
 }  // namespace
