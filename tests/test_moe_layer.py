@@ -18,6 +18,7 @@ from deeppar.moe import (
     combine_start,
     dispatch_backward_start,
     dispatch_start,
+    exchange_counts,
     permute,
     unpermute,
 )
@@ -217,6 +218,12 @@ def case_bad_input_fails_on_every_rank(rank: int, world: int) -> None:
     if rank == 0:
         ids[0, 0] = -1
     _expect_same_error(lambda: layer.permute(x, ids), r"outside \[0, 8\)")
+    # counts of the wrong shape (or negative) on one rank, given to exchange_counts directly
+    counts = torch.ones(8, dtype=torch.int64)
+    if rank == world - 1:
+        counts = counts[:4] if world == 2 else -counts
+    _expect_same_error(lambda: exchange_counts(counts, 8),
+                       rf"not so on EP rank\(s\) \[{world - 1}\]")
 
 
 _DIST_CASES = ["test_moe_layer:case_dense_sigmoid_grouped", "test_moe_layer:case_dense_softmax",

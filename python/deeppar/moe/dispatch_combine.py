@@ -136,14 +136,18 @@ def exchange_counts(
 ) -> DispatchLayout:
     """Send each EP rank the number of rows it will receive for each of its experts.
 
-    ``expert_counts`` ``[E]`` int64 (from :func:`~deeppar.moe.permute`). Call
-    :func:`agree_on_routing` first; this function only checks what it can without a collective
-    that every rank reaches anyway. Returns the layout of the payload transfers.
+    ``expert_counts`` ``[E]`` int64 non-negative (from :func:`~deeppar.moe.permute`). Call
+    :func:`agree_on_routing` first (it agrees on ``num_experts``). A rank whose counts are not
+    such a tensor sends -1 in their place, so every rank finds it in what it receives and raises
+    the same ValueError. Returns the layout of the payload transfers.
     """
     world, _ = ep_world(group)
-    if expert_counts.dtype != torch.int64 or expert_counts.shape != (num_experts,):
-        raise ValueError(f"expert_counts must be an int64 [{num_experts}] tensor")
-    send = expert_counts.view(world, num_experts // world)
+    if num_experts % world:
+        raise ValueError(f"the EP group size {world} does not divide num_experts={num_experts}")
+    well_formed = (isinstance(expert_counts, torch.Tensor) and expert_counts.dtype == torch.int64
+                   and expert_counts.shape == (num_experts,))
+    send = (expert_counts.view(world, num_experts // world) if well_formed
+            else torch.full((world, num_experts // world), -1, dtype=torch.int64))
     if world == 1:
         recv = send.cpu()
     else:
@@ -152,6 +156,10 @@ def exchange_counts(
         recv_dev = torch.empty_like(send_dev)
         dist.all_to_all_single(recv_dev, send_dev, group=group)
         recv = recv_dev.cpu()
+    bad_ranks = [r for r in range(world) if bool((recv[r] < 0).any())]
+    if bad_ranks:
+        raise ValueError(f"expert_counts must be an int64 [{num_experts}] tensor of non-negative "
+                         f"counts on every EP rank (not so on EP rank(s) {bad_ranks})")
     return DispatchLayout(
         group=group,
         num_experts=num_experts,
