@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -66,6 +66,16 @@ LOADS: dict[str, Callable[[int, int], torch.Tensor]] = {
 }
 
 
+def cases(quick: bool) -> Iterator[tuple[str, tuple[int, ...], str, torch.Tensor]]:
+    """(shape name, sizes, load kind, loads [layers, experts]) of every shape and load kind;
+    ``quick`` leaves out the stress shape."""
+    for name, shape in SHAPES:
+        if quick and name == "Stress":
+            continue
+        for kind, make in LOADS.items():
+            yield name, shape, kind, make(*shape[:2])
+
+
 def balancedness_section(args: argparse.Namespace) -> list[dict]:
     """Balancedness, distance to the bound, duplicate replicas and time of each method."""
     rows = []
@@ -74,36 +84,32 @@ def balancedness_section(args: argparse.Namespace) -> list[dict]:
     print(f"{'shape':<31} {'loads':<9} {'deepseek':>8} {'balanced':>8} {'bound':>6} "
           f"{'node':>6} {'gap ds':>7} {'gap bal':>7} {'dup ds':>6} {'dup bal':>7} {'t ds':>8} "
           f"{'t bal':>8} {'bal/ds':>7}")
-    for name, shape in SHAPES:
-        if args.quick and name == "Stress":
-            continue
-        layers, experts, replicas, groups, nodes, gpus = shape
-        for kind, make in LOADS.items():
-            weight = make(layers, experts)
-            plans = {m: eplb.plan(weight, replicas, groups, nodes, gpus, method=m)
-                     for m in eplb.METHODS}
-            times = {
-                m: measure(partial(eplb.rebalance_experts, weight, *shape[2:], method=m),
-                           repeats=args.repeats, warmup=2)
-                for m in eplb.METHODS
-            }
-            ds, bal = plans["deepseek"], plans["balanced"]
-            node_bound = node_rule_bound(weight, groups, nodes)
-            row = {
-                "shape": name, "sizes": list(shape), "loads": kind, "policy": ds.policy,
-                "balancedness": {m: plans[m].balancedness for m in eplb.METHODS},
-                "bound": ds.balancedness_bound,
-                "node_rule_bound": node_bound,
-                "bound_gap": {m: plans[m].bound_gap for m in eplb.METHODS},
-                "duplicate_gpus": {m: plans[m].duplicate_gpus for m in eplb.METHODS},
-                "time": {m: times[m] for m in eplb.METHODS},
-            }
-            rows.append(row)
-            print(f"{name:<31} {kind:<9} {ds.balancedness:8.4f} {bal.balancedness:8.4f} "
-                  f"{ds.balancedness_bound:6.4f} {node_bound:6.4f} {100 * ds.bound_gap:6.2f}% "
-                  f"{100 * bal.bound_gap:6.2f}% {ds.duplicate_gpus:6d} {bal.duplicate_gpus:7d} "
-                  f"{times['deepseek'].ms:6.2f}ms {times['balanced'].ms:6.2f}ms "
-                  f"{ratio(times['balanced'].median, times['deepseek'].median):>7}")
+    for name, shape, kind, weight in cases(args.quick):
+        _, _, replicas, groups, nodes, gpus = shape
+        plans = {m: eplb.plan(weight, replicas, groups, nodes, gpus, method=m)
+                 for m in eplb.METHODS}
+        times = {
+            m: measure(partial(eplb.rebalance_experts, weight, *shape[2:], method=m),
+                       repeats=args.repeats, warmup=2)
+            for m in eplb.METHODS
+        }
+        ds, bal = plans["deepseek"], plans["balanced"]
+        node_bound = node_rule_bound(weight, groups, nodes)
+        row = {
+            "shape": name, "sizes": list(shape), "loads": kind, "policy": ds.policy,
+            "balancedness": {m: plans[m].balancedness for m in eplb.METHODS},
+            "bound": ds.balancedness_bound,
+            "node_rule_bound": node_bound,
+            "bound_gap": {m: plans[m].bound_gap for m in eplb.METHODS},
+            "duplicate_gpus": {m: plans[m].duplicate_gpus for m in eplb.METHODS},
+            "time": {m: times[m] for m in eplb.METHODS},
+        }
+        rows.append(row)
+        print(f"{name:<31} {kind:<9} {ds.balancedness:8.4f} {bal.balancedness:8.4f} "
+              f"{ds.balancedness_bound:6.4f} {node_bound:6.4f} {100 * ds.bound_gap:6.2f}% "
+              f"{100 * bal.bound_gap:6.2f}% {ds.duplicate_gpus:6d} {bal.duplicate_gpus:7d} "
+              f"{times['deepseek'].ms:6.2f}ms {times['balanced'].ms:6.2f}ms "
+              f"{ratio(times['balanced'].median, times['deepseek'].median):>7}")
     print("node: upper bound with every group on one node (hierarchical policy); gap: max GPU "
           "load above the spec's lower bound, averaged over layers; dup: (layer, GPU) pairs "
           "holding one expert twice or more; bal/ds: deepseek's time / balanced's")
@@ -135,42 +141,37 @@ def migration_section(args: argparse.Namespace) -> list[dict]:
     print(f"{'shape':<31} {'loads':<9} {'method':<8} {'sigma':>5} | {'now':>6} {'scratch':>7} "
           f"{'migrate':>7} | {'moved: scratch':>14} {'relabel':>7} {'migrate':>7} {'ratio':>6} "
           f"| {'t scratch':>9} {'t migrate':>9}")
-    for name, shape in SHAPES:
-        if args.quick and name == "Stress":
-            continue
-        layers, experts, replicas, groups, nodes, gpus = shape
-        for kind, make in LOADS.items():
-            weight = make(layers, experts)
-            for method in ("deepseek",) if args.quick else eplb.METHODS:
-                current, _, _ = eplb.rebalance_experts(weight, *shape[2:], method=method)
-                for sigma in sigmas:
-                    loads = drift(weight, sigma)
-                    t_scratch = measure(partial(eplb.rebalance_experts, loads, *shape[2:],
-                                                method=method), repeats=args.repeats, warmup=1)
-                    done: dict = {}
-                    t_migrate = measure(partial(_migrate_into, done, loads, current, *shape[2:],
-                                                method=method), repeats=1, warmup=0)
-                    m = done["m"]
-                    row = {
-                        "shape": name, "sizes": list(shape), "loads": kind, "method": method,
-                        "sigma": sigma, "slots": layers * replicas,
-                        "balancedness": {"current": m.balancedness_current,
-                                         "scratch": m.balancedness_scratch,
-                                         "migrate": m.balancedness},
-                        "moved": {"scratch": int(m.moved_scratch.sum()),
-                                  "relabelled": int(m.moved_relabelled.sum()),
-                                  "migrate": int(m.moved.sum())},
-                        "layers_from_scratch": int(m.from_scratch.sum()),
-                        "time": {"scratch": t_scratch, "migrate": t_migrate},
-                    }
-                    rows.append(row)
-                    moved = row["moved"]
-                    print(f"{name:<31} {kind:<9} {method:<8} {sigma:5.2f} | "
-                          f"{m.balancedness_current:6.4f} {m.balancedness_scratch:7.4f} "
-                          f"{m.balancedness:7.4f} | {moved['scratch']:14d} "
-                          f"{moved['relabelled']:7d} {moved['migrate']:7d} "
-                          f"{ratio(moved['scratch'], moved['migrate']):>6} | "
-                          f"{t_scratch.ms:7.2f}ms {t_migrate.median:8.2f}s")
+    for name, shape, kind, weight in cases(args.quick):
+        for method in ("deepseek",) if args.quick else eplb.METHODS:
+            current, _, _ = eplb.rebalance_experts(weight, *shape[2:], method=method)
+            for sigma in sigmas:
+                loads = drift(weight, sigma)
+                t_scratch = measure(partial(eplb.rebalance_experts, loads, *shape[2:],
+                                            method=method), repeats=args.repeats, warmup=1)
+                done: dict = {}
+                t_migrate = measure(partial(_migrate_into, done, loads, current, *shape[2:],
+                                            method=method), repeats=1, warmup=0)
+                m = done["m"]
+                row = {
+                    "shape": name, "sizes": list(shape), "loads": kind, "method": method,
+                    "sigma": sigma, "slots": shape[0] * shape[2],
+                    "balancedness": {"current": m.balancedness_current,
+                                     "scratch": m.balancedness_scratch,
+                                     "migrate": m.balancedness},
+                    "moved": {"scratch": int(m.moved_scratch.sum()),
+                              "relabelled": int(m.moved_relabelled.sum()),
+                              "migrate": int(m.moved.sum())},
+                    "layers_from_scratch": int(m.from_scratch.sum()),
+                    "time": {"scratch": t_scratch, "migrate": t_migrate},
+                }
+                rows.append(row)
+                moved = row["moved"]
+                print(f"{name:<31} {kind:<9} {method:<8} {sigma:5.2f} | "
+                      f"{m.balancedness_current:6.4f} {m.balancedness_scratch:7.4f} "
+                      f"{m.balancedness:7.4f} | {moved['scratch']:14d} "
+                      f"{moved['relabelled']:7d} {moved['migrate']:7d} "
+                      f"{ratio(moved['scratch'], moved['migrate']):>6} | "
+                      f"{t_scratch.ms:7.2f}ms {t_migrate.median:8.2f}s")
     print("now: the placement in use under the new loads; ratio: moved from scratch / moved by "
           "migrate; t migrate: one call")
     return rows
