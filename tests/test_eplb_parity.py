@@ -16,6 +16,7 @@ from _eplb_helpers import (
     random_shape,
     random_weight,
 )
+from _triton_helpers import compile_for_sm90
 from conftest import HAS_CUDA, TRITON_INTERPRET
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -321,32 +322,14 @@ def test_triton_kernel_compiles_for_gpu(sizes):
         pytest.skip("the interpreter replaces the compiler")
     if not _native.triton_status()[0]:
         pytest.skip("triton cannot be imported")
-    compiler = pytest.importorskip("triton.compiler")
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from deeppar.kernels.eplb_triton import _eplb_rebalance_kernel as kernel
 
     blocks, num_warps, ones = sizes
-    names = list(kernel.arg_names)
-    signature = {name: "i32" for name in names}
-    signature.update(weight_ptr="*fp32", phy2log_ptr="*i64", phy_rank_ptr="*i64",
-                     logcnt_ptr="*i64")
     constants = dict(zip(("BLOCK_G", "BLOCK_N", "BLOCK_E", "BLOCK_S", "BLOCK_P"), blocks))
     constants.update({name: 1 for name in ones})
-    for name in constants:
-        signature[name] = "constexpr"
-    source = compiler.ASTSource(
-        fn=kernel, signature=signature,
-        constexprs={(names.index(n),): v for n, v in constants.items()},
-    )
-    try:
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": num_warps})
-    except RuntimeError as exc:  # no ptxas in this triton install
-        if "ptxas" in str(exc):
-            pytest.skip(str(exc))
-        raise
+    compiled = compile_for_sm90(
+        kernel, {"weight_ptr": "*fp32", "phy2log_ptr": "*i64", "phy_rank_ptr": "*i64",
+                 "logcnt_ptr": "*i64"}, constants, num_warps=num_warps)
     ptx = compiled.asm["ptx"]
     assert "div.rn.f32" in ptx and "ftz" not in ptx  # IEEE division, subnormals kept
     assert compiled.asm["cubin"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _triton_helpers import compile_for_sm90
 from conftest import HAS_CUDA
 
 from deeppar import _native
@@ -197,28 +198,6 @@ def test_bad_input():
         unpermute(p.tokens, p.pos, w[:, :1])
 
 
-def _compile_for_sm90(kernel, pointers: dict[str, str], constants: dict[str, object]):
-    compiler = pytest.importorskip("triton.compiler")
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    names = list(kernel.arg_names)
-    signature = {name: "i32" for name in names}
-    signature.update(pointers)
-    for name in constants:
-        signature[name] = "constexpr"
-    source = compiler.ASTSource(
-        fn=kernel, signature=signature,
-        constexprs={(names.index(n),): v for n, v in constants.items()},
-    )
-    try:
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    except RuntimeError as exc:  # no ptxas in this triton install
-        if "ptxas" in str(exc):
-            pytest.skip(str(exc))
-        raise
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp64"])
 def test_triton_kernels_compile_for_gpu(dtype):
     """The Triton kernels compile to sm_90 cubins (no GPU needed): catches what the interpreter
@@ -231,15 +210,15 @@ def test_triton_kernels_compile_for_gpu(dtype):
         pytest.skip("triton cannot be imported")
     from deeppar.kernels import moe_permute as k
 
-    count = _compile_for_sm90(k._count_kernel, {"ids_ptr": "*i64", "hist_ptr": "*i64"},
+    count = compile_for_sm90(k._count_kernel, {"ids_ptr": "*i64", "hist_ptr": "*i64"},
                               {"BLOCK": 32, "EXPERTS_P2": 256})
-    scatter = _compile_for_sm90(
+    scatter = compile_for_sm90(
         k._scatter_kernel,
         {"x_ptr": f"*{dtype}", "ids_ptr": "*i64", "hist_ptr": "*i64", "out_ptr": f"*{dtype}",
          "pos_ptr": "*i64", "rank_counts_ptr": "*i64", "expert_counts_ptr": "*i64"},
         {"BLOCK": 32, "EXPERTS_P2": 256, "RANKS_P2": 8, "BLOCK_H": 256},
     )
-    unpermute_kernel = _compile_for_sm90(
+    unpermute_kernel = compile_for_sm90(
         k._unpermute_kernel,
         {"y_ptr": f"*{dtype}", "pos_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": f"*{dtype}"},
         {"ACC_F64": dtype == "fp64", "ROUND_BF16": dtype == "bf16", "BLOCK_H": 1024},
