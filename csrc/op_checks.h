@@ -83,3 +83,50 @@ inline void check_moe_unpermute_args(const at::Tensor& y, const at::Tensor& pos,
 }
 
 }  // namespace deeppar
+
+namespace deeppar {
+
+// route_replicas(topk_ids [T, k] integer, log2phy [E, X] int64, logcnt [E] int64, offset,
+// local_gpu (< 0: no locality), slots_per_gpu, gpus_per_node (<= 0: no node tier)): value
+// checks (ids, logcnt) are made by the kernels, which read every value anyway.
+inline void check_route_replicas_args(const at::Tensor& topk_ids, const at::Tensor& log2phy,
+                                      const at::Tensor& logcnt, int64_t local_gpu,
+                                      int64_t slots_per_gpu) {
+  TORCH_CHECK_TYPE(topk_ids.dim() == 2 && at::isIntegralType(topk_ids.scalar_type(), false),
+                   "route_replicas: topk_ids must be an integer [tokens, k] tensor");
+  TORCH_CHECK_VALUE(log2phy.dim() == 2 && log2phy.size(1) >= 1 &&
+                        log2phy.scalar_type() == at::kLong,
+                    "route_replicas: log2phy must be an int64 [experts, max_replicas] tensor");
+  TORCH_CHECK_VALUE(logcnt.dim() == 1 && logcnt.size(0) == log2phy.size(0) &&
+                        logcnt.scalar_type() == at::kLong,
+                    "route_replicas: logcnt must be an int64 [experts] tensor");
+  TORCH_CHECK_VALUE(local_gpu < 0 || slots_per_gpu >= 1,
+                    "route_replicas: slots_per_gpu must be positive with local_gpu");
+  TORCH_CHECK(topk_ids.device() == log2phy.device() && topk_ids.device() == logcnt.device(),
+              "route_replicas: topk_ids, log2phy and logcnt on different devices");
+}
+
+// expert_counts(ids [L, N] integer, num_experts): ids are range-checked by the kernels.
+inline void check_expert_counts_args(const at::Tensor& ids, int64_t num_experts) {
+  TORCH_CHECK_TYPE(ids.dim() == 2 && at::isIntegralType(ids.scalar_type(), false),
+                   "expert_counts: ids must be an integer [layers, n] tensor");
+  TORCH_CHECK_VALUE(num_experts >= 1, "expert_counts: num_experts must be positive");
+}
+
+// The error of route_replicas and expert_counts for host ids [numel] outside [0, experts), once a
+// kernel has found one: names the smallest id if negative, else the largest, as the Python-side
+// checks of the other backends do.
+template <typename id_t>
+[[noreturn]] void throw_expert_id_out_of_range(const id_t* ids, int64_t numel, int64_t experts) {
+  int64_t low = static_cast<int64_t>(ids[0]), high = low;
+  for (int64_t i = 1; i < numel; ++i) {
+    const int64_t v = static_cast<int64_t>(ids[i]);
+    low = v < low ? v : low;
+    high = v > high ? v : high;
+  }
+  TORCH_CHECK_VALUE(false, "topk_ids holds expert id ", low < 0 ? low : high, ", outside [0, ",
+                    experts, ")");
+  __builtin_unreachable();
+}
+
+}  // namespace deeppar

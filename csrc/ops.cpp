@@ -38,4 +38,12 @@ TORCH_LIBRARY(deeppar, m) {
   // MoE token unpermute: out[t] = sum_j weights[t, j] * y[pos[t, j]], summed in j order in float32
   // (float64 for float64 y), rounded once to y's dtype.
   m.def("moe_unpermute(Tensor y, Tensor pos, Tensor weights, int num_sms) -> Tensor");
+  // Replica routing (deeppar.eplb.routing): topk_ids [T, k] integer, one layer's log2phy [E, X]
+  // and logcnt [E] int64 -> [T, k] int64 slots. Token t takes candidate (t + token_offset) mod n
+  // of its expert's n candidates (log2phy order): its replicas on local_gpu (slot //
+  // slots_per_gpu), else on local_gpu's node (gpus_per_node > 0), else all; local_gpu < 0: all.
+  m.def("route_replicas(Tensor topk_ids, Tensor log2phy, Tensor logcnt, int token_offset, "
+        "int local_gpu, int slots_per_gpu, int gpus_per_node) -> Tensor");
+  // Expert counts of each row (the load recorder): topk_ids [L, N] integer -> [L, E] int64.
+  m.def("expert_counts(Tensor topk_ids, int num_experts) -> Tensor");
 }

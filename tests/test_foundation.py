@@ -156,7 +156,7 @@ def test_backend_names_are_shared():
         "cuda", "triton", "cpu", "reference")
     assert ops.auto_order(ops.SLOT_LOADS, torch.device("cuda")) == ("cuda", "triton", "reference")
     assert ops.auto_order(ops.REPLICA_ROUTING, torch.device("cuda")) == (
-        "triton", "cuda", "reference")
+        "cuda", "triton", "reference")
     assert ops.auto_order(ops.MOE_PERMUTE, cpu) == ("cpu", "reference")
 
 

@@ -3,8 +3,7 @@
 
 Backend names, the same for every op:
 
-* ``"native"``: the op's own kernel for the tensor's device, compiled in ``deeppar._C`` (for
-  replica routing, which needs no compiled kernel, vectorised PyTorch);
+* ``"native"``: the op's own kernel for the tensor's device, compiled in ``deeppar._C``;
 * ``"cpu"`` / ``"cuda"``: ``"native"`` spelled by device, as DeepSeek's ``eplb`` names its
   backends; the EPLB planner also accepts ``"cpu"`` for CUDA tensors (planned on a host copy);
 * ``"triton"``: the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
@@ -55,7 +54,7 @@ SLOT_LOADS = Op("slot_loads", "slot_loads", "deeppar.kernels.slot_loads")
 EPLB_PLANNER = Op("EPLB", "eplb_rebalance", "deeppar.kernels.eplb_triton", host_copy=True)
 EPLB_BALANCED = Op("EPLB method='balanced'", "eplb_rebalance_balanced", host_copy=True)
 MOE_PERMUTE = Op("moe_permute", "moe_permute", "deeppar.kernels.moe_permute")
-REPLICA_ROUTING = Op("replica routing", None, "deeppar.kernels.replica_routing")
+REPLICA_ROUTING = Op("replica routing", "route_replicas", "deeppar.kernels.replica_routing")
 
 
 def _native_reason(op: Op, device: str) -> str | None:
@@ -155,6 +154,19 @@ if _native.NATIVE_LOADED:
     @torch.library.register_fake("deeppar::slot_loads")
     def _slot_loads_fake(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor):
         return weight.new_empty(phy2log.shape)
+
+if _native.has_kernel("route_replicas", "cpu") or _native.has_kernel("route_replicas", "cuda"):
+
+    @torch.library.register_fake("deeppar::route_replicas")
+    def _route_replicas_fake(topk_ids, log2phy, logcnt, token_offset, local_gpu, slots_per_gpu,
+                             gpus_per_node):
+        return topk_ids.new_empty(topk_ids.shape, dtype=torch.int64)
+
+if _native.has_kernel("expert_counts", "cpu") or _native.has_kernel("expert_counts", "cuda"):
+
+    @torch.library.register_fake("deeppar::expert_counts")
+    def _expert_counts_fake(topk_ids, num_experts):
+        return topk_ids.new_empty((topk_ids.shape[0], num_experts), dtype=torch.int64)
 
 if _native.has_kernel("eplb_rebalance", "cpu") or _native.has_kernel("eplb_rebalance", "cuda"):
 

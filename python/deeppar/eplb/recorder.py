@@ -3,8 +3,8 @@
 Each step the router's top-k expert ids are added to a ``[layers, experts]`` count: on a GPU
 with ``index_add_`` (no host synchronisation: no ``.item()``, no data-dependent shapes), so the
 recorder can sit inside a CUDA-graph-captured or ``torch.compile``-d forward pass; on the CPU
-with ``bincount``, faster there. Two ways to
-forget old traffic:
+with the native op ``deeppar::expert_counts`` (one pass that checks and counts the ids, layers in
+parallel; ``bincount`` when the extension is not built). Two ways to forget old traffic:
 
 * ``window=N``: a ring buffer of the last ``N`` steps (the open step included); counts are
   exact integers.
@@ -15,6 +15,8 @@ forget old traffic:
 from __future__ import annotations
 
 import torch
+
+from deeppar import _native
 
 _ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -68,6 +70,8 @@ class LoadRecorder:
             self._total = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self._slot = 0  # ring position of the open step (host-side: no sync to advance it)
         self._layer_offsets = torch.arange(num_layers, device=self.device) * num_experts
+        # The native CPU op checks the ids in its own counting pass.
+        self._native = self.device.type == "cpu" and _native.has_kernel("expert_counts", "cpu")
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if not isinstance(ids, torch.Tensor):
@@ -76,7 +80,7 @@ class LoadRecorder:
             raise TypeError(f"topk_ids must hold integer expert ids, got dtype {ids.dtype}")
         if ids.device != self.device:
             raise ValueError(f"topk_ids is on {ids.device}, the recorder on {self.device}")
-        if ids.numel() == 0:
+        if ids.numel() == 0 or self._native:
             return
         if ids.device.type == "cpu":
             low, high = (int(v) for v in torch.aminmax(ids))
@@ -98,20 +102,25 @@ class LoadRecorder:
         one ``layer`` (e.g. the router's ``[tokens, k]``); any integer dtype.
         """
         self._check_ids(topk_ids)
-        target = self._steps[self._slot] if self.window is not None else None
         if layer is None:
             if topk_ids.dim() < 1 or topk_ids.shape[0] != self.num_layers:
                 raise ValueError(
                     f"topk_ids must be [num_layers={self.num_layers}, ...] when layer is None, "
                     f"got shape {tuple(topk_ids.shape)}"
                 )
+        elif isinstance(layer, bool) or not isinstance(layer, int) or not (
+            0 <= layer < self.num_layers
+        ):
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        if self._native:
+            rows = topk_ids.reshape(self.num_layers if layer is None else 1, -1)
+            counts = torch.ops.deeppar.expert_counts(rows, self.num_experts)
+            self._add(counts if layer is None else counts[0], layer)
+            return
+        if layer is None:
             ids = topk_ids.reshape(self.num_layers, -1).long()
             flat = (ids + self._layer_offsets[:, None]).reshape(-1)
         else:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not (
-                0 <= layer < self.num_layers
-            ):
-                raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
             flat = topk_ids.reshape(-1).long() + layer * self.num_experts
         size = self.num_layers * self.num_experts
         if self.device.type == "cpu":  # ids are checked, so the size is known: no sync issue
@@ -120,9 +129,16 @@ class LoadRecorder:
             counts = torch.zeros(size, dtype=self._total.dtype, device=self.device)
             counts.index_add_(0, flat, torch.ones(flat.shape, dtype=counts.dtype,
                                                   device=self.device))
-        self._total.view(-1).add_(counts)
-        if target is not None:
-            target.view(-1).add_(counts)
+        self._add(counts.view(self.num_layers, self.num_experts), None)
+
+    def _add(self, counts: torch.Tensor, layer: int | None) -> None:
+        """Add ``counts`` (``[layers, experts]``, or ``[experts]`` of ``layer``) to the open
+        step and the total."""
+        targets = [self._total]
+        if self.window is not None:
+            targets.append(self._steps[self._slot])
+        for target in targets:
+            (target if layer is None else target[layer]).add_(counts)
 
     def step(self) -> None:
         """Close the open step: the window drops its oldest step, or the decay applies."""

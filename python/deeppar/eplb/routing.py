@@ -8,12 +8,13 @@ logcnt[e]`` of them. A stream of tokens is thus spread round-robin over an exper
 deterministically; ``token_offset`` (e.g. this rank's first global token index, or a step
 counter) keeps ranks that each route a single token from all picking the first replica.
 
-The locality tiers depend only on the expert, so ``replica_candidates`` resolves them once per
-call into a compacted ``[experts, X]`` table; routing a token is then one gather. Backends
-(names and choice of :func:`deeppar.ops.resolve`): ``"native"`` (vectorised PyTorch, any device;
-also spelled ``"torch"``, ``"cpu"`` or ``"cuda"``), ``"triton"`` (the per-token part as one
-fused kernel, a custom op; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), ``"reference"``
-(Python loops per token, the oracle).
+The locality tiers depend only on the expert, so they are resolved once per call per expert,
+not per token. Backends (names and choice of :func:`deeppar.ops.resolve`): ``"native"`` (also
+``"cpu"``; CPU tensors: the C++ op ``deeppar::route_replicas``, one fused pass over the ids,
+parallel over tokens), ``"triton"`` (the per-token part as one fused kernel, a custom op; CUDA
+tensors, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (vectorised PyTorch over
+``replica_candidates``, any device; what runs when no kernel can), ``"reference"`` (Python
+loops per token, the oracle).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import torch
 
 from deeppar import ops
 
-# "torch" is this op's own spelling of "native" (its native path is vectorised PyTorch).
-_ALIASES = {"torch": ops.NATIVE}
+TORCH = "torch"  # the vectorised PyTorch path: any device, no compiled kernel
 _ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def _check(topk_ids, log2phy, logcnt, local_gpu, slots_per_gpu, gpus_per_node):
+    """Types and shapes (cheap, every backend); the values are :func:`_check_values`'s."""
     for name, t in (("topk_ids", topk_ids), ("log2phy", log2phy), ("logcnt", logcnt)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -58,6 +59,11 @@ def _check(topk_ids, log2phy, logcnt, local_gpu, slots_per_gpu, gpus_per_node):
             gpus_per_node < 1
         ):
             raise ValueError(f"gpus_per_node must be a positive int, got {gpus_per_node!r}")
+
+
+def _check_values(topk_ids, log2phy, logcnt):
+    """Ids in [0, experts) and counts in [1, width], for the backends whose kernels do not check
+    them (the native CPU op checks them in its own pass over the ids)."""
     experts = log2phy.shape[0]
     if topk_ids.numel() == 0:
         return
@@ -126,6 +132,16 @@ def route_reference(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch
     return torch.tensor(out, dtype=torch.int64).view(topk_ids.shape)
 
 
+def _backend(backend: str | None, device: torch.device) -> str:
+    """The path that runs: one of :data:`deeppar.ops.BACKENDS` or :data:`TORCH`."""
+    if backend == TORCH:
+        return TORCH
+    name = ops.resolve(ops.REPLICA_ROUTING, backend, device)
+    # With no kernel for the device (or the extension not built), vectorised PyTorch, not the
+    # Python loops of the reference.
+    return TORCH if backend is None and name == "reference" else name
+
+
 def route_to_replicas(
     topk_ids: torch.Tensor,
     log2phy: torch.Tensor,
@@ -147,15 +163,20 @@ def route_to_replicas(
         token_offset: added to the token index before the round-robin (see module doc).
         local_gpu: the GPU these tokens are on: prefer replicas there (needs
             ``slots_per_gpu``), then on its node if ``gpus_per_node`` is given.
-        backend: None (Triton on CUDA when usable, else native), "native" (also "torch"),
-            "triton" or "reference".
+        backend: None (the native op on CPU, Triton on CUDA when usable, else "torch"),
+            "native" (also "cpu"), "triton", "torch" or "reference".
     Returns:
         ``[tokens, k]`` int64 physical slots, on the input's device.
     """
     _check(topk_ids, log2phy, logcnt, local_gpu, slots_per_gpu, gpus_per_node)
     offset = int(token_offset)
     device = topk_ids.device
-    name = ops.resolve(ops.REPLICA_ROUTING, backend, device, aliases=_ALIASES)
+    name = _backend(backend, device)
+    if name == "cpu":
+        return torch.ops.deeppar.route_replicas(
+            topk_ids, log2phy.long(), logcnt.long(), offset,
+            -1 if local_gpu is None else local_gpu, slots_per_gpu or 0, gpus_per_node or 0)
+    _check_values(topk_ids, log2phy, logcnt)
     if name == "reference":
         out = route_reference(topk_ids.cpu(), log2phy.cpu(), logcnt.cpu(), offset, local_gpu,
                               slots_per_gpu, gpus_per_node)
