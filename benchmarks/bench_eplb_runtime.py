@@ -1,10 +1,13 @@
 """Benchmark of the EPLB runtime pieces: load recorder and replica routing vs plain torch.
 
 Recorder: one step of every layer's router ids ``[layers, tokens, k]`` counted by
-``LoadRecorder`` (window and decay) against plain torch (one ``bincount`` per layer, which
-reads the ids' maximum back to the host on a GPU). Routing: ``route_to_replicas`` (torch path,
-with and without locality; the Triton kernel on a GPU) against a plain-torch gather
-``log2phy[ids, 0]`` that sends every token to an expert's first replica. Sizes: DeepSeek-V3
+``LoadRecorder`` (window and decay; on the CPU the native ``expert_counts`` op) against plain
+torch (one ``bincount`` per layer, which reads the ids' maximum back to the host on a GPU).
+Routing: ``route_to_replicas`` (native op, vectorised torch path, the Triton kernel on a GPU;
+with and without locality) against the same rule written in plain torch (``vs plain``: the
+candidate replicas per expert when locality is asked, then one gather), and against the floor
+``log2phy[ids, 0]``, a gather that sends every token to an expert's first replica (no
+spreading: a different, cheaper result; ``vs floor``). Sizes: DeepSeek-V3
 (58 layers, 256 experts, top-8, plan of the prefill shape), prefill 4096 tokens per rank and
 decode 128 tokens per rank.
 
@@ -70,35 +73,62 @@ def bench_recorder(device: str, repeats: int, sync) -> list[dict]:
     return rows
 
 
+def plain_spread(ids: torch.Tensor, table: torch.Tensor, count: torch.Tensor,
+                 token_offset: int) -> torch.Tensor:
+    """The spreading rule written as a user would in plain torch: token ``t`` takes replica
+    ``(t + token_offset) % count[e]`` of its expert ``e`` in ``table``."""
+    order = torch.arange(ids.shape[0], device=ids.device)[:, None] + token_offset
+    return table[ids, order % count[ids]]
+
+
 def bench_routing(device: str, repeats: int, sync) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     weight = torch.exp(torch.randn(1, EXPERTS, generator=g) * 1.2)
     _, log2phy, logcnt = eplb.rebalance_experts(weight, *PLAN)
     table, cnt = log2phy[0].to(device), logcnt[0].to(device)
     slots_per_gpu, gpus_per_node = PLAN[0] // PLAN[3], PLAN[3] // PLAN[2]
-    backends = ["torch"]
+    locality = {"local_gpu": 3, "slots_per_gpu": slots_per_gpu, "gpus_per_node": gpus_per_node}
+    backends = ["native", "torch"]
     if device == "cuda" and _native.triton_usable(device):
         backends.append("triton")
+    offset = 7
     rows = []
+
+    def row(phase, variant, t, base, floor, tokens):
+        return {"what": "routing", "phase": phase, "variant": variant, "ms": t.ms,
+                "vs_plain": base.median / t.median, "vs_floor": floor.median / t.median,
+                "tokens_per_s": tokens / t.median}
+
     for phase, tokens in TOKENS.items():
         ids = router_ids(1, tokens, device, seed=2)[0]
-        base = measure(lambda ids=ids: table[ids, 0], repeats=repeats, sync=sync)
-        rows.append({"what": "routing", "phase": phase, "variant": "plain gather log2phy[ids, 0]",
-                     "ms": base.ms, "vs_plain": 1.0, "tokens_per_s": tokens / base.median})
-        for backend in backends:
-            for local in (False, True):
-                kw = ({"local_gpu": 3, "slots_per_gpu": slots_per_gpu,
-                       "gpus_per_node": gpus_per_node} if local else {})
+        timed = {"repeats": repeats, "sync": sync, "min_time": 0.2}
+        floor = measure(lambda ids=ids: table[ids, 0], **timed)
+        for local in (False, True):
+            kw = locality if local else {}
 
-                def route(backend=backend, kw=kw, ids=ids) -> None:
-                    eplb.route_to_replicas(ids, table, cnt, token_offset=7, backend=backend,
-                                           **kw)
+            def plain(ids=ids, kw=kw) -> torch.Tensor:
+                # with locality, the candidate replicas of each expert first (vectorised torch)
+                slots, count = (eplb.routing.replica_candidates(table, cnt, **kw) if kw
+                                else (table, cnt))
+                return plain_spread(ids, slots, count, offset)
 
-                t = measure(route, repeats=repeats, sync=sync)
-                name = f"route_to_replicas {backend}" + (" + GPU/node locality" if local else "")
-                rows.append({"what": "routing", "phase": phase, "variant": name, "ms": t.ms,
-                             "vs_plain": base.median / t.median,
-                             "tokens_per_s": tokens / t.median})
+            def route(backend, ids=ids, kw=kw) -> torch.Tensor:
+                return eplb.route_to_replicas(ids, table, cnt, token_offset=offset,
+                                              backend=backend, **kw)
+
+            where = " + GPU/node locality" if local else ""
+            base = measure(plain, **timed)
+            if not local:
+                rows.append(row(phase, "plain gather log2phy[ids, 0] (no spreading)", floor,
+                                base, floor, tokens))
+            rows.append(row(phase, "plain torch spread (same result)" + where, base, base,
+                            floor, tokens))
+            for backend in backends:
+                if not torch.equal(route(backend), plain()):
+                    raise AssertionError(f"route_to_replicas {backend} differs from plain torch")
+                t = measure(lambda backend=backend: route(backend), **timed)
+                rows.append(row(phase, f"route_to_replicas {backend}{where}", t, base, floor,
+                                tokens))
     return rows
 
 
@@ -115,13 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 5 if args.quick else 30
     print(f"EPLB runtime benchmark: torch {torch.__version__}, {torch.get_num_threads()} CPU "
           f"threads, device {args.device}; median of {repeats} runs; ratio = plain / this "
-          "(higher is faster)")
+          "(higher is faster); vs plain: against plain torch computing the same result")
     rows = bench_recorder(args.device, repeats, sync) + bench_routing(args.device, repeats, sync)
-    print(f"\n{'what':<9} {'phase':<8} {'variant':<48} {'time':>10} {'vs plain':>9} "
-          f"{'tokens/s':>10}")
+    print(f"\n{'what':<9} {'phase':<8} {'variant':<52} {'time':>10} {'vs plain':>9} "
+          f"{'vs floor':>9} {'tokens/s':>10}")
     for r in rows:
-        print(f"{r['what']:<9} {r['phase']:<8} {r['variant']:<48} {r['ms']:7.3f} ms "
-              f"{ratio(1.0, 1.0 / r['vs_plain']):>9} {r['tokens_per_s']:10.3g}")
+        floor = ratio(1.0, 1.0 / r["vs_floor"]) if "vs_floor" in r else "-"
+        print(f"{r['what']:<9} {r['phase']:<8} {r['variant']:<52} {r['ms']:7.3f} ms "
+              f"{ratio(1.0, 1.0 / r['vs_plain']):>9} {floor:>9} {r['tokens_per_s']:10.3g}")
     write_json(args.json, {"device": args.device, "torch": torch.__version__,
                            "layers": LAYERS, "experts": EXPERTS, "topk": TOPK,
                            "tokens": TOKENS, "rows": rows})

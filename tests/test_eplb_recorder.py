@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deeppar import _native
+from deeppar.eplb import recorder as recorder_module
 from deeppar.eplb.recorder import LoadRecorder
+
+HAS_NATIVE = _native.has_kernel("expert_counts", "cpu")
 
 
 def plain_count(ids: torch.Tensor, experts: int) -> torch.Tensor:
@@ -36,6 +40,51 @@ def test_one_step_equals_plain_count(layers, experts, tokens, k, dtype):
     for layer in range(layers):
         rec2.record(ids[layer], layer=layer)
     assert torch.equal(rec2.loads(), loads)
+
+
+@pytest.fixture(params=["native", "bincount"])
+def count_path(request, monkeypatch):
+    """Runs a test on the native CPU count and on the bincount fallback."""
+    if request.param == "native" and not HAS_NATIVE:
+        pytest.skip("deeppar._C has no expert_counts")
+    if request.param == "bincount":
+        monkeypatch.setattr(recorder_module._native, "has_kernel", lambda op, device: False)
+    return request.param
+
+
+@pytest.mark.parametrize("layers,experts,tokens,k", [(1, 1, 1, 1), (2, 256, 4096, 8),
+                                                     (58, 256, 128, 8), (5, 7, 3, 300)])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.int8])
+def test_both_cpu_counts_equal_bincount(count_path, layers, experts, tokens, k, dtype):
+    if dtype in (torch.uint8, torch.int8) and experts > 127:
+        experts = 100
+    ids = random_ids(layers, tokens, k, experts, seed=tokens).to(dtype)
+    want = torch.stack([torch.bincount(row.reshape(-1).long(), minlength=experts)
+                        for row in ids]).float()
+    for mode in ({"window": 3}, {"decay": 0.5}):
+        rec = LoadRecorder(layers, experts, **mode)
+        assert rec._native == (count_path == "native")
+        rec.record(ids)
+        assert torch.equal(rec.loads(), want)
+        rec.record(ids[layers - 1], layer=layers - 1)
+        want_layer = want.clone()
+        want_layer[layers - 1] *= 2
+        assert torch.equal(rec.loads(), want_layer)
+        with pytest.raises(ValueError, match=rf"expert id {experts}, outside \[0, {experts}\)"):
+            rec.record(torch.full((layers, 2), experts, dtype=torch.int64))
+        with pytest.raises(ValueError, match="expert id -2"):
+            rec.record(torch.tensor([0, -2]), layer=0)
+        assert torch.equal(rec.loads(), want_layer)  # nothing counted
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="deeppar._C has no expert_counts")
+def test_expert_counts_op_passes_opcheck():
+    op = torch.ops.deeppar.expert_counts.default
+    ids = random_ids(3, 5, 2, 6, seed=0).view(3, -1)
+    for args in ((ids, 6), (ids.int(), 9), (ids[:, :0], 4)):
+        torch.library.opcheck(op, args)
+    with pytest.raises(TypeError, match="integer"):
+        op(ids.float(), 6)
 
 
 def test_window_keeps_the_last_steps():

@@ -42,8 +42,13 @@ def locality_kwargs(case, locality):
     return kwargs
 
 
+HAS_NATIVE = _native.has_kernel("route_replicas", "cpu")
+needs_native = pytest.mark.skipif(not HAS_NATIVE, reason="deeppar._C has no route_replicas")
+
+
 def backends() -> list[str]:
-    return ["torch", "triton"] if _native.triton_usable("cpu") else ["torch"]
+    names = ["torch"] + (["native"] if HAS_NATIVE else [])
+    return names + (["triton"] if _native.triton_usable("cpu") else [])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -163,3 +168,101 @@ def test_bad_input():
     if not _native.triton_usable("cpu"):
         with pytest.raises(ValueError, match="Triton cannot run here"):
             route_to_replicas(ids, log2phy, logcnt, backend="triton")
+
+
+def wide_plan(experts: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hand-made plan: expert 0 has ``width`` replicas, the others 1 to ``width``, slots
+    shuffled, ``-1`` padded (wider than the native op's counter table when width > 32)."""
+    g = torch.Generator().manual_seed(seed)
+    logcnt = torch.randint(1, width + 1, (experts,), generator=g)
+    logcnt[0] = width
+    slots = torch.randperm(int(logcnt.sum()), generator=g)
+    log2phy = torch.full((experts, width), -1, dtype=torch.int64)
+    start = 0
+    for e, n in enumerate(logcnt.tolist()):
+        log2phy[e, :n] = slots[start:start + n]
+        start += n
+    return log2phy, logcnt
+
+
+@needs_native
+@pytest.mark.parametrize("case", CASES + [
+    (8, 8, 1, 1, 8, 50, 3),  # one replica per expert
+    (4, 80, 1, 1, 8, 64, 5),  # experts with many replicas
+])
+@pytest.mark.parametrize("locality", LOCALITY)
+@pytest.mark.parametrize("offset", [0, 3, -7, 2**40 + 1])
+def test_native_matches_reference(case, locality, offset):
+    ids, log2phy, logcnt = make_case(*case, seed=abs(offset) % 97)
+    kwargs = locality_kwargs(case, locality)
+    want = route_reference(ids, log2phy, logcnt, offset, **kwargs)
+    got = route_to_replicas(ids, log2phy, logcnt, token_offset=offset, backend="native",
+                            **kwargs)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
+@needs_native
+@pytest.mark.parametrize("width", [1, 2, 31, 32, 33, 70])
+@pytest.mark.parametrize("local", [False, True])
+@pytest.mark.parametrize("tokens,k", [(1, 1), (128, 8), (4096, 8), (1000, 3)])
+def test_native_matches_reference_on_wide_tables_and_decode_prefill_sizes(width, local, tokens,
+                                                                           k):
+    experts = 16
+    log2phy, logcnt = wide_plan(experts, width, seed=width + tokens)
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, experts, (tokens, k), generator=g)
+    slots = int(logcnt.sum())
+    kwargs = ({"local_gpu": 1, "slots_per_gpu": max(1, slots // 8), "gpus_per_node": 2}
+              if local else {})
+    want = route_reference(ids, log2phy, logcnt, 11, **kwargs)
+    got = route_to_replicas(ids, log2phy, logcnt, token_offset=11, backend="native", **kwargs)
+    assert torch.equal(got, want)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8,
+                                   torch.uint8])
+def test_native_takes_every_id_dtype_and_strided_ids(dtype):
+    ids, log2phy, logcnt = make_case(16, 24, 4, 2, 4, 33, 3, seed=4)
+    want = route_reference(ids, log2phy, logcnt, 2)
+    got = route_to_replicas(ids.to(dtype), log2phy, logcnt, token_offset=2, backend="native")
+    assert torch.equal(got, want)
+    strided = ids.t().contiguous().t()  # same values, column-major
+    assert not strided.is_contiguous()
+    assert torch.equal(route_to_replicas(strided, log2phy, logcnt, token_offset=2), want)
+
+
+@needs_native
+def test_native_is_the_default_on_cpu_and_checks_values():
+    ids, log2phy, logcnt = make_case(12, 16, 4, 2, 8, 4096, 8, seed=5)  # several threads' work
+    bad = ids.clone()
+    bad[4000, 7] = 12
+    with pytest.raises(ValueError, match=r"expert id 12, outside \[0, 12\)"):
+        route_to_replicas(bad, log2phy, logcnt)
+    bad[0, 0] = -3
+    with pytest.raises(ValueError, match=r"expert id -3, outside \[0, 12\)"):
+        route_to_replicas(bad.int(), log2phy, logcnt, local_gpu=0, slots_per_gpu=2)
+    wide = logcnt.clone()
+    wide[5] = log2phy.shape[1] + 1
+    with pytest.raises(ValueError, match="logcnt must be in"):
+        route_to_replicas(ids, log2phy, wide)
+    with pytest.raises(ValueError, match="log2phy must be an int64"):
+        torch.ops.deeppar.route_replicas(ids, log2phy.int(), logcnt, 0, -1, 0, 0)
+    with pytest.raises(TypeError, match="topk_ids must be an integer"):
+        torch.ops.deeppar.route_replicas(ids.float(), log2phy, logcnt, 0, -1, 0, 0)
+
+
+@needs_native
+def test_native_custom_op_passes_opcheck_and_compiles():
+    ids, log2phy, logcnt = make_case(16, 24, 4, 2, 4, 9, 2, seed=2)
+    op = torch.ops.deeppar.route_replicas.default
+    for args in ((ids, log2phy, logcnt, 0, -1, 0, 0), (ids.int(), log2phy, logcnt, 5, 1, 6, 2),
+                 (ids[:0], log2phy, logcnt, 0, -1, 0, 0)):
+        torch.library.opcheck(op, args)
+
+    def route(x):
+        return route_to_replicas(x, log2phy, logcnt, token_offset=1, local_gpu=1,
+                                 slots_per_gpu=6)
+
+    want = route_reference(ids, log2phy, logcnt, 1, local_gpu=1, slots_per_gpu=6)
+    assert torch.equal(torch.compile(route, fullgraph=True, backend="eager")(ids), want)

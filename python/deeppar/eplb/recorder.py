@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from deeppar import _native
+from deeppar import _native, ops  # noqa: F401  (ops registers the native ops' fake functions)
 
 _ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
