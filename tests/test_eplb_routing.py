@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import TRITON_INTERPRET, devices
@@ -44,6 +48,13 @@ def locality_kwargs(case, locality):
 
 HAS_NATIVE = _native.has_kernel("route_replicas", "cpu")
 needs_native = pytest.mark.skipif(not HAS_NATIVE, reason="deeppar._C has no route_replicas")
+
+
+def native_device(device: str) -> str:
+    """``device`` when ``deeppar._C`` routes its tensors, else skip the test."""
+    if not _native.has_kernel("route_replicas", device):
+        pytest.skip(f"deeppar._C has no {device} kernel of route_replicas")
+    return device
 
 
 def backends() -> list[str]:
@@ -185,28 +196,34 @@ def wide_plan(experts: int, width: int, seed: int) -> tuple[torch.Tensor, torch.
     return log2phy, logcnt
 
 
-@needs_native
-@pytest.mark.parametrize("case", CASES + [
+NATIVE_CASES = CASES + [
     (8, 8, 1, 1, 8, 50, 3),  # one replica per expert
     (4, 80, 1, 1, 8, 64, 5),  # experts with many replicas
-])
+]
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES)
 @pytest.mark.parametrize("locality", LOCALITY)
 @pytest.mark.parametrize("offset", [0, 3, -7, 2**40 + 1])
-def test_native_matches_reference(case, locality, offset):
+@pytest.mark.parametrize("device", devices())
+def test_native_matches_reference(case, locality, offset, device):
+    native_device(device)
     ids, log2phy, logcnt = make_case(*case, seed=abs(offset) % 97)
     kwargs = locality_kwargs(case, locality)
     want = route_reference(ids, log2phy, logcnt, offset, **kwargs)
-    got = route_to_replicas(ids, log2phy, logcnt, token_offset=offset, backend="native",
-                            **kwargs)
-    assert got.dtype == torch.int64 and torch.equal(got, want)
+    got = route_to_replicas(ids.to(device), log2phy.to(device), logcnt.to(device),
+                            token_offset=offset, backend="native", **kwargs)
+    assert got.dtype == torch.int64 and got.device == ids.to(device).device
+    assert torch.equal(got.cpu(), want)
 
 
-@needs_native
 @pytest.mark.parametrize("width", [1, 2, 31, 32, 33, 70])
 @pytest.mark.parametrize("local", [False, True])
 @pytest.mark.parametrize("tokens,k", [(1, 1), (128, 8), (4096, 8), (1000, 3)])
+@pytest.mark.parametrize("device", devices())
 def test_native_matches_reference_on_wide_tables_and_decode_prefill_sizes(width, local, tokens,
-                                                                           k):
+                                                                           k, device):
+    native_device(device)
     experts = 16
     log2phy, logcnt = wide_plan(experts, width, seed=width + tokens)
     g = torch.Generator().manual_seed(tokens)
@@ -215,21 +232,26 @@ def test_native_matches_reference_on_wide_tables_and_decode_prefill_sizes(width,
     kwargs = ({"local_gpu": 1, "slots_per_gpu": max(1, slots // 8), "gpus_per_node": 2}
               if local else {})
     want = route_reference(ids, log2phy, logcnt, 11, **kwargs)
-    got = route_to_replicas(ids, log2phy, logcnt, token_offset=11, backend="native", **kwargs)
-    assert torch.equal(got, want)
+    got = route_to_replicas(ids.to(device), log2phy.to(device), logcnt.to(device),
+                            token_offset=11, backend="native", **kwargs)
+    assert torch.equal(got.cpu(), want)
 
 
-@needs_native
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8,
                                    torch.uint8])
-def test_native_takes_every_id_dtype_and_strided_ids(dtype):
+@pytest.mark.parametrize("device", devices())
+def test_native_takes_every_id_dtype_and_strided_ids(dtype, device):
+    native_device(device)
     ids, log2phy, logcnt = make_case(16, 24, 4, 2, 4, 33, 3, seed=4)
     want = route_reference(ids, log2phy, logcnt, 2)
-    got = route_to_replicas(ids.to(dtype), log2phy, logcnt, token_offset=2, backend="native")
-    assert torch.equal(got, want)
-    strided = ids.t().contiguous().t()  # same values, column-major
+    log2phy, logcnt = log2phy.to(device), logcnt.to(device)
+    got = route_to_replicas(ids.to(device, dtype), log2phy, logcnt, token_offset=2,
+                            backend="native")
+    assert torch.equal(got.cpu(), want)
+    strided = ids.to(device).t().contiguous().t()  # same values, column-major
     assert not strided.is_contiguous()
-    assert torch.equal(route_to_replicas(strided, log2phy, logcnt, token_offset=2), want)
+    assert torch.equal(route_to_replicas(strided, log2phy, logcnt, token_offset=2).cpu(), want)
+    assert route_to_replicas(strided[:0], log2phy, logcnt).shape == (0, 3)
 
 
 @needs_native
@@ -266,3 +288,83 @@ def test_native_custom_op_passes_opcheck_and_compiles():
 
     want = route_reference(ids, log2phy, logcnt, 1, local_gpu=1, slots_per_gpu=6)
     assert torch.equal(torch.compile(route, fullgraph=True, backend="eager")(ids), want)
+
+
+@pytest.mark.gpu
+def test_cuda_native_routing_does_not_sync():
+    native_device("cuda")
+    ids, log2phy, logcnt = (t.cuda() for t in make_case(16, 24, 4, 2, 4, 300, 8, seed=6))
+    route_to_replicas(ids, log2phy, logcnt)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for kw in ({}, {"local_gpu": 1, "slots_per_gpu": 6, "gpus_per_node": 2}):
+            out = route_to_replicas(ids, log2phy, logcnt, token_offset=3, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = route_reference(ids.cpu(), log2phy.cpu(), logcnt.cpu(), 3, local_gpu=1,
+                           slots_per_gpu=6, gpus_per_node=2)
+    assert torch.equal(out.cpu(), want)
+
+
+# Host program over the CUDA kernel's per-pair routine (route_pair_slot is __host__ __device__):
+# reads cases "E X T K offset local_gpu slots_per_gpu gpus_per_node" + log2phy, logcnt, ids on
+# stdin, prints the slots. Lets the CUDA logic be checked with nvcc alone, without a GPU.
+_HOST_PROGRAM = r"""
+#include "replica_routing_kernel.cuh"
+#include <cstdio>
+#include <vector>
+int main() {
+  long long E, X, T, K, off, local, spg, gpn;
+  while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld", &E, &X, &T, &K, &off, &local,
+                    &spg, &gpn) == 8) {
+    std::vector<long long> log2phy(E * X), logcnt(E), ids(T * K);
+    for (auto& v : log2phy) std::scanf("%lld", &v);
+    for (auto& v : logcnt) std::scanf("%lld", &v);
+    for (auto& v : ids) std::scanf("%lld", &v);
+    std::vector<int64_t> row(X);
+    for (long long i = 0; i < T * K; ++i) {
+      for (long long r = 0; r < X; ++r) row[r] = log2phy[ids[i] * X + r];
+      std::printf("%lld ", static_cast<long long>(deeppar::route_pair_slot(
+                               row.data(), logcnt[ids[i]], i / K + off, local, spg, gpn)));
+    }
+    std::printf("\n");
+  }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (no GPU needed)")
+def test_cuda_pair_routine_matches_reference_on_the_host(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "route_host.cu"
+    source.write_text(_HOST_PROGRAM)
+    program = tmp_path / "route_host"
+    subprocess.run(["nvcc", "-std=c++17", "-x", "cu", f"-I{root / 'csrc' / 'cuda'}",
+                    str(source), "-o", str(program)], check=True, timeout=120)
+    cases = []
+    for case in NATIVE_CASES:
+        for locality in LOCALITY:
+            for offset in (0, -7, 2**40 + 1):
+                ids, log2phy, logcnt = make_case(*case, seed=abs(offset) % 97)
+                cases.append((ids, log2phy, logcnt, offset, locality_kwargs(case, locality)))
+    for width in (1, 33, 70):
+        log2phy, logcnt = wide_plan(16, width, seed=width)
+        ids = torch.randint(0, 16, (200, 4), generator=torch.Generator().manual_seed(width))
+        local = {"local_gpu": 1, "slots_per_gpu": max(1, int(logcnt.sum()) // 8),
+                 "gpus_per_node": 2}
+        cases += [(ids, log2phy, logcnt, 11, {}), (ids, log2phy, logcnt, 11, local)]
+    lines = []
+    for ids, log2phy, logcnt, offset, kw in cases:
+        header = (*log2phy.shape, *ids.shape, offset, kw.get("local_gpu", -1),
+                  kw.get("slots_per_gpu", 0), kw.get("gpus_per_node", 0))
+        lines.append(" ".join(map(str, header)))
+        values = log2phy.flatten().tolist() + logcnt.tolist() + ids.flatten().tolist()
+        lines.append(" ".join(map(str, values)))
+    run = subprocess.run([str(program)], input="\n".join(lines) + "\n", capture_output=True,
+                         text=True, check=True, timeout=60)
+    got = run.stdout.splitlines()
+    assert len(got) == len(cases)
+    for out, (ids, log2phy, logcnt, offset, kw) in zip(got, cases):
+        want = route_reference(ids, log2phy, logcnt, offset, **kw).flatten().tolist()
+        assert list(map(int, out.split())) == want, (tuple(log2phy.shape), offset, kw)

@@ -10,8 +10,9 @@ counter) keeps ranks that each route a single token from all picking the first r
 
 The locality tiers depend only on the expert, so they are resolved once per call per expert,
 not per token. Backends (names and choice of :func:`deeppar.ops.resolve`): ``"native"`` (also
-``"cpu"``; CPU tensors: the C++ op ``deeppar::route_replicas``, one fused pass over the ids,
-parallel over tokens), ``"triton"`` (the per-token part as one fused kernel, a custom op; CUDA
+``"cpu"``/``"cuda"``): the compiled op ``deeppar::route_replicas``, one fused pass over the ids
+(CPU: parallel over tokens; CUDA: one thread per pair, tiers found in the expert's row),
+``"triton"`` (the per-token part as one fused kernel, a custom op; CUDA
 tensors, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (vectorised PyTorch over
 ``replica_candidates``, any device; what runs when no kernel can), ``"reference"`` (Python
 loops per token, the oracle).
@@ -172,7 +173,7 @@ def route_to_replicas(
     offset = int(token_offset)
     device = topk_ids.device
     name = _backend(backend, device)
-    if name == "cpu":
+    if name in ("cpu", "cuda"):  # the kernels check the values (CUDA: device-side assert)
         return torch.ops.deeppar.route_replicas(
             topk_ids, log2phy.long(), logcnt.long(), offset,
             -1 if local_gpu is None else local_gpu, slots_per_gpu or 0, gpus_per_node or 0)
