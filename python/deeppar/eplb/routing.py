@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from deeppar import ops
+from deeppar import _native, ops
 
 TORCH = "torch"  # the vectorised PyTorch path: any device, no compiled kernel
 _ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -133,8 +133,14 @@ def route_reference(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch
     return torch.tensor(out, dtype=torch.int64).view(topk_ids.shape)
 
 
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int64 else t.long()
+
+
 def _backend(backend: str | None, device: torch.device) -> str:
     """The path that runs: one of :data:`deeppar.ops.BACKENDS` or :data:`TORCH`."""
+    if backend is None and device.type == "cpu" and _native.has_kernel("route_replicas", "cpu"):
+        return "cpu"  # the common case, without resolve's bookkeeping (decode sizes take ~us)
     if backend == TORCH:
         return TORCH
     name = ops.resolve(ops.REPLICA_ROUTING, backend, device)
@@ -174,8 +180,8 @@ def route_to_replicas(
     device = topk_ids.device
     name = _backend(backend, device)
     if name in ("cpu", "cuda"):  # the kernels check the values (CUDA: device-side assert)
-        return torch.ops.deeppar.route_replicas(
-            topk_ids, log2phy.long(), logcnt.long(), offset,
+        return torch.ops.deeppar.route_replicas.default(
+            topk_ids, _int64(log2phy), _int64(logcnt), offset,
             -1 if local_gpu is None else local_gpu, slots_per_gpu or 0, gpus_per_node or 0)
     _check_values(topk_ids, log2phy, logcnt)
     if name == "reference":
