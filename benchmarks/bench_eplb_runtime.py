@@ -58,15 +58,21 @@ def bench_recorder(device: str, repeats: int, sync) -> list[dict]:
         base = measure(plain, repeats=repeats, sync=sync)
         rows.append({"what": "recorder", "phase": phase, "variant": "plain bincount per layer",
                      "ms": base.ms, "vs_plain": 1.0, "tokens_per_s": tokens / base.median})
-        for mode in ({"window": 1000}, {"decay": 0.99}):
+        for mode, per_layer in (({"window": 1000}, False), ({"decay": 0.99}, False),
+                                ({"window": 1000}, True)):
             rec = eplb.LoadRecorder(LAYERS, EXPERTS, device=device, **mode)
 
-            def step(rec=rec, ids=ids) -> None:
-                rec.record(ids)
+            def step(rec=rec, ids=ids, per_layer=per_layer) -> None:
+                if per_layer:  # as a forward pass would: one call per MoE layer
+                    for layer in range(LAYERS):
+                        rec.record(ids[layer], layer=layer)
+                else:
+                    rec.record(ids)
                 rec.step()
 
             t = measure(step, repeats=repeats, sync=sync)
             name = f"LoadRecorder {next(iter(mode))}={next(iter(mode.values()))}"
+            name += ", record per layer" if per_layer else ""
             rows.append({"what": "recorder", "phase": phase, "variant": name, "ms": t.ms,
                          "vs_plain": base.median / t.median,
                          "tokens_per_s": tokens / t.median})

@@ -62,8 +62,13 @@ class LoadRecorder:
         self.decay = None if decay is None else float(decay)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         shape = (num_layers, num_experts)
+        # record() adds to the open step only, `_open` (exact counts; per-layer views made once,
+        # so recording one layer is one add); step() folds it into `_total`, which holds the
+        # closed steps: their sum (window: the last window - 1 of them, kept in the ring `_steps`
+        # at the slots other than `_slot`) or their decayed sum. loads() is `_total + _open`.
+        self._open = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        self._open_rows = self._open.split(1)
         if window is not None:
-            # counts[step % window] is the open step; total is their sum, kept up to date.
             self._steps = torch.zeros((window, *shape), dtype=torch.int64, device=self.device)
             self._total = torch.zeros(shape, dtype=torch.int64, device=self.device)
         else:
@@ -113,49 +118,44 @@ class LoadRecorder:
         ):
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         if self._native:
-            rows = topk_ids.reshape(self.num_layers if layer is None else 1, -1)
-            counts = torch.ops.deeppar.expert_counts(rows, self.num_experts)
-            self._add(counts if layer is None else counts[0], layer)
+            if layer is None:
+                self._open.add_(torch.ops.deeppar.expert_counts.default(
+                    topk_ids.reshape(self.num_layers, -1), self.num_experts))
+            else:
+                self._open_rows[layer].add_(torch.ops.deeppar.expert_counts.default(
+                    topk_ids.reshape(1, -1), self.num_experts))
             return
         if layer is None:
             ids = topk_ids.reshape(self.num_layers, -1).long()
             flat = (ids + self._layer_offsets[:, None]).reshape(-1)
         else:
             flat = topk_ids.reshape(-1).long() + layer * self.num_experts
-        size = self.num_layers * self.num_experts
         if self.device.type == "cpu":  # ids are checked, so the size is known: no sync issue
-            counts = torch.bincount(flat, minlength=size).to(self._total.dtype)
+            size = self.num_layers * self.num_experts
+            self._open.view(-1).add_(torch.bincount(flat, minlength=size))
         else:  # bincount would read the ids' maximum back to the host
-            counts = torch.zeros(size, dtype=self._total.dtype, device=self.device)
-            counts.index_add_(0, flat, torch.ones(flat.shape, dtype=counts.dtype,
-                                                  device=self.device))
-        self._add(counts.view(self.num_layers, self.num_experts), None)
-
-    def _add(self, counts: torch.Tensor, layer: int | None) -> None:
-        """Add ``counts`` (``[layers, experts]``, or ``[experts]`` of ``layer``) to the open
-        step and the total."""
-        targets = [self._total]
-        if self.window is not None:
-            targets.append(self._steps[self._slot])
-        for target in targets:
-            (target if layer is None else target[layer]).add_(counts)
+            self._open.view(-1).index_add_(0, flat, torch.ones_like(flat))
 
     def step(self) -> None:
         """Close the open step: the window drops its oldest step, or the decay applies."""
+        self._total.add_(self._open)
         if self.window is not None:
+            self._steps[self._slot].copy_(self._open)
             self._slot = (self._slot + 1) % self.window
-            self._total.sub_(self._steps[self._slot])
+            self._total.sub_(self._steps[self._slot])  # the step leaving the window
             self._steps[self._slot].zero_()
         else:
             self._total.mul_(self.decay)
+        self._open.zero_()
 
     def loads(self) -> torch.Tensor:
         """``[layers, experts]`` float32 loads (a new tensor), ready for the planner."""
-        return self._total.to(torch.float32, copy=True)
+        return torch.add(self._total, self._open).to(torch.float32)
 
     def reset(self) -> None:
         """Forget everything recorded."""
         self._total.zero_()
+        self._open.zero_()
         if self.window is not None:
             self._steps.zero_()
         self._slot = 0
