@@ -21,7 +21,9 @@ OpenMP workers otherwise slow every parallel torch op by 10-100x there (baseline
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,7 +47,20 @@ def router_ids(layers: int, tokens: int, device: str, seed: int = 0) -> torch.Te
     return flat.view(layers, tokens, TOPK).to(device)
 
 
-def bench_recorder(device: str, repeats: int, sync) -> list[dict]:
+def measure_rounds(fns: dict[str, Callable[[], object]], rounds: int, repeats: int, sync,
+                   min_time: float = 0.0) -> dict[str, float]:
+    """Seconds per call of each function: the median, over ``rounds`` rounds that time every
+    function in turn, of each round's median (a burst of load on a shared machine then hits
+    one round of every variant rather than all of one)."""
+    medians: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            medians[name].append(measure(fn, repeats=repeats, sync=sync,
+                                         min_time=min_time).median)
+    return {name: statistics.median(values) for name, values in medians.items()}
+
+
+def bench_recorder(device: str, rounds: int, repeats: int, sync) -> list[dict]:
     rows = []
     for phase, tokens in TOKENS.items():
         ids = router_ids(LAYERS, tokens, device)
@@ -55,9 +70,7 @@ def bench_recorder(device: str, repeats: int, sync) -> list[dict]:
             for layer in range(LAYERS):
                 counts[layer] += torch.bincount(ids[layer].flatten(), minlength=EXPERTS)
 
-        base = measure(plain, repeats=repeats, sync=sync)
-        rows.append({"what": "recorder", "phase": phase, "variant": "plain bincount per layer",
-                     "ms": base.ms, "vs_plain": 1.0, "tokens_per_s": tokens / base.median})
+        fns = {"plain bincount per layer": plain}
         for mode, per_layer in (({"window": 1000}, False), ({"decay": 0.99}, False),
                                 ({"window": 1000}, True)):
             rec = eplb.LoadRecorder(LAYERS, EXPERTS, device=device, **mode)
@@ -70,12 +83,13 @@ def bench_recorder(device: str, repeats: int, sync) -> list[dict]:
                     rec.record(ids)
                 rec.step()
 
-            t = measure(step, repeats=repeats, sync=sync)
             name = f"LoadRecorder {next(iter(mode))}={next(iter(mode.values()))}"
-            name += ", record per layer" if per_layer else ""
-            rows.append({"what": "recorder", "phase": phase, "variant": name, "ms": t.ms,
-                         "vs_plain": base.median / t.median,
-                         "tokens_per_s": tokens / t.median})
+            fns[name + (", record per layer" if per_layer else "")] = step
+        times = measure_rounds(fns, rounds, repeats, sync)
+        base = times["plain bincount per layer"]
+        rows += [{"what": "recorder", "phase": phase, "variant": name, "ms": t * 1e3,
+                  "vs_plain": base / t, "tokens_per_s": tokens / t}
+                 for name, t in times.items()]
     return rows
 
 
@@ -87,7 +101,7 @@ def plain_spread(ids: torch.Tensor, table: torch.Tensor, count: torch.Tensor,
     return table[ids, order % count[ids]]
 
 
-def bench_routing(device: str, repeats: int, sync) -> list[dict]:
+def bench_routing(device: str, rounds: int, repeats: int, sync) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     weight = torch.exp(torch.randn(1, EXPERTS, generator=g) * 1.2)
     _, log2phy, logcnt = eplb.rebalance_experts(weight, *PLAN)
@@ -98,19 +112,15 @@ def bench_routing(device: str, repeats: int, sync) -> list[dict]:
     if device == "cuda" and _native.triton_usable(device):
         backends.append("triton")
     offset = 7
+    floor_name = "plain gather log2phy[ids, 0] (no spreading)"
     rows = []
-
-    def row(phase, variant, t, base, floor, tokens):
-        return {"what": "routing", "phase": phase, "variant": variant, "ms": t.ms,
-                "vs_plain": base.median / t.median, "vs_floor": floor.median / t.median,
-                "tokens_per_s": tokens / t.median}
-
     for phase, tokens in TOKENS.items():
         ids = router_ids(1, tokens, device, seed=2)[0]
-        timed = {"repeats": repeats, "sync": sync, "min_time": 0.2}
-        floor = measure(lambda ids=ids: table[ids, 0], **timed)
+        fns = {floor_name: lambda ids=ids: table[ids, 0]}
+        baseline = {}  # variant -> the plain-torch variant computing the same result
         for local in (False, True):
             kw = locality if local else {}
+            where = " + GPU/node locality" if local else ""
 
             def plain(ids=ids, kw=kw) -> torch.Tensor:
                 # with locality, the candidate replicas of each expert first (vectorised torch)
@@ -118,41 +128,45 @@ def bench_routing(device: str, repeats: int, sync) -> list[dict]:
                                 else (table, cnt))
                 return plain_spread(ids, slots, count, offset)
 
-            def route(backend, ids=ids, kw=kw) -> torch.Tensor:
-                return eplb.route_to_replicas(ids, table, cnt, token_offset=offset,
-                                              backend=backend, **kw)
-
-            where = " + GPU/node locality" if local else ""
-            base = measure(plain, **timed)
-            if not local:
-                rows.append(row(phase, "plain gather log2phy[ids, 0] (no spreading)", floor,
-                                base, floor, tokens))
-            rows.append(row(phase, "plain torch spread (same result)" + where, base, base,
-                            floor, tokens))
+            plain_name = "plain torch spread (same result)" + where
+            fns[plain_name] = plain
+            baseline[plain_name] = plain_name
             for backend in backends:
-                if not torch.equal(route(backend), plain()):
+
+                def route(backend=backend, ids=ids, kw=kw) -> torch.Tensor:
+                    return eplb.route_to_replicas(ids, table, cnt, token_offset=offset,
+                                                  backend=backend, **kw)
+
+                if not torch.equal(route(), plain()):
                     raise AssertionError(f"route_to_replicas {backend} differs from plain torch")
-                t = measure(lambda backend=backend: route(backend), **timed)
-                rows.append(row(phase, f"route_to_replicas {backend}{where}", t, base, floor,
-                                tokens))
+                fns[f"route_to_replicas {backend}{where}"] = route
+                baseline[f"route_to_replicas {backend}{where}"] = plain_name
+        baseline[floor_name] = "plain torch spread (same result)"
+        times = measure_rounds(fns, rounds, repeats, sync, min_time=0.1)
+        rows += [{"what": "routing", "phase": phase, "variant": name, "ms": t * 1e3,
+                  "vs_plain": times[baseline[name]] / t, "vs_floor": times[floor_name] / t,
+                  "tokens_per_s": tokens / t}
+                 for name, t in times.items()]
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="one round, fewer repeats")
     parser.add_argument("--json", type=Path,
                         default=Path("out/bench/eplb_runtime.json"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
     sync = torch.cuda.synchronize if args.device == "cuda" else None
-    repeats = 5 if args.quick else 30
+    rounds, repeats = (1, 5) if args.quick else (5, 30)
     print(f"EPLB runtime benchmark: torch {torch.__version__}, {torch.get_num_threads()} CPU "
-          f"threads, device {args.device}; median of {repeats} runs; ratio = plain / this "
-          "(higher is faster); vs plain: against plain torch computing the same result")
-    rows = bench_recorder(args.device, repeats, sync) + bench_routing(args.device, repeats, sync)
+          f"threads, device {args.device}; median over {rounds} rounds of the median of "
+          f">= {repeats} runs; ratio = plain / this (higher is faster); vs plain: against "
+          "plain torch computing the same result, vs floor: against log2phy[ids, 0]")
+    rows = (bench_recorder(args.device, rounds, repeats, sync)
+            + bench_routing(args.device, rounds, repeats, sync))
     print(f"\n{'what':<9} {'phase':<8} {'variant':<52} {'time':>10} {'vs plain':>9} "
           f"{'vs floor':>9} {'tokens/s':>10}")
     for r in rows:

@@ -106,14 +106,22 @@ inline void check_route_replicas_args(const at::Tensor& topk_ids, const at::Tens
               "route_replicas: topk_ids, log2phy and logcnt on different devices");
 }
 
-// expert_counts(ids [L, N] integer, num_experts): ids are range-checked by the kernels.
-inline void check_expert_counts_args(const at::Tensor& ids, int64_t num_experts) {
-  TORCH_CHECK_TYPE(ids.dim() == 2 && at::isIntegralType(ids.scalar_type(), false),
-                   "expert_counts: ids must be an integer [layers, n] tensor");
-  TORCH_CHECK_VALUE(num_experts >= 1, "expert_counts: num_experts must be positive");
+// expert_counts_add_(counts [R, E] int64 contiguous, topk_ids integer with R rows' worth of ids):
+// ids are range-checked by the kernels.
+inline void check_expert_counts_add_args(const at::Tensor& counts, const at::Tensor& topk_ids) {
+  TORCH_CHECK_VALUE(counts.dim() == 2 && counts.size(0) >= 1 && counts.size(1) >= 1 &&
+                        counts.scalar_type() == at::kLong && counts.is_contiguous(),
+                    "expert_counts_add_: counts must be a contiguous int64 [rows, experts] tensor");
+  TORCH_CHECK_TYPE(at::isIntegralType(topk_ids.scalar_type(), false),
+                   "expert_counts_add_: topk_ids must be an integer tensor");
+  TORCH_CHECK_VALUE(topk_ids.numel() % counts.size(0) == 0,
+                    "expert_counts_add_: topk_ids must hold the same number of ids per row of "
+                    "counts");
+  TORCH_CHECK(counts.device() == topk_ids.device(),
+              "expert_counts_add_: counts and topk_ids on different devices");
 }
 
-// The error of route_replicas and expert_counts for host ids [numel] outside [0, experts), once a
+// The error of route_replicas and expert_counts_add_ for host ids [numel] outside [0, experts), once a
 // kernel has found one: names the smallest id if negative, else the largest, as the Python-side
 // checks of the other backends do.
 template <typename id_t>

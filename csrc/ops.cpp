@@ -44,6 +44,8 @@ TORCH_LIBRARY(deeppar, m) {
   // slots_per_gpu), else on local_gpu's node (gpus_per_node > 0), else all; local_gpu < 0: all.
   m.def("route_replicas(Tensor topk_ids, Tensor log2phy, Tensor logcnt, int token_offset, "
         "int local_gpu, int slots_per_gpu, int gpus_per_node) -> Tensor");
-  // Expert counts of each row (the load recorder): topk_ids [L, N] integer -> [L, E] int64.
-  m.def("expert_counts(Tensor topk_ids, int num_experts) -> Tensor");
+  // The load recorder's count: counts [R, E] int64 += the expert counts of each of the R rows of
+  // topk_ids (any integer tensor, numel a multiple of R, read as [R, numel / R]); ids outside
+  // [0, E) raise ValueError with counts untouched.
+  m.def("expert_counts_add_(Tensor(a!) counts, Tensor topk_ids) -> ()");
 }

@@ -9,7 +9,7 @@ from deeppar import _native
 from deeppar.eplb import recorder as recorder_module
 from deeppar.eplb.recorder import LoadRecorder
 
-HAS_NATIVE = _native.has_kernel("expert_counts", "cpu")
+HAS_NATIVE = _native.has_kernel("expert_counts_add_", "cpu")
 
 
 def plain_count(ids: torch.Tensor, experts: int) -> torch.Tensor:
@@ -46,7 +46,7 @@ def test_one_step_equals_plain_count(layers, experts, tokens, k, dtype):
 def count_path(request, monkeypatch):
     """Runs a test on the native CPU count and on the bincount fallback."""
     if request.param == "native" and not HAS_NATIVE:
-        pytest.skip("deeppar._C has no expert_counts")
+        pytest.skip("deeppar._C has no expert_counts_add_")
     if request.param == "bincount":
         monkeypatch.setattr(recorder_module._native, "has_kernel", lambda op, device: False)
     return request.param
@@ -77,14 +77,26 @@ def test_both_cpu_counts_equal_bincount(count_path, layers, experts, tokens, k, 
         assert torch.equal(rec.loads(), want_layer)  # nothing counted
 
 
-@pytest.mark.skipif(not HAS_NATIVE, reason="deeppar._C has no expert_counts")
-def test_expert_counts_op_passes_opcheck():
-    op = torch.ops.deeppar.expert_counts.default
-    ids = random_ids(3, 5, 2, 6, seed=0).view(3, -1)
-    for args in ((ids, 6), (ids.int(), 9), (ids[:, :0], 4)):
-        torch.library.opcheck(op, args)
+@pytest.mark.skipif(not HAS_NATIVE, reason="deeppar._C has no expert_counts_add_")
+def test_expert_counts_add_op_passes_opcheck_and_rejects_bad_input():
+    op = torch.ops.deeppar.expert_counts_add_.default
+    ids = random_ids(3, 5, 2, 6, seed=0)
+    for counts, topk_ids in ((torch.zeros(3, 6, dtype=torch.long), ids),
+                             (torch.ones(1, 9, dtype=torch.long), ids.int()),
+                             (torch.zeros(3, 4, dtype=torch.long), ids[:, :0])):
+        torch.library.opcheck(op, (counts, topk_ids))
+    counts = torch.full((3, 6), 7, dtype=torch.long)
+    op(counts, ids)
+    assert torch.equal(counts - 7, plain_count(ids, 6).long())
+    with pytest.raises(ValueError, match=r"expert id 6, outside \[0, 6\)"):
+        op(counts, torch.tensor([0, 6, 1]).expand(3, 3))  # strided ids are read too
+    assert torch.equal(counts - 7, plain_count(ids, 6).long())  # untouched
     with pytest.raises(TypeError, match="integer"):
-        op(ids.float(), 6)
+        op(counts, ids.float())
+    with pytest.raises(ValueError, match="same number of ids per row"):
+        op(counts, ids[:2])
+    with pytest.raises(ValueError, match="contiguous int64"):
+        op(counts.float(), ids)
 
 
 def test_window_keeps_the_last_steps():

@@ -162,11 +162,11 @@ if _native.has_kernel("route_replicas", "cpu") or _native.has_kernel("route_repl
                              gpus_per_node):
         return topk_ids.new_empty(topk_ids.shape, dtype=torch.int64)
 
-if _native.has_kernel("expert_counts", "cpu") or _native.has_kernel("expert_counts", "cuda"):
+if _native.has_kernel("expert_counts_add_", "cpu"):
 
-    @torch.library.register_fake("deeppar::expert_counts")
-    def _expert_counts_fake(topk_ids, num_experts):
-        return topk_ids.new_empty((topk_ids.shape[0], num_experts), dtype=torch.int64)
+    @torch.library.register_fake("deeppar::expert_counts_add_")
+    def _expert_counts_add_fake(counts, topk_ids):
+        return None
 
 if _native.has_kernel("eplb_rebalance", "cpu") or _native.has_kernel("eplb_rebalance", "cuda"):
 

@@ -3,8 +3,9 @@
 Each step the router's top-k expert ids are added to a ``[layers, experts]`` count: on a GPU
 with ``index_add_`` (no host synchronisation: no ``.item()``, no data-dependent shapes), so the
 recorder can sit inside a CUDA-graph-captured or ``torch.compile``-d forward pass; on the CPU
-with the native op ``deeppar::expert_counts`` (one pass that checks and counts the ids, layers in
-parallel; ``bincount`` when the extension is not built). Two ways to forget old traffic:
+with the native op ``deeppar::expert_counts_add_`` (one pass that checks and counts the ids,
+layers in parallel; ``bincount`` when the extension is not built). Two ways to forget old
+traffic:
 
 * ``window=N``: a ring buffer of the last ``N`` steps (the open step included); counts are
   exact integers.
@@ -76,7 +77,7 @@ class LoadRecorder:
         self._slot = 0  # ring position of the open step (host-side: no sync to advance it)
         self._layer_offsets = torch.arange(num_layers, device=self.device) * num_experts
         # The native CPU op checks the ids in its own counting pass.
-        self._native = self.device.type == "cpu" and _native.has_kernel("expert_counts", "cpu")
+        self._native = self.device.type == "cpu" and _native.has_kernel("expert_counts_add_", "cpu")
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if not isinstance(ids, torch.Tensor):
@@ -118,12 +119,8 @@ class LoadRecorder:
         ):
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         if self._native:
-            if layer is None:
-                self._open.add_(torch.ops.deeppar.expert_counts.default(
-                    topk_ids.reshape(self.num_layers, -1), self.num_experts))
-            else:
-                self._open_rows[layer].add_(torch.ops.deeppar.expert_counts.default(
-                    topk_ids.reshape(1, -1), self.num_experts))
+            target = self._open if layer is None else self._open_rows[layer]
+            torch.ops.deeppar.expert_counts_add_.default(target, topk_ids)
             return
         if layer is None:
             ids = topk_ids.reshape(self.num_layers, -1).long()
