@@ -12,6 +12,7 @@ from conftest import TRITON_INTERPRET, devices
 
 import deeppar.eplb as eplb
 from deeppar import _native
+from deeppar.eplb import routing
 from deeppar.eplb.routing import route_reference, route_to_replicas
 
 # (experts, replicas, groups, nodes, gpus, tokens, k)
@@ -173,9 +174,14 @@ def test_bad_input():
         route_to_replicas(ids, log2phy, logcnt, backend="fast")
     with pytest.raises(eplb.BackendUnavailable, match="CUDA tensors"):
         route_to_replicas(ids, log2phy, logcnt, backend="cuda")
-    for name in ("native", "torch", "cpu"):  # spellings of the vectorised PyTorch path
+    names = ("torch", "native", "cpu") if HAS_NATIVE else ("torch",)
+    for name in names:  # the vectorised PyTorch path; the native op, spelled two ways
         assert torch.equal(route_to_replicas(ids, log2phy, logcnt, backend=name),
                            route_to_replicas(ids, log2phy, logcnt, backend="reference"))
+    if not HAS_NATIVE:
+        with pytest.raises(eplb.BackendUnavailable, match="native extension"):
+            route_to_replicas(ids, log2phy, logcnt, backend="native")
+
     if not _native.triton_usable("cpu"):
         with pytest.raises(ValueError, match="Triton cannot run here"):
             route_to_replicas(ids, log2phy, logcnt, backend="triton")
@@ -215,6 +221,19 @@ def test_native_matches_reference(case, locality, offset, device):
                             token_offset=offset, backend="native", **kwargs)
     assert got.dtype == torch.int64 and got.device == ids.to(device).device
     assert torch.equal(got.cpu(), want)
+
+
+def test_without_a_kernel_none_runs_vectorised_torch(monkeypatch):
+    ids, log2phy, logcnt = make_case(12, 16, 4, 2, 8, 40, 2, seed=3)
+    want = route_reference(ids, log2phy, logcnt, 1, local_gpu=2, slots_per_gpu=2)
+    monkeypatch.setattr(_native, "has_kernel", lambda op, device: False)
+
+    def no_loops(*args, **kwargs):
+        raise AssertionError("backend=None must not run the Python-loop reference")
+
+    monkeypatch.setattr(routing, "route_reference", no_loops)
+    got = route_to_replicas(ids, log2phy, logcnt, token_offset=1, local_gpu=2, slots_per_gpu=2)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("width", [1, 2, 31, 32, 33, 70])
