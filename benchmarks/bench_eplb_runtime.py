@@ -1,15 +1,17 @@
 """Benchmark of the EPLB runtime pieces: load recorder and replica routing vs plain torch.
 
 Recorder: one step of every layer's router ids ``[layers, tokens, k]`` counted by
-``LoadRecorder`` (window and decay; on the CPU the native ``expert_counts`` op) against plain
-torch (one ``bincount`` per layer, which reads the ids' maximum back to the host on a GPU).
+``LoadRecorder`` (window and decay, all layers in one call or one call per layer; on the CPU the
+native ``expert_counts_add_`` op) against plain torch (one ``bincount`` per layer, which reads
+the ids' maximum back to the host on a GPU).
 Routing: ``route_to_replicas`` (native op, vectorised torch path, the Triton kernel on a GPU;
 with and without locality) against the same rule written in plain torch (``vs plain``: the
 candidate replicas per expert when locality is asked, then one gather), and against the floor
 ``log2phy[ids, 0]``, a gather that sends every token to an expert's first replica (no
 spreading: a different, cheaper result; ``vs floor``). Sizes: DeepSeek-V3
 (58 layers, 256 experts, top-8, plan of the prefill shape), prefill 4096 tokens per rank and
-decode 128 tokens per rank.
+decode 128 tokens per rank. Each time is the median over rounds (every variant timed in turn
+in each round) of the per-round median.
 
     PYTHONPATH=python python benchmarks/bench_eplb_runtime.py [--device cuda] [--quick]
         [--json out/bench/eplb_runtime.json]
