@@ -293,9 +293,10 @@ def test_native_is_the_default_on_cpu_and_checks_values():
         torch.ops.deeppar.route_replicas(ids.float(), log2phy, logcnt, 0, -1, 0, 0)
 
 
-@needs_native
-def test_native_custom_op_passes_opcheck_and_compiles():
-    ids, log2phy, logcnt = make_case(16, 24, 4, 2, 4, 9, 2, seed=2)
+@pytest.mark.parametrize("device", devices())
+def test_native_custom_op_passes_opcheck_and_compiles(device):
+    native_device(device)
+    ids, log2phy, logcnt = (t.to(device) for t in make_case(16, 24, 4, 2, 4, 9, 2, seed=2))
     op = torch.ops.deeppar.route_replicas.default
     for args in ((ids, log2phy, logcnt, 0, -1, 0, 0), (ids.int(), log2phy, logcnt, 5, 1, 6, 2),
                  (ids[:0], log2phy, logcnt, 0, -1, 0, 0)):
@@ -305,8 +306,10 @@ def test_native_custom_op_passes_opcheck_and_compiles():
         return route_to_replicas(x, log2phy, logcnt, token_offset=1, local_gpu=1,
                                  slots_per_gpu=6)
 
-    want = route_reference(ids, log2phy, logcnt, 1, local_gpu=1, slots_per_gpu=6)
-    assert torch.equal(torch.compile(route, fullgraph=True, backend="eager")(ids), want)
+    want = route_reference(ids.cpu(), log2phy.cpu(), logcnt.cpu(), 1, local_gpu=1,
+                           slots_per_gpu=6)
+    got = torch.compile(route, fullgraph=True, backend="eager")(ids)
+    assert torch.equal(got.cpu(), want)
 
 
 @pytest.mark.gpu
