@@ -8,14 +8,15 @@ logcnt[e]`` of them. A stream of tokens is thus spread round-robin over an exper
 deterministically; ``token_offset`` (e.g. this rank's first global token index, or a step
 counter) keeps ranks that each route a single token from all picking the first replica.
 
-The locality tiers depend only on the expert, so they are resolved once per call per expert,
-not per token. Backends (names and choice of :func:`deeppar.ops.resolve`): ``"native"`` (also
+The locality tiers depend only on the expert: the CPU op and the torch path resolve them once
+per expert per call (the CUDA kernel scans the expert's few replicas per pair).
+
+Backends (names and choice of :func:`deeppar.ops.resolve`): ``"native"`` (also
 ``"cpu"``/``"cuda"``): the compiled op ``deeppar::route_replicas``, one fused pass over the ids
-(CPU: parallel over tokens; CUDA: one thread per pair, tiers found in the expert's row),
-``"triton"`` (the per-token part as one fused kernel, a custom op; CUDA
-tensors, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (vectorised PyTorch over
-``replica_candidates``, any device; what runs when no kernel can), ``"reference"`` (Python
-loops per token, the oracle).
+(CPU: parallel over tokens; CUDA: one thread per pair); ``"triton"`` (the per-token part as one
+fused kernel, a custom op; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``); ``"torch"``
+(vectorised PyTorch over ``replica_candidates``, any device; what runs when no kernel can);
+``"reference"`` (Python loops per token, the oracle).
 """
 
 from __future__ import annotations
@@ -170,8 +171,8 @@ def route_to_replicas(
         token_offset: added to the token index before the round-robin (see module doc).
         local_gpu: the GPU these tokens are on: prefer replicas there (needs
             ``slots_per_gpu``), then on its node if ``gpus_per_node`` is given.
-        backend: None (the native op on CPU, Triton on CUDA when usable, else "torch"),
-            "native" (also "cpu"), "triton", "torch" or "reference".
+        backend: None (the device's native op, else Triton on CUDA when usable, else
+            "torch"), "native" (also "cpu"/"cuda"), "triton", "torch" or "reference".
     Returns:
         ``[tokens, k]`` int64 physical slots, on the input's device.
     """
