@@ -7,37 +7,63 @@ and ``source_slot`` (which old slot each new slot copies, as ``migrate`` returns
 ``rearrange_expert_weights`` leaves every rank holding exactly the new placement's weights,
 bit for bit.
 
-Phases, each closed by an agreement of every rank (a small ``all_gather_object``) so that all
-ranks raise the same error together and nothing is written unless every rank got everything:
+Phases; nothing is written into a slot unless every rank got everything:
 
 1. validate: shapes, ids, that every new slot's source holds its expert, that the new
    placement covers every expert, and that every rank has the same plan (a digest) and the same
-   per-slot tensor layout;
+   per-slot tensor layout; agreed with a small ``all_gather_object``, so every rank raises the
+   same ``ValueError`` together;
 2. allocate: receive buffers for the slots that come from another rank, and a staged copy of
-   the slots refilled from another slot of the same rank;
-3. transfer: one ``dist.batch_isend_irecv`` of all sends (read in place from the old slots) and
-   receives, then wait;
-4. commit: copy the buffers and staged copies into their slots (no communication, cannot fail
-   on a healthy device).
+   the slots refilled from another slot of the same rank; agreed the same way;
+3. transfer, layer by layer: one ``dist.batch_isend_irecv`` of the layer's sends (read from the
+   old slots) and receives, waited for on a thread of this call; then every rank marks itself
+   done in the c10d store and waits for the others' marks, and the first rank to see them all
+   records the decision (see below);
+4. commit: copy the buffers and staged copies into their slots (no communication).
+
+Failures in phase 3 go through one key of the store, the *decision* (first writer wins,
+:class:`deeppar._coordination.FailureNotice`): either ``"ok"`` or a notice naming the failing
+rank. A rank that raises posts its notice, then finishes its remaining sends and receives with
+placeholders, so its peers finish theirs and raise the same error at the end of the phase (the
+process group stays usable). A rank that dies is seen by each peer whose transfer with it
+fails (gloo reports a closed connection to ``wait``), which posts a notice naming it and
+finishes its own transfers. A rank that cannot finish its messages (posting them failed) marks
+the call abandoned and the others stop within :data:`LOOK_S`. A rank that neither finishes
+nor fails (hung; or dead on a backend that does not report it, like NCCL) makes the others
+give up after ``transfer_timeout``, naming it. In every case no rank writes a slot.
 
 Extra memory on a rank: one slot's bytes (the sum over its per-slot tensors) times the number
-of its slots that are received or refilled locally; sends need none. A rank that dies in
-phase 3 leaves its peers waiting until the group's timeout; any error raised inside phase 3 is
-agreed on and aborts every rank with the old weights intact.
+of its slots that are received or refilled locally; sends read the slots in place (a copy of
+one layer's sends only for tensors whose slots are not contiguous) and, after a failure, one
+zero slot per tensor as placeholder.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from deeppar._coordination import FailureNotice, default_store, describe, key_prefix, poll
 from deeppar.eplb.migration import check_placement
 
 Weights = Sequence[Sequence[torch.Tensor] | Mapping[str, torch.Tensor]]
+
+#: seconds between two looks at the store while a rank waits for transfers or for the others
+LOOK_S = 0.05
+#: default ``transfer_timeout`` (seconds): bound of the transfer phase when a rank hangs
+DEFAULT_TRANSFER_TIMEOUT_S = 300.0
+_OK = "ok"  # the decision once every rank finished its transfers and none posted a failure
+#: store keys this process wrote in the last call on each group, deleted at the next call
+#: (after its first agreement, when every rank has read them)
+_KEYS_TO_DELETE: dict[str, list[str]] = {}
 
 
 @dataclass(frozen=True)
@@ -127,6 +153,154 @@ def _allocate_buffers(like: list[torch.Tensor], count: int) -> list[torch.Tensor
     return [torch.empty((count, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in like]
 
 
+def _send_tensor(tensors: torch.Tensor, local_slot: int) -> torch.Tensor:
+    """What a send of ``local_slot`` reads: the slot itself when it is contiguous, else a copy."""
+    return tensors[local_slot].contiguous()
+
+
+def _error(notice: str) -> RuntimeError:
+    return RuntimeError(f"expert weight transfer failed, nothing changed: {notice}")
+
+
+class _Waiter:
+    """Waits for posted P2P works, in order, on a thread of its own. The calling thread polls
+    it instead of waiting: on gloo, a peer's death reaches only ``wait()`` (``is_completed()``
+    stays False) and a ``wait(timeout)`` that expires closes the connection. A work that never
+    ends keeps the thread, and the tensors of the works queued after it, alive: no transfer
+    ever lands in freed memory."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._peers: list[int] = []
+        self.finished = 0  # written by the waiting thread only
+        self.errors: list[tuple[int, BaseException]] = []
+        self._thread = threading.Thread(target=self._run, name="deeppar-eplb-transfer-wait",
+                                        daemon=True)
+        self._thread.start()
+
+    def add(self, works: Sequence[dist.Work], peers: Sequence[int]) -> None:
+        self._peers += peers
+        for item in zip(works, peers):
+            self._queue.put(item)
+
+    def idle(self) -> bool:
+        return self.finished == len(self._peers)
+
+    def pending_peers(self) -> list[int]:
+        return sorted(set(self._peers[self.finished:]))
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            work, peer = item
+            try:
+                work.wait()
+            except Exception as exc:  # noqa: BLE001 - reported as this peer's failure
+                self.errors.append((peer, exc))
+            self.finished += 1
+
+
+class _TransferPhase:
+    """Phase 3 on one rank (see the module doc): the layers' transfers, the failure notices,
+    the final decision. :meth:`run` returns when every rank got everything, else raises the
+    same RuntimeError as every other rank."""
+
+    def __init__(self, prefix: str, rank: int, world: int, timeout: float) -> None:
+        self.store = default_store()
+        self.decision = FailureNotice(self.store, f"{prefix}/decision")
+        self.abandoned_key = f"{prefix}/abandoned"
+        self.done_keys = [f"{prefix}/done/{r}" for r in range(world)]
+        self.rank, self.timeout = rank, timeout
+        self.deadline = time.monotonic() + timeout
+        self.cause: BaseException | None = None  # this rank's own failure
+        self.reported = 0  # waiter errors already posted
+        self.waiter = _Waiter()
+
+    def run(self, layers: int, layer_ops: Callable[[int, bool], list[tuple[dist.P2POp, int]]]
+            ) -> None:
+        """``layer_ops(layer, placeholders)``: the layer's ops and their group peers."""
+        try:
+            for layer in range(layers):
+                ops = self._build(layer, layer_ops)
+                if not ops:
+                    continue
+                try:
+                    works = dist.batch_isend_irecv([op for op, _ in ops])
+                except Exception as exc:  # noqa: BLE001 - ops half posted: cannot drain
+                    self._abandon(exc)
+                self.waiter.add(works, [peer for _, peer in ops])
+                poll(self.waiter.idle, self._look_while_transferring, LOOK_S)
+                self._report_lost_peers()
+            self.store.set(self.done_keys[self.rank], "1")
+            poll(lambda: self.store.check(self.done_keys), self._look_while_done, LOOK_S)
+            decision = self.decision.post(_OK)
+        except dist.DistNetworkError as exc:
+            raise _error("the process group's store is unreachable (its host, rank 0 unless "
+                         f"set otherwise, may have died): {exc}".split("\n")[0]) from exc
+        finally:
+            self.waiter.close()
+        if decision != _OK:
+            raise _error(decision) from self.cause
+
+    def _build(self, layer: int, layer_ops) -> list[tuple[dist.P2POp, int]]:
+        if self.cause is None:
+            try:
+                return layer_ops(layer, False)
+            except Exception as exc:  # noqa: BLE001 - any failure aborts every rank
+                self.cause = exc
+                self.decision.post(describe(self.rank, exc))
+        try:
+            return layer_ops(layer, True)
+        except Exception as exc:  # noqa: BLE001
+            self._abandon(exc)
+            raise  # unreachable: _abandon raises
+
+    def _abandon(self, exc: BaseException) -> None:
+        """This rank cannot finish its messages: make every rank stop waiting now."""
+        self.cause = self.cause or exc
+        notice = self.decision.post(describe(self.rank, exc))
+        self.store.set(self.abandoned_key, str(self.rank))
+        raise _error(notice) from self.cause
+
+    def _report_lost_peers(self) -> None:
+        """Post a notice for each peer whose transfer failed (on gloo: the peer died)."""
+        for peer, exc in self.waiter.errors[self.reported:]:
+            first_line = str(exc).strip().split("\n")[0]
+            self.decision.post(f"rank {peer}: its transfer with rank {self.rank} failed (the "
+                               f"process died or its connection broke): {first_line}")
+        self.reported = len(self.waiter.errors)
+
+    def _look_while_transferring(self) -> None:
+        if self.store.check([self.abandoned_key]):
+            raise _error(self.decision.read() or "a rank abandoned the transfers")
+        if time.monotonic() > self.deadline:
+            peers = ", ".join(map(str, self.waiter.pending_peers()))
+            raise _error(self.decision.post(
+                f"rank {peers}: transfers with rank {self.rank} unfinished after "
+                f"transfer_timeout={self.timeout:g} s (hung, or dead without the backend "
+                "noticing)"))
+
+    def _look_while_done(self) -> None:
+        notice = self.decision.read()
+        if notice is not None and notice != _OK:
+            raise _error(notice) from self.cause
+        if time.monotonic() > self.deadline:
+            missing = [str(r) for r, k in enumerate(self.done_keys) if not self.store.check([k])]
+            notice = self.decision.post(
+                f"rank {', '.join(missing)}: transfers unfinished after transfer_timeout="
+                f"{self.timeout:g} s (hung, or dead without the backend noticing), seen by "
+                f"rank {self.rank}")
+            if notice != _OK:
+                raise _error(notice) from self.cause
+
+
+def _forget_previous_keys(prefix_root: str, store: dist.Store) -> None:
+    for key in _KEYS_TO_DELETE.pop(prefix_root, []):
+        store.delete_key(key)
+
+
 @torch.no_grad()
 def rearrange_expert_weights(
     weights: Weights,
@@ -135,14 +309,20 @@ def rearrange_expert_weights(
     source_slot: torch.Tensor,
     *,
     group: dist.ProcessGroup | None = None,
+    transfer_timeout: float = DEFAULT_TRANSFER_TIMEOUT_S,
 ) -> RearrangeStats:
     """Rewrite this rank's expert ``weights`` in place from ``current_phy2log [L, R]`` to
     ``new_phy2log [L, R]``; a collective: every rank of ``group`` calls it with the same plan.
 
     ``source_slot [L, R]``: old slot whose weights each new slot receives (``Migration``'s).
-    Raises ValueError on every rank (nothing moved) for a bad or disagreeing plan, and
-    RuntimeError on every rank (nothing changed) if a rank fails to allocate or transfer.
+    Raises ValueError on every rank (nothing moved) for a bad or disagreeing plan, and the same
+    RuntimeError on every rank (nothing changed), naming the failing rank, if a rank fails to
+    allocate or transfer or dies (see the module doc); ``transfer_timeout`` (seconds) bounds
+    the transfer phase for a rank that hangs.
     """
+    if not transfer_timeout > 0:
+        raise ValueError(f"transfer_timeout must be a positive number of seconds, got "
+                         f"{transfer_timeout!r}")
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     error = None
@@ -153,14 +333,17 @@ def rearrange_expert_weights(
     except (ValueError, TypeError) as exc:
         error = str(exc)
     _agree(group, error, "invalid expert transfer plan", ValueError)
-    digests: list[tuple[str, str] | None] = [None] * world
-    dist.all_gather_object(digests, (digest, layout), group=group)
-    if len({d for d, _ in digests}) > 1:
+    digests: list[tuple[str, str, str] | None] = [None] * world
+    dist.all_gather_object(digests, (digest, layout, os.urandom(8).hex()), group=group)
+    if len({d for d, _, _ in digests}) > 1:
         raise ValueError("ranks disagree on the expert transfer plan: plan digests "
-                         + ", ".join(f"rank {r}: {d}" for r, (d, _) in enumerate(digests)))
-    if len({lay for _, lay in digests}) > 1:
+                         + ", ".join(f"rank {r}: {d}" for r, (d, _, _) in enumerate(digests)))
+    if len({lay for _, lay, _ in digests}) > 1:
         raise ValueError("ranks disagree on the expert weight layout (per-slot shapes or "
                          "dtypes differ between ranks)")
+    prefix_root = key_prefix("eplb-rearrange", group, "")
+    _forget_previous_keys(prefix_root, default_store())  # every rank has left the last call
+    prefix = prefix_root + digests[0][2]
 
     layers, replicas = new.shape
     per_rank = replicas // world
@@ -199,32 +382,35 @@ def rearrange_expert_weights(
     _agree(group, error, "expert weight rearrangement aborted, nothing changed",
            RuntimeError)
 
-    # Phase 3: every transfer in one batch, ordered identically on both ends of each pair.
-    error = None
-    try:
-        ops = []
-        for layer in range(layers):
-            ops += _layer_ops(plans[layer], _tensors(weights[layer]), buffers[layer],
-                              src[layer], rank, per_rank, group)
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-    except Exception as exc:  # noqa: BLE001
-        error = f"{type(exc).__name__}: {exc}"
-    _agree(group, error, "expert weight transfer failed, nothing changed", RuntimeError)
+    # Phase 3: the transfers, layer by layer, and the decision.
+    _KEYS_TO_DELETE[prefix_root] = [f"{prefix}/done/{rank}"] + (
+        [f"{prefix}/decision", f"{prefix}/abandoned"] if rank == 0 else [])
+    placeholders: dict[tuple, torch.Tensor] = {}
+
+    def placeholder(t: torch.Tensor, _local_slot: int) -> torch.Tensor:
+        key = (tuple(t.shape[1:]), t.dtype, t.device)
+        if key not in placeholders:
+            placeholders[key] = torch.zeros(t.shape[1:], dtype=t.dtype, device=t.device)
+        return placeholders[key]
+
+    def layer_ops(layer: int, placeholders_only: bool) -> list[tuple[dist.P2POp, int]]:
+        return _layer_ops(plans[layer], _tensors(weights[layer]), buffers[layer], src[layer],
+                          rank, per_rank, group, placeholder if placeholders_only
+                          else _send_tensor)
+
+    _TransferPhase(prefix, rank, world, transfer_timeout).run(layers, layer_ops)
 
     # Phase 4: commit.
-    with torch.no_grad():
-        for layer, (incoming, local, _) in enumerate(plans):
-            tensors = _tensors(weights[layer])
-            if incoming:
-                index = torch.tensor([d for d, _ in incoming], device=tensors[0].device)
-                for t, buf in zip(tensors, buffers[layer]):
-                    t.index_copy_(0, index, buf)
-            if local:
-                index = torch.tensor([d for d, _ in local], device=tensors[0].device)
-                for t, copy in zip(tensors, staged[layer]):
-                    t.index_copy_(0, index, copy)
+    for layer, (incoming, local, _) in enumerate(plans):
+        tensors = _tensors(weights[layer])
+        if incoming:
+            index = torch.tensor([d for d, _ in incoming], device=tensors[0].device)
+            for t, buf in zip(tensors, buffers[layer]):
+                t.index_copy_(0, index, buf)
+        if local:
+            index = torch.tensor([d for d, _ in local], device=tensors[0].device)
+            for t, copy in zip(tensors, staged[layer]):
+                t.index_copy_(0, index, copy)
     slot_bytes = [sum(t[0].numel() * t.element_size() for t in _tensors(held))
                   for held in weights]
     return RearrangeStats(
@@ -237,8 +423,11 @@ def rearrange_expert_weights(
     )
 
 
-def _layer_ops(plan, tensors, buffers, src_row, rank, per_rank, group) -> list[dist.P2POp]:
-    """P2P ops of one layer, in global new-slot order (the same order on sender and receiver)."""
+def _layer_ops(plan, tensors, buffers, src_row, rank, per_rank, group,
+               send: Callable[[torch.Tensor, int], torch.Tensor]
+               ) -> list[tuple[dist.P2POp, int]]:
+    """P2P ops of one layer and their group peers, in global new-slot order (the same order
+    on sender and receiver); ``send(tensor, local_slot)`` gives what a send reads."""
     incoming, _, _ = plan
 
     def peer(group_rank: int) -> int:  # P2POp takes global ranks
@@ -246,16 +435,15 @@ def _layer_ops(plan, tensors, buffers, src_row, rank, per_rank, group) -> list[d
 
     slot_of_buffer = {rank * per_rank + d: j for j, (d, _) in enumerate(incoming)}
     ops = []
-    row = src_row.tolist()
-    for s, from_slot in enumerate(row):
+    for s, from_slot in enumerate(src_row.tolist()):
         sr, dr = from_slot // per_rank, s // per_rank
         if sr == dr:
             continue
         if dr == rank:
             j = slot_of_buffer[s]
-            ops += [dist.P2POp(dist.irecv, buf[j], peer(sr), group) for buf in buffers]
+            ops += [(dist.P2POp(dist.irecv, buf[j], peer(sr), group), sr) for buf in buffers]
         elif sr == rank:
             local = from_slot - rank * per_rank
-            ops += [dist.P2POp(dist.isend, t[local].contiguous(), peer(dr), group)
+            ops += [(dist.P2POp(dist.isend, send(t, local), peer(dr), group), dr)
                     for t in tensors]
     return ops
