@@ -3,10 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
 import deeppar.eplb as eplb
+from deeppar._coordination import default_store
 from deeppar.eplb import rearrange
 from deeppar.eplb.migration import migrate
 
@@ -166,3 +173,143 @@ def case_allocation_failure_changes_nothing(rank: int, world: int) -> None:
     finally:
         rearrange._allocate_buffers = original
     assert_holds(weights, current, rank, world)
+
+
+# ----------------------------------------------------------------------------- transfer failures
+
+FAIL_BOUND_S = 5.0  # a failure reaches every rank well within this (measured: tenths of a second)
+
+
+@contextlib.contextmanager
+def on_send(n: int, action) -> Iterator[None]:
+    """The ``n``-th send prepared by this rank (1-based, in the order of the transfers: layer
+    by layer, slots in order; 0: none) runs ``action`` first."""
+    original = rearrange._send_tensor
+    calls = 0
+
+    def send(t: torch.Tensor, local_slot: int) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            action()
+        return original(t, local_slot)
+
+    rearrange._send_tensor = send
+    try:
+        yield
+    finally:
+        rearrange._send_tensor = original
+
+
+def raise_injected() -> None:
+    raise RuntimeError("injected send failure")
+
+
+def timed(fn, times: list[float]):
+    def run():
+        t0 = time.monotonic()
+        try:
+            fn()
+        finally:
+            times.append(time.monotonic() - t0)
+    return run
+
+
+def shifted_problem(rank: int, world: int):
+    """(weights, current, new, src, sends per layer): every slot moves to the next rank."""
+    current, _ = problem(world, seed=2)
+    new, src = shifted(current, world)
+    per_rank = current.shape[1] // world
+    return rank_weights(current, rank, world), current, new, src, per_rank * 3  # 3 tensors
+
+
+def raise_during_transfer(rank: int, world: int, failing: int, last: bool) -> None:
+    """``failing`` raises while preparing its first send of the second layer (the first layer
+    has moved) or its very last send: every rank raises the same error naming it, fast, keeps
+    its old weights, and the group still works."""
+    weights, current, new, src, per_layer = shifted_problem(rank, world)
+    n = LAYERS * per_layer if last else per_layer + 1
+    times: list[float] = []
+    with on_send(n if rank == failing else 0, raise_injected):
+        expect_same_error(RuntimeError, timed(lambda: rearrange.rearrange_expert_weights(
+            weights, current, new, src), times),
+            f"nothing changed: rank {failing}: RuntimeError: injected send failure")
+    assert times[0] < FAIL_BOUND_S, f"failed after {times[0]:.2f} s"
+    assert_holds(weights, current, rank, world)
+    rearrange.rearrange_expert_weights(weights, current, new, src)  # nothing left pending
+    assert_holds(weights, new, rank, world)
+
+
+def case_raise_mid_transfer(rank: int, world: int) -> None:
+    raise_during_transfer(rank, world, world // 2, last=False)
+
+
+def case_raise_at_last_send(rank: int, world: int) -> None:
+    raise_during_transfer(rank, world, 0, last=True)
+
+
+def case_hung_rank_times_out(rank: int, world: int) -> None:
+    """Rank 1 stalls 2.5 s before its last layer; with ``transfer_timeout=1`` the others give
+    up after about a second naming it, and it raises the same error once it resumes."""
+    weights, current, new, src, per_layer = shifted_problem(rank, world)
+    times: list[float] = []
+    with on_send(per_layer + 1 if rank == 1 else 0, lambda: time.sleep(2.5)):
+        expect_same_error(RuntimeError, timed(lambda: rearrange.rearrange_expert_weights(
+            weights, current, new, src, transfer_timeout=1.0), times),
+            "nothing changed: rank 1: ", "transfer_timeout=1 s")
+    assert times[0] < (3.5 if rank == 1 else 2.0), f"failed after {times[0]:.2f} s"
+    assert_holds(weights, current, rank, world)
+
+
+def case_posting_failure_abandons(rank: int, world: int) -> None:
+    """Rank 1 fails to post its second layer's transfers (they cannot be finished): the others
+    stop waiting at once. Leaves unmatched transfers behind: the last case of its group."""
+    weights, current, new, src, _ = shifted_problem(rank, world)
+    original = dist.batch_isend_irecv
+    calls = 0
+
+    def post(ops):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("injected posting failure")
+        return original(ops)
+
+    if rank == 1:
+        dist.batch_isend_irecv = post
+    times: list[float] = []
+    try:
+        expect_same_error(RuntimeError, timed(lambda: rearrange.rearrange_expert_weights(
+            weights, current, new, src), times),
+            "nothing changed: rank 1: RuntimeError: injected posting failure")
+    finally:
+        dist.batch_isend_irecv = original
+    assert times[0] < FAIL_BOUND_S, f"failed after {times[0]:.2f} s"
+    assert_holds(weights, current, rank, world)
+
+
+def case_killed_rank(rank: int, world: int) -> None:
+    """Rank 1 is killed (SIGKILL) while preparing its second layer's sends: each survivor
+    raises within seconds, with the same error naming rank 1, and keeps its old weights."""
+    weights, current, new, src, per_layer = shifted_problem(rank, world)
+    times: list[float] = []
+    kill = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+    with on_send(per_layer + 1 if rank == 1 else 0, kill):
+        try:
+            timed(lambda: rearrange.rearrange_expert_weights(weights, current, new, src),
+                  times)()
+        except RuntimeError as exc:
+            message = str(exc)
+        else:
+            raise AssertionError("no RuntimeError on a survivor")
+    assert message.startswith("expert weight transfer failed, nothing changed: rank 1: "), \
+        message
+    assert times[0] < FAIL_BOUND_S, f"failed after {times[0]:.2f} s"
+    assert_holds(weights, current, rank, world)
+    # the same message on every survivor (through the store: a collective needs rank 1)
+    store = default_store()
+    store.set(f"test/killed_rank/{rank}", message)
+    for other in range(world):
+        if other != 1:
+            store.wait([f"test/killed_rank/{other}"])
+            assert store.get(f"test/killed_rank/{other}").decode() == message
