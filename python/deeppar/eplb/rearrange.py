@@ -40,6 +40,7 @@ zero slot per tensor as placeholder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
@@ -165,40 +166,47 @@ def _error(notice: str) -> RuntimeError:
 class _Waiter:
     """Waits for posted P2P works, in order, on a thread of its own. The calling thread polls
     it instead of waiting: on gloo, a peer's death reaches only ``wait()`` (``is_completed()``
-    stays False) and a ``wait(timeout)`` that expires closes the connection. A work that never
-    ends keeps the thread, and the tensors of the works queued after it, alive: no transfer
-    ever lands in freed memory."""
+    stays False) and a ``wait(timeout)`` that expires closes the connection. On a device
+    (NCCL), ``wait()`` only orders streams: the thread then polls ``is_completed()``. A work
+    that never ends keeps the thread, and the tensors of the works queued after it, alive: no
+    transfer ever lands in freed memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_device: bool) -> None:
+        self.on_device = on_device
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._peers: list[int] = []
+        self._peers: list[tuple[int, ...]] = []  # group peers of each work, in order
         self.finished = 0  # written by the waiting thread only
-        self.errors: list[tuple[int, BaseException]] = []
+        self.errors: list[tuple[tuple[int, ...], BaseException]] = []
         self._thread = threading.Thread(target=self._run, name="deeppar-eplb-transfer-wait",
                                         daemon=True)
         self._thread.start()
 
     def add(self, works: Sequence[dist.Work], peers: Sequence[int]) -> None:
-        self._peers += peers
-        for item in zip(works, peers):
+        """``peers``: of each op posted; one work per op, or (NCCL) one for the batch."""
+        per_work = [(p,) for p in peers] if len(works) == len(peers) \
+            else [tuple(sorted(set(peers)))] * len(works)
+        self._peers += per_work
+        for item in zip(works, per_work):
             self._queue.put(item)
 
     def idle(self) -> bool:
         return self.finished == len(self._peers)
 
     def pending_peers(self) -> list[int]:
-        return sorted(set(self._peers[self.finished:]))
+        return sorted({p for peers in self._peers[self.finished:] for p in peers})
 
     def close(self) -> None:
         self._queue.put(None)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            work, peer = item
+            work, peers = item
             try:
                 work.wait()
+                while self.on_device and not work.is_completed():
+                    time.sleep(1e-4)
             except Exception as exc:  # noqa: BLE001 - reported as this peer's failure
-                self.errors.append((peer, exc))
+                self.errors.append((peers, exc))
             self.finished += 1
 
 
@@ -207,7 +215,9 @@ class _TransferPhase:
     the final decision. :meth:`run` returns when every rank got everything, else raises the
     same RuntimeError as every other rank."""
 
-    def __init__(self, prefix: str, rank: int, world: int, timeout: float) -> None:
+    def __init__(self, prefix: str, group: dist.ProcessGroup | None, rank: int, world: int,
+                 timeout: float, on_device: bool) -> None:
+        self.group, self.on_device = group, on_device
         self.store = default_store()
         self.decision = FailureNotice(self.store, f"{prefix}/decision")
         self.abandoned_key = f"{prefix}/abandoned"
@@ -216,7 +226,7 @@ class _TransferPhase:
         self.deadline = time.monotonic() + timeout
         self.cause: BaseException | None = None  # this rank's own failure
         self.reported = 0  # waiter errors already posted
-        self.waiter = _Waiter()
+        self.waiter = _Waiter(on_device)
 
     def run(self, layers: int, layer_ops: Callable[[int, bool], list[tuple[dist.P2POp, int]]]
             ) -> None:
@@ -232,13 +242,17 @@ class _TransferPhase:
                     self._abandon(exc)
                 self.waiter.add(works, [peer for _, peer in ops])
                 poll(self.waiter.idle, self._look_while_transferring, LOOK_S)
+                if self.on_device:  # order this thread's stream after the transfers
+                    for work in works:
+                        with contextlib.suppress(Exception):  # reported by the waiter
+                            work.wait()
                 self._report_lost_peers()
             self.store.set(self.done_keys[self.rank], "1")
             poll(lambda: self.store.check(self.done_keys), self._look_while_done, LOOK_S)
             decision = self.decision.post(_OK)
         except dist.DistNetworkError as exc:
-            raise _error("the process group's store is unreachable (its host, rank 0 unless "
-                         f"set otherwise, may have died): {exc}".split("\n")[0]) from exc
+            raise _error("the process group's store is unreachable (its host, rank 0 unless set "
+                         "otherwise, may have died)") from exc
         finally:
             self.waiter.close()
         if decision != _OK:
@@ -262,22 +276,31 @@ class _TransferPhase:
         self.cause = self.cause or exc
         notice = self.decision.post(describe(self.rank, exc))
         self.store.set(self.abandoned_key, str(self.rank))
-        raise _error(notice) from self.cause
+        raise self._give_up(notice) from self.cause
+
+    def _give_up(self, notice: str) -> RuntimeError:
+        """The error of a rank that stops waiting for its transfers. On a device, their
+        kernels would wait forever: abort the communicator (the group is unusable after)."""
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if self.on_device and abort is not None:
+            abort(self.group)
+        return _error(notice)
 
     def _report_lost_peers(self) -> None:
         """Post a notice for each peer whose transfer failed (on gloo: the peer died)."""
-        for peer, exc in self.waiter.errors[self.reported:]:
+        for peers, exc in self.waiter.errors[self.reported:]:
             first_line = str(exc).strip().split("\n")[0]
-            self.decision.post(f"rank {peer}: its transfer with rank {self.rank} failed (the "
+            names = ", ".join(map(str, peers))
+            self.decision.post(f"rank {names}: its transfer with rank {self.rank} failed (the "
                                f"process died or its connection broke): {first_line}")
         self.reported = len(self.waiter.errors)
 
     def _look_while_transferring(self) -> None:
         if self.store.check([self.abandoned_key]):
-            raise _error(self.decision.read() or "a rank abandoned the transfers")
+            raise self._give_up(self.decision.read() or "a rank abandoned the transfers")
         if time.monotonic() > self.deadline:
             peers = ", ".join(map(str, self.waiter.pending_peers()))
-            raise _error(self.decision.post(
+            raise self._give_up(self.decision.post(
                 f"rank {peers}: transfers with rank {self.rank} unfinished after "
                 f"transfer_timeout={self.timeout:g} s (hung, or dead without the backend "
                 "noticing)"))
@@ -398,7 +421,9 @@ def rearrange_expert_weights(
                           rank, per_rank, group, placeholder if placeholders_only
                           else _send_tensor)
 
-    _TransferPhase(prefix, rank, world, transfer_timeout).run(layers, layer_ops)
+    on_device = _tensors(weights[0])[0].device.type != "cpu"
+    _TransferPhase(prefix, group, rank, world, transfer_timeout, on_device).run(layers,
+                                                                             layer_ops)
 
     # Phase 4: commit.
     for layer, (incoming, local, _) in enumerate(plans):
