@@ -288,28 +288,55 @@ def case_posting_failure_abandons(rank: int, world: int) -> None:
     assert_holds(weights, current, rank, world)
 
 
-def case_killed_rank(rank: int, world: int) -> None:
-    """Rank 1 is killed (SIGKILL) while preparing its second layer's sends: each survivor
-    raises within seconds, with the same error naming rank 1, and keeps its old weights."""
-    weights, current, new, src, per_layer = shifted_problem(rank, world)
+def expect_survivors_fail(rank: int, world: int, victim: int, fn, *words: str) -> None:
+    """``fn`` raises a RuntimeError within :data:`FAIL_BOUND_S` on this survivor of
+    ``victim``'s death, naming it and ``words``, the same on every survivor (compared through
+    the store: a collective would need the victim)."""
     times: list[float] = []
-    kill = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
-    with on_send(per_layer + 1 if rank == 1 else 0, kill):
-        try:
-            timed(lambda: rearrange.rearrange_expert_weights(weights, current, new, src),
-                  times)()
-        except RuntimeError as exc:
-            message = str(exc)
-        else:
-            raise AssertionError("no RuntimeError on a survivor")
-    assert message.startswith("expert weight transfer failed, nothing changed: rank 1: "), \
-        message
+    try:
+        timed(fn, times)()
+    except RuntimeError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("no RuntimeError on a survivor")
+    assert message.startswith(
+        f"expert weight rearrangement failed, nothing changed: rank {victim}: "), message
+    for w in words:
+        assert w in message, f"{message!r} does not mention {w!r}"
     assert times[0] < FAIL_BOUND_S, f"failed after {times[0]:.2f} s"
-    assert_holds(weights, current, rank, world)
-    # the same message on every survivor (through the store: a collective needs rank 1)
     store = default_store()
-    store.set(f"test/killed_rank/{rank}", message)
+    store.set(f"test/survivor/{rank}", message)
     for other in range(world):
-        if other != 1:
-            store.wait([f"test/killed_rank/{other}"])
-            assert store.get(f"test/killed_rank/{other}").decode() == message
+        if other != victim:
+            store.wait([f"test/survivor/{other}"])
+            assert store.get(f"test/survivor/{other}").decode() == message
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def case_killed_rank(rank: int, world: int) -> None:
+    """Rank 1 is killed (SIGKILL) while preparing its second layer's sends: gloo tells each
+    peer with a transfer pending with it, which names it; every survivor raises the same
+    error within seconds and keeps its old weights."""
+    weights, current, new, src, per_layer = shifted_problem(rank, world)
+    with on_send(per_layer + 1 if rank == 1 else 0, kill_self):
+        expect_survivors_fail(rank, world, 1, lambda: rearrange.rearrange_expert_weights(
+            weights, current, new, src), "its transfer with rank", "process died")
+    assert_holds(weights, current, rank, world)
+
+
+def case_killed_while_allocating(rank: int, world: int) -> None:
+    """Rank 1 is killed before any transfer (allocating its buffers), when no transfer of a
+    peer can notice: its silent heartbeat does (timeout lowered to 2 s here)."""
+    weights, current, new, src, _ = shifted_problem(rank, world)
+    rearrange.HEARTBEAT_TIMEOUT_S = 2.0
+    if rank == 1:
+        def allocate(like, count):
+            kill_self()
+
+        rearrange._allocate_buffers = allocate
+    expect_survivors_fail(rank, world, 1, lambda: rearrange.rearrange_expert_weights(
+        weights, current, new, src), "no heartbeat for 2 s")
+    assert_holds(weights, current, rank, world)

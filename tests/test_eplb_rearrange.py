@@ -55,10 +55,12 @@ def test_stalled_rank_and_posting_failure() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_killed_rank() -> None:
-    """3 ranks, rank 1 killed mid-transfer: ranks 0 and 2 raise the same error naming it."""
-    res = h.run_cases(3, ["_eplb_dist_cases:case_killed_rank"], timeout=45)
-    per_rank = res["_eplb_dist_cases:case_killed_rank"]
+@pytest.mark.parametrize("case", ["case_killed_rank", "case_killed_while_allocating"])
+def test_killed_rank(case: str) -> None:
+    """3 ranks, rank 1 killed mid-transfer or before: ranks 0 and 2 raise the same error
+    naming it."""
+    res = h.run_cases(3, [f"_eplb_dist_cases:{case}"], timeout=45)
+    per_rank = res[f"_eplb_dist_cases:{case}"]
     assert per_rank[1] == "timeout (no report)", per_rank[1]  # it died before reporting
     bad = {r: e for r, e in per_rank.items() if r != 1 and e is not None}
-    assert not bad, h.failures({"case_killed_rank": bad})
+    assert not bad, h.failures({case: bad})
