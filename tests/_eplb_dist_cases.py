@@ -151,6 +151,9 @@ def case_plan_missing_an_expert_and_wrong_shapes(rank: int, world: int) -> None:
     short = [[t[:-1] for t in layer] for layer in weights] if rank == 0 else weights
     expect_same_error(ValueError, lambda: rearrange.rearrange_expert_weights(
         short, current, m.phy2log, m.source_slot), "rank 0", "local slots")
+    expect_same_error(ValueError, lambda: rearrange.rearrange_expert_weights(
+        weights, current, m.phy2log, m.source_slot, transfer_timeout=0 if rank == 0 else 9),
+        "rank 0", "transfer_timeout must be a positive number")
     other = [[t.double() if t.is_floating_point() else t for t in layer] for layer in weights]
     expect_same_error(ValueError, lambda: rearrange.rearrange_expert_weights(
         other if rank == 1 else weights, current, m.phy2log, m.source_slot), "layout")

@@ -77,6 +77,8 @@ HEARTBEAT_TIMEOUT_S = 5.0
 #: default ``transfer_timeout`` (seconds): bound of the transfer phase when a rank hangs
 DEFAULT_TRANSFER_TIMEOUT_S = 300.0
 _OK = "ok"  # the decision once every rank finished its transfers and none posted a failure
+_STORE_LOST = ("the process group's store is unreachable (its host, rank 0 unless set "
+               "otherwise, may have died)")
 _calls: dict[str, int] = {}  # calls made on each group: names their store keys
 #: store keys this rank wrote in the last call on each group, deleted during the next call
 #: (once every rank has entered it, so has left the last one)
@@ -270,6 +272,7 @@ class _Call:
         self.late = "did not get there within the process group's timeout"
         self.cause: BaseException | None = None  # this rank's own failure
         self.failed_together = False
+        self.decided = False  # every rank got everything: the commit follows
         self.transferring = False
         self.waiter: _Waiter | None = None
         self.reported = 0  # waiter errors already posted
@@ -332,6 +335,7 @@ class _Call:
         decision = self.decision.post(_OK)
         if decision != _OK:
             raise self.together(_error(decision)) from self.cause
+        self.decided = True
 
     def _build(self, layer: int, layer_ops) -> list[tuple[dist.P2POp, int]]:
         if self.cause is None:
@@ -442,13 +446,16 @@ def rearrange_expert_weights(
     call = _Call(group, rank, world, transfer_timeout, _on_device(weights))
     try:
         return _rearrange(call, weights, current_phy2log, new_phy2log, source_slot)
-    except (dist.DistNetworkError, dist.DistStoreError) as exc:
-        raise _error("the process group's store is unreachable (its host, rank 0 unless set "
-                     "otherwise, may have died)") from exc
     except Exception as exc:
-        if call.failed_together:
+        if call.failed_together or call.decided:  # (a commit cannot fail on a sane device)
             raise
-        raise call.abandon(exc) from exc  # e.g. a failure while finishing its transfers
+        if isinstance(exc, (dist.DistNetworkError, dist.DistStoreError)):
+            raise _error(_STORE_LOST) from exc
+        try:
+            error = call.abandon(exc)  # e.g. a failure while finishing its transfers
+        except (dist.DistNetworkError, dist.DistStoreError):
+            error = _error(_STORE_LOST)
+        raise error from exc
     except BaseException as exc:
         with contextlib.suppress(Exception):
             call.abandon(exc)
@@ -463,9 +470,11 @@ def _rearrange(call: _Call, weights: Weights, current_phy2log: torch.Tensor,
     error = None
     digest = layout = ""
     try:
-        if not call.transfer_timeout > 0:
+        timeout = call.transfer_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+                not timeout > 0:
             raise ValueError(f"transfer_timeout must be a positive number of seconds, got "
-                             f"{call.transfer_timeout!r}")
+                             f"{timeout!r}")
         old, new, src = _check_local(weights, current_phy2log, new_phy2log, source_slot, world)
         digest, layout = _digest(old, new, src), _layout(weights)
     except (ValueError, TypeError) as exc:
