@@ -76,6 +76,9 @@ HEARTBEAT_S = 0.5
 HEARTBEAT_TIMEOUT_S = 5.0
 #: default ``transfer_timeout`` (seconds): bound of the transfer phase when a rank hangs
 DEFAULT_TRANSFER_TIMEOUT_S = 300.0
+#: longest pause between two looks at keys of the store that a rank waits for: bounds the
+#: load on the store's host while many ranks wait
+_STORE_PAUSE_S = 0.01
 _OK = "ok"  # the decision once every rank finished its transfers and none posted a failure
 _STORE_LOST = ("the process group's store is unreachable (its host, rank 0 unless set "
                "otherwise, may have died)")
@@ -287,7 +290,7 @@ class _Call:
         self.heartbeat.stop()
         if self.waiter is not None:
             self.waiter.close()
-        _keys_to_delete[self.root] = self.own_keys
+        _keys_to_delete.setdefault(self.root, []).extend(self.own_keys)
 
     # ------------------------------------------------------------------ verdicts
     def share(self, name: str, payload: Any) -> list[Any]:
@@ -321,7 +324,7 @@ class _Call:
             except Exception as exc:  # noqa: BLE001 - ops half posted: cannot drain
                 raise self.abandon(exc) from exc
             self.waiter.add(works, [peer for _, peer in ops])
-            self._wait(self.waiter.idle, self.waiter.pending_peers, False)
+            self._wait(self.waiter.idle, self.waiter.pending_peers, False, 2e-3)
             if self.on_device:  # order this thread's stream after the transfers
                 for work in works:
                     with contextlib.suppress(Exception):  # reported by the waiter
@@ -374,10 +377,11 @@ class _Call:
         return self.together(_error(notice))
 
     def _wait(self, done: Callable[[], bool], awaited: Callable[[], list[int]],
-              stop_on_notice: bool) -> None:
+              stop_on_notice: bool, max_pause_s: float = _STORE_PAUSE_S) -> None:
         """Poll ``done()``; look at the store every :data:`LOOK_S` seconds and at the
         heartbeats of the ``awaited()`` ranks every :data:`HEARTBEAT_S`."""
-        poll(done, lambda: self._look(awaited, stop_on_notice), LOOK_S)
+        poll(done, lambda: self._look(awaited, stop_on_notice), LOOK_S,
+             max_pause_s=max_pause_s)
 
     def _look(self, awaited: Callable[[], list[int]], stop_on_notice: bool) -> None:
         if self.store.check([self.abandoned_key]):
