@@ -251,6 +251,17 @@ def case_raise_at_last_send(rank: int, world: int) -> None:
     raise_during_transfer(rank, world, 0, last=True)
 
 
+def case_two_ranks_raise(rank: int, world: int) -> None:
+    """The first and the last rank raise, at different sends: every rank raises the same error
+    (the first notice posted) and keeps its old weights."""
+    weights, current, new, src, per_layer = shifted_problem(rank, world)
+    at = {0: per_layer + 1, world - 1: 2}.get(rank, 0)
+    with on_send(at, raise_injected):
+        expect_same_error(RuntimeError, lambda: rearrange.rearrange_expert_weights(
+            weights, current, new, src), "RuntimeError: injected send failure")
+    assert_holds(weights, current, rank, world)
+
+
 def case_hung_rank_times_out(rank: int, world: int) -> None:
     """Rank 1 stalls 2.5 s before its last layer; with ``transfer_timeout=1`` the others give
     up after about a second naming it, and it raises the same error once it resumes."""

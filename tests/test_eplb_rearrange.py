@@ -22,6 +22,7 @@ CASES = [
     "case_allocation_failure_changes_nothing",
     "case_raise_mid_transfer",
     "case_raise_at_last_send",
+    "case_two_ranks_raise",
 ]
 TIMEOUT = {2: 60, 4: 90}
 
