@@ -3,10 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
 import deeppar.eplb as eplb
+from deeppar._coordination import default_store
 from deeppar.eplb import rearrange
 from deeppar.eplb.migration import migrate
 
@@ -144,6 +151,9 @@ def case_plan_missing_an_expert_and_wrong_shapes(rank: int, world: int) -> None:
     short = [[t[:-1] for t in layer] for layer in weights] if rank == 0 else weights
     expect_same_error(ValueError, lambda: rearrange.rearrange_expert_weights(
         short, current, m.phy2log, m.source_slot), "rank 0", "local slots")
+    expect_same_error(ValueError, lambda: rearrange.rearrange_expert_weights(
+        weights, current, m.phy2log, m.source_slot, transfer_timeout=0 if rank == 0 else 9),
+        "rank 0", "transfer_timeout must be a positive number")
     other = [[t.double() if t.is_floating_point() else t for t in layer] for layer in weights]
     expect_same_error(ValueError, lambda: rearrange.rearrange_expert_weights(
         other if rank == 1 else weights, current, m.phy2log, m.source_slot), "layout")
@@ -165,4 +175,182 @@ def case_allocation_failure_changes_nothing(rank: int, world: int) -> None:
             weights, current, new, src), "aborted, nothing changed (rank 1)", "MemoryError")
     finally:
         rearrange._allocate_buffers = original
+    assert_holds(weights, current, rank, world)
+
+
+# ----------------------------------------------------------------------------- transfer failures
+
+FAIL_BOUND_S = 5.0  # a failure reaches every rank well within this (measured: tenths of a second)
+
+
+@contextlib.contextmanager
+def on_send(n: int, action) -> Iterator[None]:
+    """The ``n``-th send prepared by this rank (1-based, in the order of the transfers: layer
+    by layer, slots in order; 0: none) runs ``action`` first."""
+    original = rearrange._send_tensor
+    calls = 0
+
+    def send(t: torch.Tensor, local_slot: int) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            action()
+        return original(t, local_slot)
+
+    rearrange._send_tensor = send
+    try:
+        yield
+    finally:
+        rearrange._send_tensor = original
+
+
+def raise_injected() -> None:
+    raise RuntimeError("injected send failure")
+
+
+def timed(fn, times: list[float]):
+    def run():
+        t0 = time.monotonic()
+        try:
+            fn()
+        finally:
+            times.append(time.monotonic() - t0)
+    return run
+
+
+def shifted_problem(rank: int, world: int):
+    """(weights, current, new, src, sends per layer): every slot moves to the next rank."""
+    current, _ = problem(world, seed=2)
+    new, src = shifted(current, world)
+    per_rank = current.shape[1] // world
+    return rank_weights(current, rank, world), current, new, src, per_rank * 3  # 3 tensors
+
+
+def raise_during_transfer(rank: int, world: int, failing: int, last: bool) -> None:
+    """``failing`` raises while preparing its first send of the second layer (the first layer
+    has moved) or its very last send: every rank raises the same error naming it, fast, keeps
+    its old weights, and the group still works."""
+    weights, current, new, src, per_layer = shifted_problem(rank, world)
+    n = LAYERS * per_layer if last else per_layer + 1
+    times: list[float] = []
+    with on_send(n if rank == failing else 0, raise_injected):
+        expect_same_error(RuntimeError, timed(lambda: rearrange.rearrange_expert_weights(
+            weights, current, new, src), times),
+            f"nothing changed: rank {failing}: RuntimeError: injected send failure")
+    assert times[0] < FAIL_BOUND_S, f"failed after {times[0]:.2f} s"
+    assert_holds(weights, current, rank, world)
+    rearrange.rearrange_expert_weights(weights, current, new, src)  # nothing left pending
+    assert_holds(weights, new, rank, world)
+
+
+def case_raise_mid_transfer(rank: int, world: int) -> None:
+    raise_during_transfer(rank, world, world // 2, last=False)
+
+
+def case_raise_at_last_send(rank: int, world: int) -> None:
+    raise_during_transfer(rank, world, 0, last=True)
+
+
+def case_two_ranks_raise(rank: int, world: int) -> None:
+    """The first and the last rank raise, at different sends: every rank raises the same error
+    (the first notice posted) and keeps its old weights."""
+    weights, current, new, src, per_layer = shifted_problem(rank, world)
+    at = {0: per_layer + 1, world - 1: 2}.get(rank, 0)
+    with on_send(at, raise_injected):
+        expect_same_error(RuntimeError, lambda: rearrange.rearrange_expert_weights(
+            weights, current, new, src), "RuntimeError: injected send failure")
+    assert_holds(weights, current, rank, world)
+
+
+def case_hung_rank_times_out(rank: int, world: int) -> None:
+    """Rank 1 stalls 2.5 s before its last layer; with ``transfer_timeout=1`` the others give
+    up after about a second naming it, and it raises the same error once it resumes."""
+    weights, current, new, src, per_layer = shifted_problem(rank, world)
+    times: list[float] = []
+    with on_send(per_layer + 1 if rank == 1 else 0, lambda: time.sleep(2.5)):
+        expect_same_error(RuntimeError, timed(lambda: rearrange.rearrange_expert_weights(
+            weights, current, new, src, transfer_timeout=1.0), times),
+            "nothing changed: rank 1: ", "transfer_timeout=1 s")
+    assert times[0] < (3.5 if rank == 1 else 2.0), f"failed after {times[0]:.2f} s"
+    assert_holds(weights, current, rank, world)
+
+
+def case_posting_failure_abandons(rank: int, world: int) -> None:
+    """Rank 1 fails to post its second layer's transfers (they cannot be finished): the others
+    stop waiting at once. Leaves unmatched transfers behind: the last case of its group."""
+    weights, current, new, src, _ = shifted_problem(rank, world)
+    original = dist.batch_isend_irecv
+    calls = 0
+
+    def post(ops):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("injected posting failure")
+        return original(ops)
+
+    if rank == 1:
+        dist.batch_isend_irecv = post
+    times: list[float] = []
+    try:
+        expect_same_error(RuntimeError, timed(lambda: rearrange.rearrange_expert_weights(
+            weights, current, new, src), times),
+            "nothing changed: rank 1: RuntimeError: injected posting failure")
+    finally:
+        dist.batch_isend_irecv = original
+    assert times[0] < FAIL_BOUND_S, f"failed after {times[0]:.2f} s"
+    assert_holds(weights, current, rank, world)
+
+
+def expect_survivors_fail(rank: int, world: int, victim: int, fn, *words: str) -> None:
+    """``fn`` raises a RuntimeError within :data:`FAIL_BOUND_S` on this survivor of
+    ``victim``'s death, naming it and ``words``, the same on every survivor (compared through
+    the store: a collective would need the victim)."""
+    times: list[float] = []
+    try:
+        timed(fn, times)()
+    except RuntimeError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("no RuntimeError on a survivor")
+    assert message.startswith(
+        f"expert weight rearrangement failed, nothing changed: rank {victim}: "), message
+    for w in words:
+        assert w in message, f"{message!r} does not mention {w!r}"
+    assert times[0] < FAIL_BOUND_S, f"failed after {times[0]:.2f} s"
+    store = default_store()
+    store.set(f"test/survivor/{rank}", message)
+    for other in range(world):
+        if other != victim:
+            store.wait([f"test/survivor/{other}"])
+            assert store.get(f"test/survivor/{other}").decode() == message
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def case_killed_rank(rank: int, world: int) -> None:
+    """Rank 1 is killed (SIGKILL) while preparing its second layer's sends: gloo tells each
+    peer with a transfer pending with it, which names it; every survivor raises the same
+    error within seconds and keeps its old weights."""
+    weights, current, new, src, per_layer = shifted_problem(rank, world)
+    with on_send(per_layer + 1 if rank == 1 else 0, kill_self):
+        expect_survivors_fail(rank, world, 1, lambda: rearrange.rearrange_expert_weights(
+            weights, current, new, src), "its transfer with rank", "process died")
+    assert_holds(weights, current, rank, world)
+
+
+def case_killed_while_allocating(rank: int, world: int) -> None:
+    """Rank 1 is killed before any transfer (allocating its buffers), when no transfer of a
+    peer can notice: its silent heartbeat does (timeout lowered to 2 s here)."""
+    weights, current, new, src, _ = shifted_problem(rank, world)
+    rearrange.HEARTBEAT_TIMEOUT_S = 2.0
+    if rank == 1:
+        def allocate(like, count):
+            kill_self()
+
+        rearrange._allocate_buffers = allocate
+    expect_survivors_fail(rank, world, 1, lambda: rearrange.rearrange_expert_weights(
+        weights, current, new, src), "no heartbeat for 2 s")
     assert_holds(weights, current, rank, world)

@@ -1,4 +1,6 @@
-"""Expert weight rearrangement on spawned gloo groups of 2 and 4 processes.
+"""Expert weight rearrangement on spawned gloo groups of 2 and 4 processes, and failures in the
+middle of the transfers (a rank that raises, stalls, cannot post its transfers, or is killed)
+on groups of 3.
 
 One process group per world size runs all cases in a row; each case is reported as its own
 test. The cases live in ``_eplb_dist_cases.py``.
@@ -18,6 +20,9 @@ CASES = [
     "case_ranks_disagree",
     "case_plan_missing_an_expert_and_wrong_shapes",
     "case_allocation_failure_changes_nothing",
+    "case_raise_mid_transfer",
+    "case_raise_at_last_send",
+    "case_two_ranks_raise",
 ]
 TIMEOUT = {2: 60, 4: 90}
 
@@ -36,4 +41,27 @@ def _run(world: int) -> dict:
 def test_rearrange_case(world: int, case: str) -> None:
     res = _run(world)[f"_eplb_dist_cases:{case}"]
     bad = {r: e for r, e in res.items() if e is not None}
+    assert not bad, h.failures({case: bad})
+
+
+@pytest.mark.timeout(60)
+def test_stalled_rank_and_posting_failure() -> None:
+    """3 ranks: a stalled rank past ``transfer_timeout``, then a rank that cannot post its
+    transfers (last: it leaves unmatched transfers in the group)."""
+    cases = ["case_hung_rank_times_out", "case_posting_failure_abandons"]
+    res = h.run_cases(3, [f"_eplb_dist_cases:{c}" for c in cases], timeout=45)
+    bad = {c: {r: e for r, e in res[f"_eplb_dist_cases:{c}"].items() if e is not None}
+           for c in cases}
+    assert not any(bad.values()), h.failures(bad)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", ["case_killed_rank", "case_killed_while_allocating"])
+def test_killed_rank(case: str) -> None:
+    """3 ranks, rank 1 killed mid-transfer or before: ranks 0 and 2 raise the same error
+    naming it."""
+    res = h.run_cases(3, [f"_eplb_dist_cases:{case}"], timeout=45)
+    per_rank = res[f"_eplb_dist_cases:{case}"]
+    assert per_rank[1] == "timeout (no report)", per_rank[1]  # it died before reporting
+    bad = {r: e for r, e in per_rank.items() if r != 1 and e is not None}
     assert not bad, h.failures({case: bad})

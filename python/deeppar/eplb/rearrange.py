@@ -7,37 +7,85 @@ and ``source_slot`` (which old slot each new slot copies, as ``migrate`` returns
 ``rearrange_expert_weights`` leaves every rank holding exactly the new placement's weights,
 bit for bit.
 
-Phases, each closed by an agreement of every rank (a small ``all_gather_object``) so that all
-ranks raise the same error together and nothing is written unless every rank got everything:
+Phases; nothing is written into a slot unless every rank got everything:
 
 1. validate: shapes, ids, that every new slot's source holds its expert, that the new
    placement covers every expert, and that every rank has the same plan (a digest) and the same
-   per-slot tensor layout;
+   per-slot tensor layout; every rank's verdict is shared (below), so every rank raises the
+   same ``ValueError`` together;
 2. allocate: receive buffers for the slots that come from another rank, and a staged copy of
-   the slots refilled from another slot of the same rank;
-3. transfer: one ``dist.batch_isend_irecv`` of all sends (read in place from the old slots) and
-   receives, then wait;
-4. commit: copy the buffers and staged copies into their slots (no communication, cannot fail
-   on a healthy device).
+   the slots refilled from another slot of the same rank; shared the same way;
+3. transfer, layer by layer: one ``dist.batch_isend_irecv`` of the layer's sends (read from the
+   old slots) and receives, waited for on a thread of this call; then every rank marks itself
+   done and waits for the others' marks, and the first rank to see them all records the
+   decision (below);
+4. commit: copy the buffers and staged copies into their slots (no communication).
+
+Ranks coordinate through the c10d store (:mod:`deeppar._coordination`), never with a blocking
+collective, so no rank blocks on a peer that failed. Each call's keys are named by the call's
+number on its group (every rank makes the same calls). A verdict is shared by each rank writing
+its own key and waiting for the others'. While a call lasts, each rank bumps a heartbeat key
+every :data:`HEARTBEAT_S` seconds from a thread of its own.
+
+Failures go through one key, the *decision* (first writer wins): either ``"ok"`` or a notice
+naming the failing rank, and every rank raises the same ``RuntimeError`` with it:
+
+- a rank that raises during the transfers posts its notice, then finishes its remaining sends
+  and receives with placeholders, so its peers finish theirs and raise at the end of the
+  phase (the process group stays usable);
+- a rank that dies is seen, on gloo, by each peer whose transfer with it fails (gloo reports
+  the closed connection to ``wait``), which names it and finishes its own transfers; on any
+  backend and in any phase, by the ranks waiting for it once its heartbeat has been silent for
+  :data:`HEARTBEAT_TIMEOUT_S` seconds;
+- a rank that cannot finish its messages (posting them failed, or an unexpected error) marks
+  the call abandoned: the others stop within :data:`LOOK_S`;
+- a rank that neither finishes nor fails but keeps its heartbeat (hung in a transfer) makes
+  the others give up after ``transfer_timeout``, naming it.
 
 Extra memory on a rank: one slot's bytes (the sum over its per-slot tensors) times the number
-of its slots that are received or refilled locally; sends need none. A rank that dies in
-phase 3 leaves its peers waiting until the group's timeout; any error raised inside phase 3 is
-agreed on and aborts every rank with the old weights intact.
+of its slots that are received or refilled locally; sends read the slots in place (a copy of
+one layer's sends only for tensors whose slots are not contiguous) and, after a failure, one
+zero slot per tensor as placeholder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Mapping, Sequence
+import pickle
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from deeppar._coordination import FailureNotice, default_store, describe, key_prefix, poll
 from deeppar.eplb.migration import check_placement
 
 Weights = Sequence[Sequence[torch.Tensor] | Mapping[str, torch.Tensor]]
+
+#: seconds between two looks at the store while a rank waits for transfers or for the others
+LOOK_S = 0.05
+#: seconds between two heartbeats of a rank inside a call
+HEARTBEAT_S = 0.5
+#: seconds of heartbeat silence after which a rank that others wait for is taken for dead
+HEARTBEAT_TIMEOUT_S = 5.0
+#: default ``transfer_timeout`` (seconds): bound of the transfer phase when a rank hangs
+DEFAULT_TRANSFER_TIMEOUT_S = 300.0
+#: longest pause between two looks at keys of the store that a rank waits for: bounds the
+#: load on the store's host while many ranks wait
+_STORE_PAUSE_S = 0.01
+_OK = "ok"  # the decision once every rank finished its transfers and none posted a failure
+_STORE_LOST = ("the process group's store is unreachable (its host, rank 0 unless set "
+               "otherwise, may have died)")
+_calls: dict[str, int] = {}  # calls made on each group: names their store keys
+#: store keys this rank wrote in the last call on each group, deleted during the next call
+#: (once every rank has entered it, so has left the last one)
+_keys_to_delete: dict[str, list[str]] = {}
 
 
 @dataclass(frozen=True)
@@ -72,10 +120,8 @@ def _layout(weights: Weights) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def _agree(group, local_error: str | None, what: str, exc: type[Exception]) -> None:
-    """Every rank raises the same ``exc`` if some rank reported an error."""
-    errors: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(errors, local_error, group=group)
+def _first_error(errors: Sequence[str | None], what: str, exc: type[Exception]) -> None:
+    """Raise ``exc`` naming the first rank that reported an error (the same on every rank)."""
     for rank, error in enumerate(errors):
         if error is not None:
             raise exc(f"{what} (rank {rank}): {error}")
@@ -127,6 +173,259 @@ def _allocate_buffers(like: list[torch.Tensor], count: int) -> list[torch.Tensor
     return [torch.empty((count, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in like]
 
 
+def _send_tensor(tensors: torch.Tensor, local_slot: int) -> torch.Tensor:
+    """What a send of ``local_slot`` reads: the slot itself when it is contiguous, else a copy."""
+    return tensors[local_slot].contiguous()
+
+
+def _error(notice: str) -> RuntimeError:
+    return RuntimeError(f"expert weight rearrangement failed, nothing changed: {notice}")
+
+
+class _Heartbeat:
+    """Bumps ``key`` every :data:`HEARTBEAT_S` seconds on a thread of its own until stopped
+    (the store client serialises its operations, so threads may share it)."""
+
+    def __init__(self, store: dist.Store, key: str) -> None:
+        self._stop = threading.Event()
+
+        def beat() -> None:
+            with contextlib.suppress(Exception):  # the store is gone: nothing to tell
+                while True:
+                    store.add(key, 1)
+                    if self._stop.wait(HEARTBEAT_S):
+                        return
+
+        threading.Thread(target=beat, name="deeppar-eplb-heartbeat", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class _Waiter:
+    """Waits for posted P2P works, in order, on a thread of its own. The calling thread polls
+    it instead of waiting: on gloo, a peer's death reaches only ``wait()`` (``is_completed()``
+    stays False) and a ``wait(timeout)`` that expires closes the connection. On a device
+    (NCCL), ``wait()`` only orders streams: the thread then polls ``is_completed()``. A work
+    that never ends keeps the thread, and the tensors of the works queued after it, alive: no
+    transfer ever lands in freed memory."""
+
+    def __init__(self, on_device: bool) -> None:
+        self.on_device = on_device
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._peers: list[tuple[int, ...]] = []  # group peers of each work, in order
+        self.finished = 0  # written by the waiting thread only
+        self.errors: list[tuple[tuple[int, ...], BaseException]] = []
+        self._thread = threading.Thread(target=self._run, name="deeppar-eplb-transfer-wait",
+                                        daemon=True)
+        self._thread.start()
+
+    def add(self, works: Sequence[dist.Work], peers: Sequence[int]) -> None:
+        """``peers``: of each op posted; one work per op, or (NCCL) one for the batch."""
+        per_work = [(p,) for p in peers] if len(works) == len(peers) \
+            else [tuple(sorted(set(peers)))] * len(works)
+        self._peers += per_work
+        for item in zip(works, per_work):
+            self._queue.put(item)
+
+    def idle(self) -> bool:
+        return self.finished == len(self._peers)
+
+    def pending_peers(self) -> list[int]:
+        return sorted({p for peers in self._peers[self.finished:] for p in peers})
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            work, peers = item
+            try:
+                work.wait()
+                while self.on_device and not work.is_completed():
+                    time.sleep(1e-4)
+            except Exception as exc:  # noqa: BLE001 - reported as this peer's failure
+                self.errors.append((peers, exc))
+            self.finished += 1
+
+
+class _Call:
+    """One call on one rank (see the module doc): its store keys and heartbeat, the shared
+    verdicts, the transfers and the decision. Every wait polls the store; a failure anywhere
+    makes every rank raise the same error (:meth:`together` marks those)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, rank: int, world: int,
+                 transfer_timeout: float, on_device: bool) -> None:
+        self.group, self.rank, self.world = group, rank, world
+        self.transfer_timeout, self.on_device = transfer_timeout, on_device
+        self.root = key_prefix("eplb-rearrange", group, "")
+        number = _calls.get(self.root, 0)
+        _calls[self.root] = number + 1
+        self.prefix = f"{self.root}{number}"
+        self.store = default_store()
+        self.decision = FailureNotice(self.store, f"{self.prefix}/decision")
+        self.abandoned_key = f"{self.prefix}/abandoned"
+        self.beat_keys = [f"{self.prefix}/beat/{r}" for r in range(world)]
+        self.own_keys = [self.beat_keys[rank]] + (
+            [self.decision.key, self.abandoned_key] if rank == 0 else [])
+        self.beats: dict[int, tuple[int, float]] = {}  # rank: (last count, when it changed)
+        self.next_beat_look = time.monotonic() + HEARTBEAT_S
+        # before the transfers, wait for a peer as long as a collective would
+        self.deadline = time.monotonic() + self.store.timeout.total_seconds()
+        self.late = "did not get there within the process group's timeout"
+        self.cause: BaseException | None = None  # this rank's own failure
+        self.failed_together = False
+        self.decided = False  # every rank got everything: the commit follows
+        self.transferring = False
+        self.waiter: _Waiter | None = None
+        self.reported = 0  # waiter errors already posted
+        self.heartbeat = _Heartbeat(self.store, self.beat_keys[rank])
+
+    def together(self, exc: Exception) -> Exception:
+        """``exc``, which every rank raises (no notice needed)."""
+        self.failed_together = True
+        return exc
+
+    def close(self) -> None:
+        self.heartbeat.stop()
+        if self.waiter is not None:
+            self.waiter.close()
+        _keys_to_delete.setdefault(self.root, []).extend(self.own_keys)
+
+    # ------------------------------------------------------------------ verdicts
+    def share(self, name: str, payload: Any) -> list[Any]:
+        """Every rank's ``payload``: an all-gather through the store that never blocks on a
+        rank that failed. The first one also deletes this rank's keys of the last call."""
+        keys = [f"{self.prefix}/{name}/{r}" for r in range(self.world)]
+        self.own_keys.append(keys[self.rank])
+        self.store.set(keys[self.rank], pickle.dumps(payload))
+        self._wait(lambda: self.store.check(keys),
+                   lambda: [r for r, k in enumerate(keys) if not self.store.check([k])], True)
+        for key in _keys_to_delete.pop(self.root, []):  # every rank has left the last call
+            self.store.delete_key(key)
+        return [pickle.loads(v) for v in self.store.multi_get(keys)]
+
+    # ------------------------------------------------------------------ transfers
+    def transfer(self, layers: int,
+                 layer_ops: Callable[[int, bool], list[tuple[dist.P2POp, int]]]) -> None:
+        """Run every layer's transfers (``layer_ops(layer, placeholders)``: the layer's ops and
+        their group peers), then wait for every rank's and record the decision; returns when
+        every rank got everything."""
+        self.transferring = True
+        self.deadline = time.monotonic() + self.transfer_timeout
+        self.late = f"not finished after transfer_timeout={self.transfer_timeout:g} s (hung?)"
+        self.waiter = _Waiter(self.on_device)
+        for layer in range(layers):
+            ops = self._build(layer, layer_ops)
+            if not ops:
+                continue
+            try:
+                works = dist.batch_isend_irecv([op for op, _ in ops])
+            except Exception as exc:  # noqa: BLE001 - ops half posted: cannot drain
+                raise self.abandon(exc) from exc
+            self.waiter.add(works, [peer for _, peer in ops])
+            self._wait(self.waiter.idle, self.waiter.pending_peers, False, 2e-3)
+            if self.on_device:  # order this thread's stream after the transfers
+                for work in works:
+                    with contextlib.suppress(Exception):  # reported by the waiter
+                        work.wait()
+            self._report_lost_peers()
+        done = [f"{self.prefix}/done/{r}" for r in range(self.world)]
+        self.own_keys.append(done[self.rank])
+        self.store.set(done[self.rank], "1")
+        self._wait(lambda: self.store.check(done),
+                   lambda: [r for r, k in enumerate(done) if not self.store.check([k])], True)
+        decision = self.decision.post(_OK)
+        if decision != _OK:
+            raise self.together(_error(decision)) from self.cause
+        self.decided = True
+
+    def _build(self, layer: int, layer_ops) -> list[tuple[dist.P2POp, int]]:
+        if self.cause is None:
+            try:
+                return layer_ops(layer, False)
+            except Exception as exc:  # noqa: BLE001 - any failure aborts every rank
+                self.cause = exc
+                self.decision.post(describe(self.rank, exc))
+        return layer_ops(layer, True)  # if this fails too, the caller abandons
+
+    def _report_lost_peers(self) -> None:
+        """Post a notice for each peer whose transfer failed (on gloo: the peer died)."""
+        assert self.waiter is not None
+        for peers, exc in self.waiter.errors[self.reported:]:
+            first_line = str(exc).strip().split("\n")[0]
+            names = ", ".join(map(str, peers))
+            self.decision.post(f"rank {names}: its transfer with rank {self.rank} failed (the "
+                               f"process died or its connection broke): {first_line}")
+        self.reported = len(self.waiter.errors)
+
+    # ------------------------------------------------------------------ failures
+    def abandon(self, exc: BaseException) -> Exception:
+        """This rank failed outside the agreed paths and cannot finish its messages: post its
+        failure and make every rank stop waiting now. Returns the error to raise."""
+        self.cause = self.cause or exc
+        notice = self.decision.post(describe(self.rank, exc))
+        self.store.set(self.abandoned_key, str(self.rank))
+        return self._give_up(notice)
+
+    def _give_up(self, notice: str) -> Exception:
+        """The error of a rank that stops waiting. Device transfers would wait forever: abort
+        the communicator then (the group is unusable after)."""
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if self.transferring and self.on_device and abort is not None:
+            abort(self.group)
+        return self.together(_error(notice))
+
+    def _wait(self, done: Callable[[], bool], awaited: Callable[[], list[int]],
+              stop_on_notice: bool, max_pause_s: float = _STORE_PAUSE_S) -> None:
+        """Poll ``done()``; look at the store every :data:`LOOK_S` seconds and at the
+        heartbeats of the ``awaited()`` ranks every :data:`HEARTBEAT_S`."""
+        poll(done, lambda: self._look(awaited, stop_on_notice), LOOK_S,
+             max_pause_s=max_pause_s)
+
+    def _look(self, awaited: Callable[[], list[int]], stop_on_notice: bool) -> None:
+        if self.store.check([self.abandoned_key]):
+            raise self._give_up(self.decision.read() or "a rank abandoned the call")
+        if stop_on_notice:  # (during transfers, a failed rank finishes them first)
+            notice = self.decision.read()
+            if notice is not None and notice != _OK:
+                raise self.together(_error(notice)) from self.cause
+        now = time.monotonic()
+        if now < self.next_beat_look:
+            return
+        self.next_beat_look = now + HEARTBEAT_S
+        ranks = awaited()
+        silent = [r for r in ranks if self._silent(r, now)]
+        if silent:
+            notice = self.decision.post(
+                f"rank {', '.join(map(str, silent))}: no heartbeat for "
+                f"{HEARTBEAT_TIMEOUT_S:g} s (the process died or is stuck), seen by rank "
+                f"{self.rank}")
+        elif now > self.deadline and ranks:
+            notice = self.decision.post(f"rank {', '.join(map(str, ranks))}: {self.late}, "
+                                        f"seen by rank {self.rank}")
+        else:
+            return
+        if notice != _OK:  # (else every rank is done: the wait ends by itself)
+            raise self._give_up(notice) from self.cause
+
+    def _silent(self, rank: int, now: float) -> bool:
+        """Whether ``rank`` beat once, then not for :data:`HEARTBEAT_TIMEOUT_S` seconds."""
+        count = self.store.add(self.beat_keys[rank], 0)
+        last = self.beats.get(rank)
+        if last is None or count != last[0]:
+            self.beats[rank] = (count, now)
+            return False
+        return count > 0 and now - last[1] > HEARTBEAT_TIMEOUT_S
+
+
+def _on_device(weights: Weights) -> bool:
+    try:
+        return _tensors(weights[0])[0].device.type != "cpu"
+    except Exception:  # noqa: BLE001 - malformed weights: validation reports them
+        return False
+
+
 @torch.no_grad()
 def rearrange_expert_weights(
     weights: Weights,
@@ -135,32 +434,67 @@ def rearrange_expert_weights(
     source_slot: torch.Tensor,
     *,
     group: dist.ProcessGroup | None = None,
+    transfer_timeout: float = DEFAULT_TRANSFER_TIMEOUT_S,
 ) -> RearrangeStats:
     """Rewrite this rank's expert ``weights`` in place from ``current_phy2log [L, R]`` to
     ``new_phy2log [L, R]``; a collective: every rank of ``group`` calls it with the same plan.
 
     ``source_slot [L, R]``: old slot whose weights each new slot receives (``Migration``'s).
-    Raises ValueError on every rank (nothing moved) for a bad or disagreeing plan, and
-    RuntimeError on every rank (nothing changed) if a rank fails to allocate or transfer.
+    Raises the same ValueError on every rank (nothing moved) for a bad or disagreeing plan, and
+    the same RuntimeError on every rank (nothing changed), naming the failing rank, if a rank
+    fails to allocate or transfer, or dies (see the module doc); ``transfer_timeout``
+    (seconds) bounds the transfer phase for a rank that hangs.
     """
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
+    call = _Call(group, rank, world, transfer_timeout, _on_device(weights))
+    try:
+        return _rearrange(call, weights, current_phy2log, new_phy2log, source_slot)
+    except Exception as exc:
+        if call.failed_together or call.decided:  # (a commit cannot fail on a sane device)
+            raise
+        if isinstance(exc, (dist.DistNetworkError, dist.DistStoreError)):
+            raise _error(_STORE_LOST) from exc
+        try:
+            error = call.abandon(exc)  # e.g. a failure while finishing its transfers
+        except (dist.DistNetworkError, dist.DistStoreError):
+            error = _error(_STORE_LOST)
+        raise error from exc
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            call.abandon(exc)
+        raise
+    finally:
+        call.close()
+
+
+def _rearrange(call: _Call, weights: Weights, current_phy2log: torch.Tensor,
+               new_phy2log: torch.Tensor, source_slot: torch.Tensor) -> RearrangeStats:
+    rank, world = call.rank, call.world
     error = None
     digest = layout = ""
     try:
+        timeout = call.transfer_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+                not timeout > 0:
+            raise ValueError(f"transfer_timeout must be a positive number of seconds, got "
+                             f"{timeout!r}")
         old, new, src = _check_local(weights, current_phy2log, new_phy2log, source_slot, world)
         digest, layout = _digest(old, new, src), _layout(weights)
     except (ValueError, TypeError) as exc:
         error = str(exc)
-    _agree(group, error, "invalid expert transfer plan", ValueError)
-    digests: list[tuple[str, str] | None] = [None] * world
-    dist.all_gather_object(digests, (digest, layout), group=group)
-    if len({d for d, _ in digests}) > 1:
-        raise ValueError("ranks disagree on the expert transfer plan: plan digests "
-                         + ", ".join(f"rank {r}: {d}" for r, (d, _) in enumerate(digests)))
-    if len({lay for _, lay in digests}) > 1:
-        raise ValueError("ranks disagree on the expert weight layout (per-slot shapes or "
-                         "dtypes differ between ranks)")
+    verdicts = call.share("valid", (error, digest, layout))
+    try:
+        _first_error([e for e, _, _ in verdicts], "invalid expert transfer plan", ValueError)
+        if len({d for _, d, _ in verdicts}) > 1:
+            raise ValueError("ranks disagree on the expert transfer plan: plan digests "
+                             + ", ".join(f"rank {r}: {d}" for r, (_, d, _) in enumerate(verdicts)))
+        if len({lay for _, _, lay in verdicts}) > 1:
+            raise ValueError("ranks disagree on the expert weight layout (per-slot shapes or "
+                             "dtypes differ between ranks)")
+    except ValueError as exc:
+        raise call.together(exc) from None
+
 
     layers, replicas = new.shape
     per_rank = replicas // world
@@ -196,35 +530,41 @@ def rearrange_expert_weights(
             extra += per_slot * (len(incoming) + len(local))
     except Exception as exc:  # noqa: BLE001 - any failure (OOM, device error) aborts all ranks
         error = f"{type(exc).__name__}: {exc}"
-    _agree(group, error, "expert weight rearrangement aborted, nothing changed",
-           RuntimeError)
-
-    # Phase 3: every transfer in one batch, ordered identically on both ends of each pair.
-    error = None
+        buffers = staged = []
+    errors = call.share("allocated", error)
     try:
-        ops = []
-        for layer in range(layers):
-            ops += _layer_ops(plans[layer], _tensors(weights[layer]), buffers[layer],
-                              src[layer], rank, per_rank, group)
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-    except Exception as exc:  # noqa: BLE001
-        error = f"{type(exc).__name__}: {exc}"
-    _agree(group, error, "expert weight transfer failed, nothing changed", RuntimeError)
+        _first_error(errors, "expert weight rearrangement aborted, nothing changed",
+                     RuntimeError)
+    except RuntimeError as exc:
+        raise call.together(exc) from None
+
+    # Phase 3: the transfers, layer by layer, and the decision.
+    placeholders: dict[tuple, torch.Tensor] = {}
+
+    def placeholder(t: torch.Tensor, _local_slot: int) -> torch.Tensor:
+        key = (tuple(t.shape[1:]), t.dtype, t.device)
+        if key not in placeholders:
+            placeholders[key] = torch.zeros(t.shape[1:], dtype=t.dtype, device=t.device)
+        return placeholders[key]
+
+    def layer_ops(layer: int, placeholders_only: bool) -> list[tuple[dist.P2POp, int]]:
+        return _layer_ops(plans[layer], _tensors(weights[layer]), buffers[layer], src[layer],
+                          rank, per_rank, call.group, placeholder if placeholders_only
+                          else _send_tensor)
+
+    call.transfer(layers, layer_ops)
 
     # Phase 4: commit.
-    with torch.no_grad():
-        for layer, (incoming, local, _) in enumerate(plans):
-            tensors = _tensors(weights[layer])
-            if incoming:
-                index = torch.tensor([d for d, _ in incoming], device=tensors[0].device)
-                for t, buf in zip(tensors, buffers[layer]):
-                    t.index_copy_(0, index, buf)
-            if local:
-                index = torch.tensor([d for d, _ in local], device=tensors[0].device)
-                for t, copy in zip(tensors, staged[layer]):
-                    t.index_copy_(0, index, copy)
+    for layer, (incoming, local, _) in enumerate(plans):
+        tensors = _tensors(weights[layer])
+        if incoming:
+            index = torch.tensor([d for d, _ in incoming], device=tensors[0].device)
+            for t, buf in zip(tensors, buffers[layer]):
+                t.index_copy_(0, index, buf)
+        if local:
+            index = torch.tensor([d for d, _ in local], device=tensors[0].device)
+            for t, copy in zip(tensors, staged[layer]):
+                t.index_copy_(0, index, copy)
     slot_bytes = [sum(t[0].numel() * t.element_size() for t in _tensors(held))
                   for held in weights]
     return RearrangeStats(
@@ -237,8 +577,11 @@ def rearrange_expert_weights(
     )
 
 
-def _layer_ops(plan, tensors, buffers, src_row, rank, per_rank, group) -> list[dist.P2POp]:
-    """P2P ops of one layer, in global new-slot order (the same order on sender and receiver)."""
+def _layer_ops(plan, tensors, buffers, src_row, rank, per_rank, group,
+               send: Callable[[torch.Tensor, int], torch.Tensor]
+               ) -> list[tuple[dist.P2POp, int]]:
+    """P2P ops of one layer and their group peers, in global new-slot order (the same order
+    on sender and receiver); ``send(tensor, local_slot)`` gives what a send reads."""
     incoming, _, _ = plan
 
     def peer(group_rank: int) -> int:  # P2POp takes global ranks
@@ -246,16 +589,15 @@ def _layer_ops(plan, tensors, buffers, src_row, rank, per_rank, group) -> list[d
 
     slot_of_buffer = {rank * per_rank + d: j for j, (d, _) in enumerate(incoming)}
     ops = []
-    row = src_row.tolist()
-    for s, from_slot in enumerate(row):
+    for s, from_slot in enumerate(src_row.tolist()):
         sr, dr = from_slot // per_rank, s // per_rank
         if sr == dr:
             continue
         if dr == rank:
             j = slot_of_buffer[s]
-            ops += [dist.P2POp(dist.irecv, buf[j], peer(sr), group) for buf in buffers]
+            ops += [(dist.P2POp(dist.irecv, buf[j], peer(sr), group), sr) for buf in buffers]
         elif sr == rank:
             local = from_slot - rank * per_rank
-            ops += [dist.P2POp(dist.isend, t[local].contiguous(), peer(dr), group)
+            ops += [(dist.P2POp(dist.isend, send(t, local), peer(dr), group), dr)
                     for t in tensors]
     return ops

@@ -16,7 +16,8 @@ under the pipeline's failure key (the first notice wins) before finishing its pa
 communication with placeholder tensors (:meth:`~.comm.P2PComm.drain`), so that no peer waits for
 a message that will never come. Peers read the key when their step ends (one store round trip)
 and while waiting at the next agreement (polled every :data:`POLL_S` seconds), and raise
-:class:`PipelineFailure` naming the failing rank and its exception.
+:class:`PipelineFailure` naming the failing rank and its exception. The notice and the polling
+are :mod:`deeppar._coordination`'s, shared with the expert weight rearrangement.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.distributed as dist
+
+from deeppar._coordination import FailureNotice, default_store, describe, key_prefix, poll
 
 #: seconds between two looks at the failure key while waiting for the other ranks' agreement
 POLL_S = 1.0
@@ -48,6 +51,7 @@ class StepCoordinator:
         self.owner = owner  # "DualPipeV.step": the prefix of every error
         self.store: dist.Store | None = None
         self.prefix: str | None = None
+        self._notice: FailureNotice | None = None
         self.step_no = 0
         #: every group rank's payload at the last successful agreement (None before the first)
         self.agreed: list[Any] | None = None
@@ -62,10 +66,9 @@ class StepCoordinator:
             gathered: list[Any] = [None] * self.world
             token = os.urandom(8).hex()
             dist.all_gather_object(gathered, (payload, token), group=self.group)
-            self.store = dist.distributed_c10d._get_default_store()
-            group_name = dist.distributed_c10d._get_process_group_name(self.group) \
-                if self.group is not None else "default"
-            self.prefix = f"deeppar/pipeline/{group_name}/{gathered[0][1]}"
+            self.store = default_store()
+            self.prefix = key_prefix("pipeline", self.group, gathered[0][1])
+            self._notice = FailureNotice(self.store, f"{self.prefix}/failed")
             return [g[0] for g in gathered], False
         self.raise_if_failed()
         store = self.store
@@ -92,58 +95,41 @@ class StepCoordinator:
         return f"{self.prefix}/agree/{step_no}/{group_rank}"
 
     def _wait(self, keys: list[str]) -> None:
-        """Wait for ``keys``, looking at the failure key every :data:`POLL_S` seconds, up to
-        the store's timeout. Polls with ``check`` (sleeping 50 us, doubling up to 2 ms) rather
-        than ``store.wait`` with a short timeout, whose every expiry makes c10d log a socket
-        timeout warning while a peer is slow."""
+        """Wait for ``keys`` (polling ``check``, see :func:`deeppar._coordination.poll`),
+        looking at the failure key every :data:`POLL_S` seconds, up to the store's timeout."""
         store = self.store
         assert store is not None
         deadline = time.monotonic() + store.timeout.total_seconds()
-        next_look = time.monotonic() + POLL_S
-        pause = 5e-5
-        while not store.check(keys):
-            time.sleep(pause)
-            pause = min(2 * pause, 2e-3)
-            now = time.monotonic()
-            if now >= next_look:
-                next_look = now + POLL_S
-                self.raise_if_failed()
-                if now > deadline:
-                    raise RuntimeError(f"{self.owner}: timed out waiting for every rank to "
-                                       "start the step")
+
+        def look() -> None:
+            self.raise_if_failed()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.owner}: timed out waiting for every rank to start "
+                                   "the step")
+
+        poll(lambda: store.check(keys), look, POLL_S)
 
     def wait_until(self, done: Callable[[], bool], on_failure: Callable[[], None]) -> None:
         """Poll ``done()`` (e.g. a CUDA event's ``query``) until it holds, looking at the
         failure key every :data:`POLL_S` seconds; on a failure notice call ``on_failure()``
         (e.g. abort the communicator whose kernels wait) and raise :class:`PipelineFailure`."""
-        next_look = time.monotonic() + POLL_S
-        while not done():
-            time.sleep(2e-4)
-            if time.monotonic() >= next_look:
-                next_look = time.monotonic() + POLL_S
-                if self.failure() is not None:
-                    on_failure()
-                    self.raise_if_failed()
+        def look() -> None:
+            if self.failure() is not None:
+                on_failure()
+                self.raise_if_failed()
+
+        poll(done, look, POLL_S, first_pause_s=2e-4, max_pause_s=2e-4)
 
     # ------------------------------------------------------------------ failure notice
-    @property
-    def _failure_key(self) -> str:
-        return f"{self.prefix}/failed"
-
     def post_failure(self, rank: int, exc: BaseException) -> str:
         """Publish this rank's failure unless another rank's came first; returns the notice in
         force (the first one)."""
-        notice = f"rank {rank}: {type(exc).__name__}: {exc}"
-        if self.store is None:
-            return notice
-        first = self.store.compare_set(self._failure_key, "", notice)
-        return first.decode(errors="replace") if isinstance(first, bytes) else str(first)
+        notice = describe(rank, exc)
+        return notice if self._notice is None else self._notice.post(notice)
 
     def failure(self) -> str | None:
         """The failure notice of this pipeline, if a rank has posted one."""
-        if self.store is None or not self.store.check([self._failure_key]):
-            return None
-        return self.store.get(self._failure_key).decode(errors="replace")
+        return None if self._notice is None else self._notice.read()
 
     def raise_if_failed(self) -> None:
         """Raise :class:`PipelineFailure` when a rank has posted a failure notice."""
