@@ -297,6 +297,14 @@ def replica_cap(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tenso
     return share.to(torch.float64).amax(1)
 
 
+def max_load_target(weight: torch.Tensor, balancedness_goal: torch.Tensor,
+                    num_gpus: int) -> torch.Tensor:
+    """``[L]`` float64 max GPU load that gives balancedness ``balancedness_goal [L]`` under
+    ``weight [L, E]`` (0 for an all-zero layer)."""
+    mean = weight.double().sum(1) / num_gpus
+    return torch.where(mean > 0, mean / balancedness_goal, torch.zeros_like(mean))
+
+
 def migrate(
     weight: torch.Tensor,
     current: torch.Tensor,
@@ -353,8 +361,7 @@ def migrate(
     # Goal on the max GPU load, from the fresh plan's balancedness minus the tolerance; equal
     # within float32 rounding (GPU sums taken in another order) counts as equal.
     goal = (bal_fresh.double() - tolerance).clamp(min=1e-9) * (1 - _ROUNDING)
-    mean = w.double().sum(1) / gpus
-    target = torch.where(mean > 0, mean / goal, torch.zeros_like(mean))
+    target = max_load_target(w, goal, gpus)
     candidates = [relabelled]
     if _native.has_kernel("eplb_migrate", "cpu"):
         warm, _ = torch.ops.deeppar.eplb_migrate(
