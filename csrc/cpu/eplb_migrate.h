@@ -707,7 +707,8 @@ struct MigrateRow {
         fit = kFit[v];
         set_counts(region, cap * kCapScale[v]);
         compute_loads();
-        const bool ok = search(region, rounds) || finish(region, gpn);
+        // One slot per GPU: swaps only permute GPU loads, so no chain of them can help.
+        const bool ok = search(region, rounds) || (per_gpu > 1 && finish(region, gpn));
         undo_receptions(region);
         const int64_t cost = region_cost(region);
         if ((ok && (!found || cost < best)) || (!found && v == 0)) {

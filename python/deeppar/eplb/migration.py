@@ -144,9 +144,10 @@ def moved_replicas(old: torch.Tensor, new: torch.Tensor, num_gpus: int,
     the replicas that must come over the network (any other changed slot is a local copy)."""
     replicas = new.shape[1]
     gpu = torch.arange(replicas) // (replicas // num_gpus)
-    held = torch.zeros(new.shape[0], num_gpus * num_experts, dtype=torch.int64)
-    held.scatter_add_(1, gpu * num_experts + old, torch.ones_like(old))
-    return (held.gather(1, gpu * num_experts + new) == 0).sum(1)
+    held = (gpu * num_experts + old).sort(dim=1).values  # (GPU, expert) keys held before
+    wanted = gpu * num_experts + new
+    at = torch.searchsorted(held, wanted).clamp(max=replicas - 1)
+    return (held.gather(1, at) != wanted).sum(1)
 
 
 def _greedy_match(pairs: dict[tuple[int, int], int], left: list[int],

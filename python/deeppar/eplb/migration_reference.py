@@ -407,7 +407,8 @@ class _Row:
                 self.fit = _FIT[v]
                 self.set_counts(region, cap * _CAP_SCALE[v])
                 self.compute_loads()
-                ok = self.search(region, rounds) or self.finish(region, self.gpn)
+                ok = self.search(region, rounds) or (
+                    self.per_gpu > 1 and self.finish(region, self.gpn))
                 self.undo_receptions(region)
                 cost = self.region_cost(region)
                 if (ok and (not found or cost < best_cost)) or (not found and v == 0):
