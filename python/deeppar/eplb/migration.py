@@ -62,7 +62,7 @@ class Migration:
     moved_scratch: torch.Tensor  # [L] int64, the same for the fresh plan as it comes
     moved_relabelled: torch.Tensor  # [L] int64, the same for the relabelled fresh plan
     from_scratch: torch.Tensor  # [L] bool, layer took the relabelled fresh plan
-    layer_balancedness: torch.Tensor  # [L] float32, new plan under the new loads
+    layer_balancedness: torch.Tensor  # [L] float64, new plan under the new loads
     balancedness: float  # mean over layers, new plan
     balancedness_scratch: float  # fresh plan
     balancedness_current: float  # current placement under the new loads
