@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _eplb_helpers import check_invariants
+from _eplb_helpers import SHAPES as HELPER_SHAPES
+from _eplb_helpers import check_invariants, random_weight
 
 import deeppar.eplb as eplb
 from deeppar import _native
@@ -320,3 +321,27 @@ def test_balanced_method_is_matched_too(shape):
     check_invariants(w1, m.phy2log, m.log2phy, m.logcnt, replicas, groups, nodes, gpus)
     with pytest.raises(ValueError, match="method must be one of"):
         migrate(w1, current, replicas, groups, nodes, gpus, method="best")
+
+
+@native
+@pytest.mark.parametrize("shape", HELPER_SHAPES)
+@pytest.mark.parametrize("kind", ["real", "int", "zero", "sparse"])
+def test_any_shape_and_loads_give_a_valid_plan_equal_to_the_reference(shape, kind):
+    layers, experts, replicas, groups, nodes, gpus = shape
+    w0, w1 = random_weight(layers, experts, kind, 1), random_weight(layers, experts, kind, 2)
+    current, _, _ = eplb.rebalance_experts(w0, replicas, groups, nodes, gpus)
+    m = migrate(w1, current, replicas, groups, nodes, gpus)
+    check_invariants(w1.float(), m.phy2log, m.log2phy, m.logcnt, replicas, groups, nodes, gpus)
+    fresh, _, cnt = eplb.rebalance_experts(w1, replicas, groups, nodes, gpus)
+    want = layer_balancedness(w1, fresh, cnt, gpus)
+    assert (m.layer_balancedness >= want * (1 - 1e-6)).all()
+    assert torch.equal(current.gather(1, m.source_slot), m.phy2log)
+    hierarchical = groups % nodes == 0 and nodes > 1
+    regions = nodes if hierarchical else 1
+    w = w1.float()
+    args = (w, current, relabel_plan(current, fresh, gpus, regions),
+            max_load_target(w, want.double() * (1 - 1e-6), gpus), replica_cap(w, fresh, cnt),
+            groups if hierarchical else 1, regions, gpus, 64 + 16 * gpus)
+    got, reached = torch.ops.deeppar.eplb_migrate(*args)
+    want_placement, want_reached = migration_reference.migrate_layers(*args)
+    assert torch.equal(got, want_placement) and torch.equal(reached, want_reached)

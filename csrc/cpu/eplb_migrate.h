@@ -506,11 +506,12 @@ struct MigrateRow {
           if (delta <= 0.0) continue;
           const double new_g = top - delta, new_h = m.load[h] + delta;
           if (std::max(new_g, new_h) >= top) continue;
+          const int32_t kind = new_h <= target ? (new_g <= target ? 0 : 2)
+                                               : (new_g <= target ? 1 : 2);
+          if (kind > best_kind) continue;
           bool ok = false;
           const int32_t cost = swap_cost(a, b, ok);
           if (!ok) continue;
-          const int32_t kind = new_h <= target ? (new_g <= target ? 0 : 2)
-                                               : (new_g <= target ? 1 : 2);
           const double key = kind == 0 ? (fit == 0 ? -m.load[h] : -new_g) : std::max(new_g, new_h);
           if (kind < best_kind || (kind == best_kind && (cost < best_cost ||
                                    (cost == best_cost && key < best_key)))) {
