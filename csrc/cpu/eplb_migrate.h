@@ -9,6 +9,8 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -24,32 +26,28 @@ namespace eplb_migrate {
 struct RelabelScratch {
   std::vector<int32_t> holder_start, holder_unit;  // old copies of each expert: offsets, units
   std::vector<int32_t> overlap;                    // [units * units] multiset overlap
-  std::vector<uint64_t> keys;                 // (-overlap, new unit, old unit) in one key
+  std::vector<std::array<int32_t, 3>> pairs;       // (-overlap, new unit, old unit)
   std::vector<int32_t> match, used, node_match, content, place;
 };
 
 // Greedy matching of new units [left_begin, left_end) to old units [right_begin, right_end):
 // pairs by largest overlap first (ties: lowest new unit, then lowest old unit), then the
 // unmatched new units in index order take the unused old units in index order. `overlap` is
-// [units * units], row = new unit; `allowed_node` (if >= 0) is unused here. Writes match[a].
+// [units * units], row = new unit. Writes r.match[a] for the new units.
 inline void greedy_match(const int32_t* overlap, int32_t units, int32_t left_begin,
                          int32_t left_end, int32_t right_begin, int32_t right_end,
                          RelabelScratch& r) {
-  r.keys.clear();
+  r.pairs.clear();
   for (int32_t a = left_begin; a < left_end; ++a) {
     for (int32_t b = right_begin; b < right_end; ++b) {
       const int32_t ov = overlap[static_cast<size_t>(a) * units + b];
-      if (ov <= 0) continue;
-      r.keys.push_back((static_cast<uint64_t>(0x7fffffu - static_cast<uint32_t>(ov)) << 40) |
-                       (static_cast<uint64_t>(a) << 20) | static_cast<uint64_t>(b));
+      if (ov > 0) r.pairs.push_back({-ov, a, b});
     }
   }
-  std::sort(r.keys.begin(), r.keys.end());
+  std::sort(r.pairs.begin(), r.pairs.end());
   for (int32_t a = left_begin; a < left_end; ++a) r.match[a] = -1;
   for (int32_t b = right_begin; b < right_end; ++b) r.used[b] = 0;
-  for (uint64_t key : r.keys) {
-    const int32_t a = static_cast<int32_t>((key >> 20) & 0xfffffu);
-    const int32_t b = static_cast<int32_t>(key & 0xfffffu);
+  for (const auto& [neg_overlap, a, b] : r.pairs) {
     if (r.match[a] < 0 && !r.used[b]) {
       r.match[a] = b;
       r.used[b] = 1;
@@ -215,7 +213,9 @@ struct MigrateShape {
 struct MigrateScratch {
   eplb_cpu::Scratch rules;
   std::vector<int32_t> cur;              // [R] expert of each slot, -1 while free
-  std::vector<int32_t> held, had;        // [P * E] copies of each expert on each GPU: now, before
+  // [P * E] copies of each expert on each GPU, now and before (dense: 4 such tables of
+  // P * E int32 per thread, with start_held and best_held)
+  std::vector<int32_t> held, had;
   std::vector<int32_t> count, need_min;  // [E] replicas now; fewest under the cap
   std::vector<int32_t> group_node, seen, experts_here, fill, rep_slot, rep_rank, rep_count, wanted;
   std::vector<double> slot_load, load, group_load, node_load;
@@ -752,8 +752,11 @@ struct MigrateRow {
 
 // One layer: from old_row, a placement whose max GPU load is at most `target` (checked here
 // in float64 on float32 replica loads) with few receptions, into out; `cap` bounds replica
-// loads when replica counts are chosen. Returns false (out = old_row) when the search does not
-// reach the target or the placement in use splits a group over nodes (hierarchical rule).
+// loads when replica counts are chosen; fresh_row (or null) is a plan at most the target with
+// GPUs relabelled to old_row. When the first pass misses the target under the hierarchical
+// policy, a second one takes fresh_row's groups on each node. Returns whether it reached the
+// target (else out is the first region variant's best effort, or old_row when old_row splits
+// a group over nodes).
 inline bool migrate_row(const float* w, const int64_t* old_row, const int64_t* fresh_row,
                         double target, double cap, const MigrateShape& sh, int32_t rounds,
                         int64_t* out, MigrateScratch& m) {
