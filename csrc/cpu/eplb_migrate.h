@@ -607,11 +607,11 @@ struct MigrateRow {
         for (int32_t b = first; b < last; ++b) {
           const int32_t h = b / per_gpu;
           if (h == g || m.cur[a] == m.cur[b]) continue;
+          const double delta = m.slot_load[a] - m.slot_load[b];
+          if (m.load[g] - delta > target || m.load[h] + delta > target) continue;
           bool ok = false;
           const int32_t cost = swap_cost(a, b, ok);
           if (!ok || cost >= best_cost) continue;
-          const double delta = m.slot_load[a] - m.slot_load[b];
-          if (m.load[g] - delta > target || m.load[h] + delta > target) continue;
           best_cost = cost;
           best_b = b;
         }
