@@ -23,6 +23,17 @@ TORCH_LIBRARY(deeppar, m) {
   // as eplb_rebalance; max GPU load per layer never above eplb_rebalance's.
   m.def("eplb_rebalance_balanced(Tensor weight, int num_replicas, int num_groups, "
         "int num_nodes, int num_gpus) -> (Tensor, Tensor, Tensor)");
+  // Migration-aware EPLB (csrc/cpu/eplb_migrate.cpp). eplb_migrate: from the placement in use
+  // current [L, R], a placement whose max GPU load per layer is at most target [L] (float64)
+  // with few replicas moved between GPUs, using fresh [L, R] (a plan that reaches target, GPUs
+  // relabelled to current) where the warm start does not; cap [L] bounds replica loads when
+  // replica counts change -> (phy2log [L, R], reached [L] bool). eplb_relabel: plan's GPUs
+  // (nodes first) renumbered to overlap current most. eplb_source_slots: old slot each slot of
+  // plan copies.
+  m.def("eplb_migrate(Tensor weight, Tensor current, Tensor fresh, Tensor target, Tensor cap, "
+        "int num_groups, int num_nodes, int num_gpus, int max_steps) -> (Tensor, Tensor)");
+  m.def("eplb_relabel(Tensor current, Tensor plan, int num_gpus, int num_nodes) -> Tensor");
+  m.def("eplb_source_slots(Tensor current, Tensor plan, int num_gpus, int num_nodes) -> Tensor");
   // EPLB balanced packing of each row: weight [X, n] -> (pack index [X, n], rank in pack [X, n]).
   m.def("eplb_pack(Tensor weight, int num_packs) -> (Tensor, Tensor)");
   // EPLB replication of each row: weight [X, n] -> (phy2log [X, k], rank [X, k], logcnt [X, n]).

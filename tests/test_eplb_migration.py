@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from _eplb_helpers import check_invariants
+from _eplb_helpers import SHAPES as HELPER_SHAPES
+from _eplb_helpers import check_invariants, random_weight
 
 import deeppar.eplb as eplb
-from deeppar.eplb.migration import migrate, moved_replicas, relabel, source_slots
+from deeppar import _native
+from deeppar.eplb import migration_reference
+from deeppar.eplb.migration import (
+    max_load_target,
+    migrate,
+    moved_replicas,
+    relabel,
+    relabel_plan,
+    replica_cap,
+    source_slots,
+)
 from deeppar.eplb.planning import balancedness, gpu_loads
+
+native = pytest.mark.skipif(not _native.has_kernel("eplb_migrate", "cpu"),
+                            reason="deeppar._C without the eplb_migrate kernel")
+needs_balanced = pytest.mark.skipif(not _native.has_kernel("eplb_rebalance_balanced", "cpu"),
+                                    reason="method='balanced' needs deeppar._C")
+METHODS = ["deepseek", pytest.param("balanced", marks=needs_balanced)]
 
 # (layers, experts, replicas, groups, nodes, gpus): hierarchical, global, one slot per GPU.
 SHAPES = [
@@ -177,18 +193,7 @@ def test_bad_current_placement():
         migrate(w, good, 12, 2, 2, 5)
 
 
-def test_group_swaps_lower_the_heaviest_node_with_fewest_swaps():
-    from deeppar.eplb.migration import group_swaps
-
-    loads = np.array([9.0, 8.0, 1.0, 2.0])
-    after = group_swaps(loads, np.array([0, 0, 1, 1]), 2, target=10.0)
-    assert after.tolist() == [1, 0, 1, 0]  # one swap: node loads 10 and 10
-    assert group_swaps(loads, np.array([0, 1, 0, 1]), 2, 10.0).tolist() == [0, 1, 0, 1]
-
-
-def test_regroup_moves_groups_off_an_overloaded_node():
-    from deeppar.eplb.migration import regroup
-
+def test_heavy_node_regroups_and_stays_valid():
     layers, experts, replicas, groups, nodes, gpus = 2, 16, 24, 4, 2, 4
     w0 = zipf(layers, experts, 4)
     current, _, _ = eplb.rebalance_experts(w0, replicas, groups, nodes, gpus)
@@ -198,30 +203,115 @@ def test_regroup_moves_groups_off_an_overloaded_node():
     for layer in range(layers):
         for g in set((current[layer, :per_node] // group_size).tolist()):
             w1[layer, g * group_size:(g + 1) * group_size] *= 5
-    fresh, _, _ = eplb.rebalance_experts(w1, replicas, groups, nodes, gpus)
-    start = regroup(w1, current, fresh, torch.ones(layers, dtype=torch.bool), groups, nodes)
-    counts = torch.zeros(layers, experts, dtype=torch.long).scatter_add_(
-        1, start, torch.ones_like(start))
-    assert (counts >= 1).all()
-    node_of_slot = torch.arange(replicas) // per_node
-    for layer in range(layers):
-        group_node = {}
-        for s, e in enumerate(start[layer].tolist()):
-            assert group_node.setdefault(e // group_size, int(node_of_slot[s])) == node_of_slot[s]
-        node_load = [sum(float(w1[layer, g * group_size:(g + 1) * group_size].sum())
-                         for g, n in group_node.items() if n == node) for node in range(nodes)]
-        fresh_node = [float(w1[layer, fresh[layer, node * per_node:(node + 1) * per_node]
-                              .unique()].sum()) for node in range(nodes)]
-        assert max(node_load) <= max(fresh_node) * (1 + 1e-6)
-        # Groups that stay keep their slots.
-        stay = [s for s in range(replicas)
-                if group_node[int(current[layer, s]) // group_size] == node_of_slot[s]]
-        assert torch.equal(start[layer, stay], current[layer, stay])
     m = migrate(w1, current, replicas, groups, nodes, gpus)
     check_invariants(w1, m.phy2log, m.log2phy, m.logcnt, replicas, groups, nodes, gpus)
     assert (m.moved <= m.moved_relabelled).all()
+    fresh, _, cnt = eplb.rebalance_experts(w1, replicas, groups, nodes, gpus)
+    assert (m.layer_balancedness >= layer_balancedness(w1, fresh, cnt, gpus) * (1 - 1e-6)).all()
 
 
+def search_inputs(shape, method, seed, sigma):
+    """(weight, current, relabelled fresh plan, target, cap, groups, nodes) as migrate passes
+    them to the eplb_migrate op."""
+    layers, experts, replicas, groups, nodes, gpus = shape
+    w0 = zipf(layers, experts, seed)
+    current, _, _ = eplb.rebalance_experts(w0, replicas, groups, nodes, gpus, method=method)
+    w1 = drift(w0, sigma, seed + 1)
+    fresh, _, cnt = eplb.rebalance_experts(w1, replicas, groups, nodes, gpus, method=method)
+    hierarchical = groups % nodes == 0 and nodes > 1
+    regions = nodes if hierarchical else 1
+    goal = layer_balancedness(w1, fresh, cnt, gpus).double() * (1 - 1e-6)
+    return (w1, current, relabel_plan(current, fresh, gpus, regions),
+            max_load_target(w1, goal, gpus), replica_cap(w1, fresh, cnt),
+            groups if hierarchical else 1, regions)
+
+
+SEARCH_SHAPES = [
+    (3, 16, 24, 4, 2, 4),
+    (2, 32, 40, 8, 4, 8),
+    (3, 24, 30, 4, 3, 6),  # global policy
+    (2, 16, 20, 4, 2, 20),  # one slot per GPU
+    (2, 12, 16, 4, 1, 4),
+    (2, 24, 48, 6, 2, 12),
+]
+
+
+@native
+@pytest.mark.parametrize("shape", SEARCH_SHAPES)
+@pytest.mark.parametrize("method", ["deepseek", "balanced"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_native_search_equals_the_reference(shape, method, seed):
+    w, current, fresh, target, cap, groups, regions = search_inputs(shape, method, seed, 0.5)
+    gpus, steps = shape[5], 64 + 16 * shape[5]
+    args = (w, current, fresh, target, cap, groups, regions, gpus, steps)
+    got, reached = torch.ops.deeppar.eplb_migrate(*args)
+    want, want_reached = migration_reference.migrate_layers(*args)
+    assert torch.equal(got, want) and torch.equal(reached, want_reached)
+    # A valid placement: every expert kept, no group leaves its node; reached means every GPU
+    # load is at most the target.
+    layers, experts, replicas = shape[:3]
+    cnt = torch.zeros(layers, experts, dtype=torch.long).scatter_add_(1, got, torch.ones_like(got))
+    assert (cnt >= 1).all()
+    loads = gpu_loads(w, got, cnt, gpus)
+    assert (loads.max(1).values[reached] <= target[reached]).all()
+    if groups > 1:
+        per_node, size = replicas // regions, experts // groups
+        for layer in range(layers):
+            node = {}
+            for s, e in enumerate(got[layer].tolist()):
+                assert node.setdefault(e // size, s // per_node) == s // per_node
+
+
+@native
+@pytest.mark.parametrize("shape", SEARCH_SHAPES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_native_relabel_and_transfers_equal_the_python_ones(shape, seed):
+    layers, experts, replicas, groups, nodes, gpus = shape
+    w0 = zipf(layers, experts, seed)
+    current, _, _ = eplb.rebalance_experts(w0, replicas, groups, nodes, gpus)
+    fresh, _, _ = eplb.rebalance_experts(drift(w0, 0.5, seed), replicas, groups, nodes, gpus)
+    for regions in {1, nodes}:
+        got = torch.ops.deeppar.eplb_relabel(current, fresh, gpus, regions)
+        assert torch.equal(got, relabel(current, fresh, gpus, regions, regions > 1))
+        assert torch.equal(torch.ops.deeppar.eplb_source_slots(current, got, gpus, regions),
+                           source_slots(current, got, gpus, regions))
+
+
+@native
+def test_opcheck_and_op_errors():
+    w, current, fresh, target, cap, groups, regions = search_inputs(SEARCH_SHAPES[0],
+                                                                    "deepseek", 0, 0.3)
+    gpus = SEARCH_SHAPES[0][5]
+    torch.library.opcheck(torch.ops.deeppar.eplb_migrate.default,
+                          (w, current, fresh, target, cap, groups, regions, gpus, 100))
+    torch.library.opcheck(torch.ops.deeppar.eplb_relabel.default, (current, fresh, gpus, 2))
+    torch.library.opcheck(torch.ops.deeppar.eplb_source_slots.default, (current, fresh, gpus, 2))
+    with pytest.raises(RuntimeError, match="target and cap must be float64"):
+        torch.ops.deeppar.eplb_migrate(w, current, fresh, target.float(), cap, groups, regions,
+                                       gpus, 100)
+    with pytest.raises(RuntimeError, match="placements must hold experts"):
+        torch.ops.deeppar.eplb_migrate(w, current + 100, fresh, target, cap, groups, regions,
+                                       gpus, 100)
+    with pytest.raises(RuntimeError, match="does not hold"):
+        torch.ops.deeppar.eplb_source_slots(torch.zeros_like(current), fresh, gpus, 1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("sigma", [0.2, 0.5])
+def test_drifted_loads_move_at_least_twice_fewer_for_both_methods(method, sigma):
+    layers, experts, replicas, groups, nodes, gpus = 8, 64, 80, 8, 2, 16
+    w0 = zipf(layers, experts, 7)
+    current, _, _ = eplb.rebalance_experts(w0, replicas, groups, nodes, gpus, method=method)
+    w1 = drift(w0, sigma, 8)
+    m = migrate(w1, current, replicas, groups, nodes, gpus, method=method)
+    fresh, _, cnt = eplb.rebalance_experts(w1, replicas, groups, nodes, gpus, method=method)
+    want = layer_balancedness(w1, fresh, cnt, gpus)
+    assert (m.layer_balancedness >= want * (1 - 1e-6)).all()
+    assert 2 * int(m.moved.sum()) <= int(m.moved_scratch.sum())
+    check_invariants(w1, m.phy2log, m.log2phy, m.logcnt, replicas, groups, nodes, gpus)
+
+
+@needs_balanced
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_balanced_method_is_matched_too(shape):
     layers, experts, replicas, groups, nodes, gpus = shape
@@ -235,3 +325,27 @@ def test_balanced_method_is_matched_too(shape):
     check_invariants(w1, m.phy2log, m.log2phy, m.logcnt, replicas, groups, nodes, gpus)
     with pytest.raises(ValueError, match="method must be one of"):
         migrate(w1, current, replicas, groups, nodes, gpus, method="best")
+
+
+@native
+@pytest.mark.parametrize("shape", HELPER_SHAPES)
+@pytest.mark.parametrize("kind", ["real", "int", "zero", "sparse"])
+def test_any_shape_and_loads_give_a_valid_plan_equal_to_the_reference(shape, kind):
+    layers, experts, replicas, groups, nodes, gpus = shape
+    w0, w1 = random_weight(layers, experts, kind, 1), random_weight(layers, experts, kind, 2)
+    current, _, _ = eplb.rebalance_experts(w0, replicas, groups, nodes, gpus)
+    m = migrate(w1, current, replicas, groups, nodes, gpus)
+    check_invariants(w1.float(), m.phy2log, m.log2phy, m.logcnt, replicas, groups, nodes, gpus)
+    fresh, _, cnt = eplb.rebalance_experts(w1, replicas, groups, nodes, gpus)
+    want = layer_balancedness(w1, fresh, cnt, gpus)
+    assert (m.layer_balancedness >= want * (1 - 1e-6)).all()
+    assert torch.equal(current.gather(1, m.source_slot), m.phy2log)
+    hierarchical = groups % nodes == 0 and nodes > 1
+    regions = nodes if hierarchical else 1
+    w = w1.float()
+    args = (w, current, relabel_plan(current, fresh, gpus, regions),
+            max_load_target(w, want.double() * (1 - 1e-6), gpus), replica_cap(w, fresh, cnt),
+            groups if hierarchical else 1, regions, gpus, 64 + 16 * gpus)
+    got, reached = torch.ops.deeppar.eplb_migrate(*args)
+    want_placement, want_reached = migration_reference.migrate_layers(*args)
+    assert torch.equal(got, want_placement) and torch.equal(reached, want_reached)

@@ -196,6 +196,23 @@ if _native.has_kernel("eplb_rebalance", "cpu") or _native.has_kernel("eplb_rebal
         return slots, torch.empty_like(slots), weight.new_empty(weight.shape, dtype=torch.int64)
 
 
+if _native.has_kernel("eplb_migrate", "cpu"):
+
+    @torch.library.register_fake("deeppar::eplb_migrate")
+    def _migrate_fake(weight, current, fresh, target, cap, num_groups, num_nodes, num_gpus,
+                      max_steps):
+        return torch.empty_like(current), current.new_empty((current.shape[0],),
+                                                            dtype=torch.bool)
+
+    @torch.library.register_fake("deeppar::eplb_relabel")
+    def _relabel_fake(current, plan, num_gpus, num_nodes):
+        return torch.empty_like(plan)
+
+    @torch.library.register_fake("deeppar::eplb_source_slots")
+    def _source_slots_fake(current, plan, num_gpus, num_nodes):
+        return torch.empty_like(plan)
+
+
 def slot_loads_reference(
     weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor
 ) -> torch.Tensor:

@@ -1,27 +1,37 @@
 """Migration-aware rebalancing: a new plan for new loads that moves few expert replicas.
 
 Planning from scratch for slightly different loads reshuffles most slots, and each changed slot
-costs an expert's weights over the network. ``migrate`` keeps the cost low in three steps:
+costs an expert's weights over the network. ``migrate`` keeps the cost low:
 
 1. **Relabelling** (free): a fresh plan's packs are assigned to GPUs by maximum overlap with
    the current placement (nodes first under the hierarchical policy, then GPUs inside matched
    nodes; greedy on the overlap counts, ties by index), and inside each GPU an expert that stays
    keeps its old slot.
-2. **Warm start**: from the current placement, a bounded local search lowers the most loaded
-   GPU until it is no worse than the fresh plan (minus ``tolerance``): it swaps two replicas
-   (the top GPU's and one on another GPU of the same node, or any GPU under the global policy)
-   or hands a spare replica (an expert with >= 2) to an expert of the top GPU. Every layer
-   searches at once, in batched torch. Under the hierarchical policy, a layer whose node loads
-   need other groups on a node searches again after the fewest group swaps between nodes that
-   bring every node down to the fresh plan's most loaded node.
-3. Per layer, the warm-start result is taken when it reaches the fresh plan's balancedness
-   (within ``tolerance``, measured as the planner measures it, in float32) with fewer moved
-   replicas; otherwise the relabelled fresh plan.
+2. **Warm start** (C++, ``csrc/cpu/eplb_migrate.h``, layers in parallel): the goal per layer is
+   the fresh plan's max GPU load (its balancedness minus ``tolerance``). From the current
+   placement: under the hierarchical policy, the fewest group swaps between nodes that bring
+   every node under the goal times its GPUs; replica counts raised where a replica would carry
+   more than the fresh plan's largest replica load, surplus replicas of the experts that stay
+   lightest freed for them (new replicas go heaviest first to the least loaded GPU without a
+   copy); then swaps of two replicas between GPUs of a node (any GPUs under the global policy)
+   that lower the most loaded GPU, preferring swaps that leave both GPUs under the goal, then
+   swaps that pass less load on, the fewest moved replicas first among them; pairs of swaps
+   (a chain over three GPUs) where single swaps stall; swaps that bring replicas back while
+   every GPU stays under the goal. Four variants of the rules run per node, and the node of the
+   relabelled fresh plan with the same swaps back is a fifth; each node keeps its cheapest
+   variant that reaches the goal.
+3. Per layer, the warm-start result is taken when it reaches the goal (checked here, as the
+   planner measures balancedness) with no more moved replicas than the relabelled fresh plan;
+   otherwise the relabelled fresh plan.
 
-Moves never put an expert on a node that its group does not already use, so the hierarchical
+A moved replica is a slot whose GPU did not hold its expert before (its weights come over the
+network; a copy of an expert the GPU already holds is a local copy). Moves never put an
+expert on a node that its group does not use after the group swaps, so the hierarchical
 policy's node rule holds whenever it held for the current placement. The transfer plan is one
-tensor: ``source_slot[l, s]`` is the old slot whose weights new slot ``s`` receives (``s`` itself
-when the slot keeps its expert). Everything is deterministic.
+tensor: ``source_slot[l, s]`` is the old slot whose weights new slot ``s`` receives (``s``
+itself when the slot keeps its expert). Everything is deterministic. Without the native
+extension the same search runs in plain Python (:mod:`deeppar.eplb.migration_reference`, the
+same placements, about 100x slower).
 """
 
 from __future__ import annotations
@@ -29,16 +39,14 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from deeppar.eplb import api
+from deeppar import _native
+from deeppar.eplb import api, migration_reference
 from deeppar.eplb._validate import as_count, as_weight, check_problem, check_values
 from deeppar.eplb.planning import balancedness, gpu_loads
 
-_DONORS = 12  # spare replicas considered per search step and layer
 _ROUNDING = 1e-6  # relative float32 rounding slack when comparing balancedness
-_BUDGET_EVERY = 16  # search steps between checks of the moved-replica budget
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class Migration:
     moved_scratch: torch.Tensor  # [L] int64, the same for the fresh plan as it comes
     moved_relabelled: torch.Tensor  # [L] int64, the same for the relabelled fresh plan
     from_scratch: torch.Tensor  # [L] bool, layer took the relabelled fresh plan
-    layer_balancedness: torch.Tensor  # [L] float32, new plan under the new loads
+    layer_balancedness: torch.Tensor  # [L] float64, new plan under the new loads
     balancedness: float  # mean over layers, new plan
     balancedness_scratch: float  # fresh plan
     balancedness_current: float  # current placement under the new loads
@@ -137,9 +145,10 @@ def moved_replicas(old: torch.Tensor, new: torch.Tensor, num_gpus: int,
     the replicas that must come over the network (any other changed slot is a local copy)."""
     replicas = new.shape[1]
     gpu = torch.arange(replicas) // (replicas // num_gpus)
-    held = torch.zeros(new.shape[0], num_gpus * num_experts, dtype=torch.int64)
-    held.scatter_add_(1, gpu * num_experts + old, torch.ones_like(old))
-    return (held.gather(1, gpu * num_experts + new) == 0).sum(1)
+    held = (gpu * num_experts + old).sort(dim=1).values  # (GPU, expert) keys held before
+    wanted = gpu * num_experts + new
+    at = torch.searchsorted(held, wanted).clamp(max=replicas - 1)
+    return (held.gather(1, at) != wanted).sum(1)
 
 
 def _greedy_match(pairs: dict[tuple[int, int], int], left: list[int],
@@ -259,222 +268,6 @@ def _counts(phy: torch.Tensor, experts: int) -> torch.Tensor:
         1, phy, torch.ones_like(phy))
 
 
-def _gpu_load64(weight: torch.Tensor, phy: torch.Tensor, cnt: torch.Tensor,
-                num_gpus: int) -> tuple[torch.Tensor, torch.Tensor]:
-    slot = weight.gather(1, phy) / cnt.gather(1, phy).to(weight.dtype)
-    return slot, slot.view(phy.shape[0], num_gpus, -1).sum(-1)
-
-
-def warm_search(weight: torch.Tensor, current: torch.Tensor, target: torch.Tensor,
-                num_gpus: int, gpus_per_region: int, max_steps: int,
-                budget: torch.Tensor | None = None, origin: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """Local search from ``current [L, R]`` until each layer's max GPU load is at most
-    ``target [L]`` (or no move helps, or ``max_steps``): swaps inside a region of
-    ``gpus_per_region`` GPUs and spare-replica hand-overs. A layer also stops once it moves
-    more than ``budget [L]`` replicas away from ``origin [L, R]`` (checked every few steps:
-    past that, another candidate is cheaper anyway). Returns the new ``[L, R]``."""
-    w = weight.to(torch.float64)
-    phy = current.clone()
-    start = current if origin is None else origin
-    layers, replicas = phy.shape
-    experts = w.shape[1]
-    per_gpu = replicas // num_gpus
-    slot_gpu = torch.arange(replicas) // per_gpu
-    slot_region = slot_gpu // gpus_per_region
-    stalled = torch.zeros(layers, dtype=torch.bool)
-    for step in range(max_steps):
-        if budget is not None and step % _BUDGET_EVERY == _BUDGET_EVERY - 1:
-            stalled |= moved_replicas(origin, phy, num_gpus, experts) > budget
-        cnt = _counts(phy, experts)
-        slot_load, load = _gpu_load64(w, phy, cnt, num_gpus)
-        top_val = load.max(1).values
-        active = ((top_val > target) & ~stalled).nonzero().flatten()
-        if active.numel() == 0:
-            break
-        moved = _step(w[active], phy[active], cnt[active], slot_load[active], load[active],
-                      start[active], target[active], slot_gpu, slot_region, gpus_per_region,
-                      per_gpu)
-        phy[active] = moved[0]
-        stalled[active[~moved[1]]] = True
-    return phy
-
-
-def _lexmin(score: torch.Tensor, cost: torch.Tensor, last: torch.Tensor):
-    """Per row, the smallest (score, cost, last): (score, cost, index)."""
-    best = score.min(1).values
-    tie = score == best[:, None]
-    cheapest = torch.where(tie, cost, torch.iinfo(cost.dtype).max).min(1).values
-    tie &= cost == cheapest[:, None]
-    return best, cheapest, torch.where(tie, last, torch.inf).argmin(1)
-
-
-def _step(w, phy, cnt, slot_load, load, origin, target, slot_gpu, slot_region,
-          gpus_per_region, per_gpu):
-    """One move on each given layer: (new phy2log, whether a move was made).
-
-    Moves are ranked by the max GPU load they leave (anything at or below ``target`` counts
-    the same), then by the slots they change away from ``origin`` (fewer is better), then by
-    the larger load of the two GPUs they touch."""
-    layers, replicas = phy.shape
-    num_gpus = load.shape[1]
-    rows = torch.arange(layers)
-    # Largest load among GPUs other than the top one and the partner's (top-3 is enough).
-    k = min(3, num_gpus)
-    vals, idx = load.topk(k, dim=1)
-    vals = torch.nn.functional.pad(vals, (0, 3 - k), value=0.0)
-    idx = torch.nn.functional.pad(idx, (0, 3 - k), value=-1)
-    top_val, top = vals[:, 0], idx[:, 0]
-    top_slots = top[:, None] * per_gpu + torch.arange(per_gpu)  # [L, spg]
-    same_region = slot_region[None, :] == (top // gpus_per_region)[:, None]  # [L, R]
-
-    # Swaps: a top slot with any slot b of another GPU of the region.
-    la = slot_load.gather(1, top_slots)  # [L, spg]
-    ea = phy.gather(1, top_slots)
-    delta = la[:, :, None] - slot_load[:, None, :]  # [L, spg, R]
-    gpu_b = slot_gpu[None, None, :]
-    partner = load[:, slot_gpu][:, None, :] + delta
-    pair = torch.maximum(top_val[:, None, None] - delta, partner)
-    rest = torch.where(gpu_b == idx[:, 1, None, None], vals[:, 2, None, None],
-                       vals[:, 1, None, None])
-    ok = ((delta > 0) & (gpu_b != top[:, None, None]) & same_region[:, None, :]
-          & (ea[:, :, None] != phy[:, None, :]) & (pair < top_val[:, None, None]))
-    swap_score = torch.where(ok, torch.maximum(torch.maximum(pair, rest), target[:, None, None]),
-                             torch.inf).view(layers, -1)
-    oa = origin.gather(1, top_slots)  # [L, spg]
-    changed_before = (ea != oa).long()[:, :, None] + (phy != origin).long()[:, None, :]
-    changed_after = (phy[:, None, :] != oa[:, :, None]).long() + (
-        ea[:, :, None] != origin[:, None, :]).long()
-    swap_cost = (changed_after - changed_before).view(layers, -1)
-    swap_best, swap_cost, swap_at = _lexmin(swap_score, swap_cost, pair.view(layers, -1))
-
-    # Hand-overs: a spare replica (donor slot s, expert with >= 2 replicas) of the region
-    # becomes one more replica of an expert of the top GPU.
-    slot_cnt = cnt.gather(1, phy)
-    spare = (slot_cnt >= 2) & same_region
-    drop = w.gather(1, phy) / (slot_cnt - 1).clamp(min=1) - slot_load
-    key = torch.where(spare, load[:, slot_gpu] - slot_load + drop, torch.inf)
-    donors = key.topk(min(_DONORS, replicas), dim=1, largest=False).indices  # [L, D]
-    donor_ok = spare.gather(1, donors)
-    e1 = phy.gather(1, donors)  # [L, D]
-    c1 = cnt.gather(1, e1).to(w.dtype)
-    w1 = w.gather(1, e1)
-    c2 = cnt.gather(1, ea).to(w.dtype)  # [L, spg]
-    w2 = w.gather(1, ea)
-    share1 = w1 / (c1 - 1).clamp(min=1)  # e1's replicas after giving one up
-    share2 = w2 / (c2 + 1)  # e2's replicas after getting one more
-    # GPU loads after each hand-over [L, spg, D, P]: every replica of e1 and of e2 changes
-    # share; the donor slot itself goes from e1's new share to e2's.
-    n_donors = donors.shape[1]
-    on1 = (phy[:, None, :] == e1[:, :, None]).view(layers, n_donors, num_gpus, per_gpu).sum(-1)
-    on2 = (phy[:, None, :] == ea[:, :, None]).view(layers, per_gpu, num_gpus, per_gpu).sum(-1)
-    d1 = on1 * (share1 - w1 / c1)[:, :, None]  # [L, D, P]
-    d2 = on2 * (share2 - w2 / c2)[:, :, None]  # [L, spg, P]
-    at_donor = torch.arange(num_gpus)[None, None, :] == (donors // per_gpu)[:, :, None]
-    fix = torch.where(at_donor[:, None], (share2[:, :, None] - share1[:, None, :])[..., None],
-                      0.0)  # [L, spg, D, P]
-    hand_max = (load[:, None, None, :] + d1[:, None] + d2[:, :, None] + fix).max(-1).values
-    hand_ok = donor_ok[:, None, :] & (e1[:, None, :] != ea[:, :, None]) & (
-        hand_max < top_val[:, None, None])
-    hand_score = torch.where(hand_ok, torch.maximum(hand_max, target[:, None, None]),
-                             torch.inf).view(layers, -1)
-    od = origin.gather(1, donors)  # [L, D]
-    hand_cost = ((ea[:, :, None] != od[:, None, :]).long()
-                 - (e1 != od).long()[:, None, :]).view(layers, -1)
-    hand_best, hand_cost, hand_at = _lexmin(hand_score, hand_cost, hand_max.view(layers, -1))
-
-    out = phy.clone()
-    use_hand = (hand_best < swap_best) | ((hand_best == swap_best) & (hand_cost < swap_cost))
-    do_swap = torch.isfinite(swap_best) & ~use_hand
-    do_hand = torch.isfinite(hand_best) & use_hand
-    a = top_slots[rows, swap_at // replicas]
-    b = swap_at % replicas
-    sr = rows[do_swap]
-    out[sr, a[do_swap]] = phy[sr, b[do_swap]]
-    out[sr, b[do_swap]] = phy[sr, a[do_swap]]
-    hr = rows[do_hand]
-    e2 = ea[rows, hand_at // donors.shape[1]]
-    s = donors[rows, hand_at % donors.shape[1]]
-    out[hr, s[do_hand]] = e2[do_hand]
-    return out, do_swap | do_hand
-
-
-def _node_of_groups(row: list[int], group_size: int, per_node: int) -> dict[int, int] | None:
-    """Node of each group in a placement row; None if some group spans several nodes."""
-    node_of: dict[int, int] = {}
-    for slot, e in enumerate(row):
-        if node_of.setdefault(e // group_size, slot // per_node) != slot // per_node:
-            return None
-    return node_of
-
-
-def group_swaps(group_load: np.ndarray, node_of: np.ndarray, num_nodes: int,
-                target: float) -> np.ndarray:
-    """Fewest-moves node assignment of groups: starting from ``node_of [G]``, swap a group of
-    the most loaded node with a lighter group of another node (the swap that lowers that
-    node's load to the smallest pair maximum) until every node load is at most ``target`` or
-    no swap helps. Deterministic (lowest indices on ties)."""
-    node_of = node_of.copy()
-    for _ in range(len(node_of)):
-        loads = np.bincount(node_of, weights=group_load, minlength=num_nodes)
-        top = int(np.argmax(loads))
-        if loads[top] <= target:
-            break
-        here = np.flatnonzero(node_of == top)
-        there = np.flatnonzero(node_of != top)
-        delta = group_load[here][:, None] - group_load[there][None, :]
-        pair = np.maximum(loads[top] - delta, loads[node_of[there]][None, :] + delta)
-        pair = np.where((delta > 0) & (pair < loads[top]), pair, np.inf)
-        best = int(np.argmin(pair))
-        if not np.isfinite(pair.flat[best]):
-            break
-        g, h = here[best // len(there)], there[best % len(there)]
-        node_of[g], node_of[h] = node_of[h], node_of[g]
-    return node_of
-
-
-def regroup(weight: torch.Tensor, old: torch.Tensor, fresh: torch.Tensor, layers: torch.Tensor,
-            num_groups: int, num_nodes: int) -> torch.Tensor:
-    """Start placements for a warm search under the hierarchical policy, for the layers in
-    ``layers [L]`` (bool) whose node loads need other groups on some node.
-
-    Groups are swapped between nodes (:func:`group_swaps`) until no node is more loaded than
-    the most loaded node of ``fresh [L, R]``; a group that stays keeps its slots, an arriving
-    group takes the slots of the groups that left (one replica per expert, the rest by the
-    replication rule of the spec: largest load per replica, then fewest replicas, then lowest
-    index). Other layers, and layers whose current placement splits a group over nodes, are
-    returned unchanged."""
-    out = old.clone()
-    replicas = old.shape[1]
-    group_size = weight.shape[1] // num_groups
-    per_node = replicas // num_nodes
-    group_loads = weight.double().view(weight.shape[0], num_groups, group_size).sum(-1).numpy()
-    for layer in layers.nonzero().flatten().tolist():
-        row, w = old[layer].tolist(), weight[layer].tolist()
-        before = _node_of_groups(row, group_size, per_node)
-        planned = _node_of_groups(fresh[layer].tolist(), group_size, per_node)
-        if before is None or planned is None:
-            continue
-        gl = group_loads[layer]
-        target = np.bincount([planned[g] for g in range(num_groups)], weights=gl,
-                             minlength=num_nodes).max()
-        start = np.array([before[g] for g in range(num_groups)])
-        after = group_swaps(gl, start, num_nodes, target * (1 + 1e-12))
-        for node in range(num_nodes):
-            freed = [s_ for s_ in range(node * per_node, (node + 1) * per_node)
-                     if after[row[s_] // group_size] != node]
-            arriving = [g for g in range(num_groups) if after[g] == node and start[g] != node]
-            experts = [g * group_size + i for g in arriving for i in range(group_size)]
-            count = dict.fromkeys(experts, 1)
-            for _ in range(len(freed) - len(experts)):
-                best = max(experts, key=lambda e: (w[e] / count[e], -count[e], -e))
-                count[best] += 1
-            fill = [e for e in experts for _ in range(count[e])]
-            for s_, e in zip(freed, fill):
-                out[layer, s_] = e
-    return out
-
-
 def _phy_rank(phy: torch.Tensor, experts: int) -> torch.Tensor:
     """Replica rank of each slot: its position among its expert's slots, in slot order."""
     sorted_e, order = torch.sort(phy, dim=1, stable=True)
@@ -482,6 +275,36 @@ def _phy_rank(phy: torch.Tensor, experts: int) -> torch.Tensor:
     start = cnt.cumsum(1) - cnt
     rank_sorted = torch.arange(phy.shape[1]) - start.gather(1, sorted_e)
     return torch.empty_like(phy).scatter_(1, order, rank_sorted)
+
+
+def relabel_plan(old: torch.Tensor, new: torch.Tensor, num_gpus: int,
+                 num_nodes: int) -> torch.Tensor:
+    """:func:`relabel` (nodes first when ``num_nodes > 1``) by the C++ kernel when it is built."""
+    if _native.has_kernel("eplb_relabel", "cpu"):
+        return torch.ops.deeppar.eplb_relabel(old, new, num_gpus, num_nodes)
+    return relabel(old, new, num_gpus, num_nodes, hierarchical=num_nodes > 1)
+
+
+def transfer_plan(old: torch.Tensor, new: torch.Tensor, num_gpus: int,
+                  num_nodes: int) -> torch.Tensor:
+    """:func:`source_slots` by the C++ kernel when it is built."""
+    if _native.has_kernel("eplb_source_slots", "cpu"):
+        return torch.ops.deeppar.eplb_source_slots(old, new, num_gpus, num_nodes)
+    return source_slots(old, new, num_gpus, num_nodes)
+
+
+def replica_cap(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
+    """``[L]`` float64 largest replica load of a plan (float32 ``load / count``, as planned)."""
+    share = weight.gather(1, phy2log) / logcnt.gather(1, phy2log).to(torch.float32)
+    return share.to(torch.float64).amax(1)
+
+
+def max_load_target(weight: torch.Tensor, balancedness_goal: torch.Tensor,
+                    num_gpus: int) -> torch.Tensor:
+    """``[L]`` float64 max GPU load that gives balancedness ``balancedness_goal [L]`` under
+    ``weight [L, E]`` (0 for an all-zero layer)."""
+    mean = weight.double().sum(1) / num_gpus
+    return torch.where(mean > 0, mean / balancedness_goal, torch.zeros_like(mean))
 
 
 def migrate(
@@ -504,7 +327,8 @@ def migrate(
         current: the placement in use, ``phy2log [L, R]``; every expert in every layer.
         tolerance: balancedness (mean / max GPU load) the result may give up per layer against
             a plan from scratch; 0.0: never worse than it.
-        max_steps: bound of the local search (moves per layer); default 256 + 8 * num_gpus.
+        max_steps: bound of each swap search (swaps per node and variant); default
+            64 + 16 * num_gpus.
         method, backend: passed to the planner for the fresh plan.
     Returns:
         a :class:`Migration` (CPU tensors) with the new maps and ``source_slot``.
@@ -518,69 +342,60 @@ def migrate(
         0.0 <= tolerance < 1.0
     ):
         raise ValueError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
-    steps = (256 + 8 * problem.gpus if max_steps is None
+    steps = (64 + 16 * problem.gpus if max_steps is None
              else as_count(max_steps, "max_steps", 0))
     extra = {} if method is None else {"method": method}
-    fresh, _, _ = api.rebalance_experts(w, problem.replicas, problem.groups, problem.nodes,
-                                        problem.gpus, backend=backend, **extra)
-    fresh = fresh.cpu()
+    fresh, _, fresh_cnt = api.rebalance_experts(w, problem.replicas, problem.groups,
+                                                problem.nodes, problem.gpus, backend=backend,
+                                                **extra)
+    fresh, fresh_cnt = fresh.cpu(), fresh_cnt.cpu()
     w = w.cpu()
     gpus = problem.gpus
     hierarchical = problem.hierarchical and problem.nodes > 1
+    nodes = problem.nodes if hierarchical else 1  # one region under the global policy
 
-    def bal32(phy: torch.Tensor) -> torch.Tensor:
-        return balancedness(gpu_loads(w, phy, _counts(phy, experts), gpus))
+    def layer_bal(phy: torch.Tensor, cnt: torch.Tensor | None = None) -> torch.Tensor:
+        cnt = _counts(phy, experts) if cnt is None else cnt
+        return balancedness(gpu_loads(w, phy, cnt, gpus))
 
-    bal_fresh = bal32(fresh)
-    relabelled = relabel(old, fresh, gpus, problem.nodes, hierarchical)
-    # Target on the max GPU load, from the fresh plan's balancedness minus the tolerance;
-    # equal within float32 rounding (GPU sums taken in another order) counts as equal.
+    bal_fresh = layer_bal(fresh, fresh_cnt)
+    relabelled = relabel_plan(old, fresh, gpus, nodes)
+    # Goal on the max GPU load, from the fresh plan's balancedness minus the tolerance; equal
+    # within float32 rounding (GPU sums taken in another order) counts as equal.
     goal = (bal_fresh.double() - tolerance).clamp(min=1e-9) * (1 - _ROUNDING)
-    mean = w.double().sum(1) / gpus
-    target = torch.where(mean > 0, mean / goal, torch.zeros_like(mean))
-    region = gpus // problem.nodes if hierarchical else gpus
-    moved_relabelled = moved_replicas(old, relabelled, gpus, experts)
-    # Candidates per layer, in order of preference on equal moves: warm start from the current
-    # placement, warm start after regrouping (hierarchical: a few group swaps between nodes, for
-    # layers the first one could not bring to the goal), relabelled fresh plan.
-    candidates = [warm_search(w, old, target, gpus, region, steps, moved_relabelled, old)]
-    if hierarchical:
-        missed = bal32(candidates[0]).double() < goal
-        if missed.any():
-            start = regroup(w, old, relabelled, missed, problem.groups, problem.nodes)
-            only_missed = torch.where(missed, target, torch.inf)
-            candidates.append(warm_search(w, start, only_missed, gpus, region, steps,
-                                          moved_relabelled, old))
-    candidates = [relabel(old, c, gpus, problem.nodes, hierarchical) for c in candidates]
-    candidates.append(relabelled)
+    target = max_load_target(w, goal, gpus)
+    search = (torch.ops.deeppar.eplb_migrate if _native.has_kernel("eplb_migrate", "cpu")
+              else migration_reference.migrate_layers)
+    warm, _ = search(w, old, relabelled, target, replica_cap(w, fresh, fresh_cnt),
+                     problem.groups if hierarchical else 1, nodes, gpus, steps)
+    candidates = [warm, relabelled]
     moved = torch.stack([moved_replicas(old, c, gpus, experts) for c in candidates])
-    reached = torch.stack([bal32(c).double() >= goal for c in candidates])
+    reached = torch.stack([layer_bal(c).double() >= goal for c in candidates])
     reached[-1] = True  # the fresh plan is the goal itself (up to float32 rounding)
     pick = torch.where(reached, moved, torch.iinfo(torch.int64).max).argmin(0)  # first on ties
-    stacked = torch.stack(candidates)
-    new = stacked[pick, torch.arange(layers)]
-    take_warm = pick != len(candidates) - 1
+    rows = torch.arange(layers)
+    new = torch.stack(candidates)[pick, rows]
     cnt = _counts(new, experts)
     log2phy = api.build_log2phy(new, _phy_rank(new, experts), experts, int(cnt.max()))
-    src = source_slots(old, new, gpus, problem.nodes if hierarchical else 1)
+    src = transfer_plan(old, new, gpus, nodes)
     slots = torch.arange(problem.replicas)
     per_gpu = problem.replicas // gpus
     local = ((src != slots) & (src // per_gpu == slots // per_gpu)).sum(1)
-    layer_bal = bal32(new)
+    bal_new = layer_bal(new, cnt)
     return Migration(
         phy2log=new,
         log2phy=log2phy,
         logcnt=cnt,
         source_slot=src,
-        moved=moved[pick, torch.arange(layers)],
+        moved=moved[pick, rows],
         local_copies=local,
         moved_scratch=moved_replicas(old, fresh, gpus, experts),
-        moved_relabelled=moved_relabelled,
-        from_scratch=~take_warm,
-        layer_balancedness=layer_bal,
-        balancedness=float(layer_bal.mean()),
+        moved_relabelled=moved[-1],
+        from_scratch=pick == len(candidates) - 1,
+        layer_balancedness=bal_new,
+        balancedness=float(bal_new.mean()),
         balancedness_scratch=float(bal_fresh.mean()),
-        balancedness_current=float(bal32(old).mean()),
+        balancedness_current=float(layer_bal(old).mean()),
         num_replicas=problem.replicas,
         num_groups=problem.groups,
         num_nodes=problem.nodes,
