@@ -95,7 +95,7 @@ struct Layout {
   int64_t slot_expert, count, slot_rank, pack_weight, pack_items;
   int64_t item_class, class_first, item_next, item_at, member, group_member, group_at;
   int64_t best_phy2log, best_logcnt, cand_phy2log, cand_logcnt, cand_replica_load, fill;
-  int64_t node_order, mark, bytes;
+  int64_t node_order, mark, tree, bytes;
 
   int64_t at = 0;
   // Reserves an array of `words` words of `word_bytes` bytes; returns its offset.
@@ -146,6 +146,9 @@ struct Layout {
     fill = take(e > p ? e : p, 4);
     node_order = take(n, 4);
     mark = take(p, 4);
+    int64_t leaves = 1;
+    while (leaves < e) leaves <<= 1;
+    tree = take(2 * leaves, 4);
     bytes = at;
   }
 };
@@ -159,7 +162,7 @@ struct Work {
   int32_t *spec_slot_expert, *spec_count, *spec_gpu, *spec_rank_in_gpu;
   int32_t *slot_expert, *count, *slot_rank, *pack_items;
   int32_t *item_class, *class_first, *item_next, *item_at, *member, *group_member, *group_at;
-  int32_t *best_phy2log, *best_logcnt, *cand_phy2log, *cand_logcnt, *fill, *node_order, *mark;
+  int32_t *best_phy2log, *best_logcnt, *cand_phy2log, *cand_logcnt, *fill, *node_order, *mark, *tree;
 
   DEEPPAR_HD Work(unsigned char* base, const Layout& l)
       : item_load(reinterpret_cast<double*>(base + l.item_load)),
@@ -200,7 +203,8 @@ struct Work {
         cand_logcnt(reinterpret_cast<int32_t*>(base + l.cand_logcnt)),
         fill(reinterpret_cast<int32_t*>(base + l.fill)),
         node_order(reinterpret_cast<int32_t*>(base + l.node_order)),
-        mark(reinterpret_cast<int32_t*>(base + l.mark)) {}
+        mark(reinterpret_cast<int32_t*>(base + l.mark)),
+        tree(reinterpret_cast<int32_t*>(base + l.tree)) {}
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -291,28 +295,53 @@ DEEPPAR_HD inline uint64_t replica_key(float ratio, int32_t count) {
          (0xffffffffu - static_cast<uint32_t>(count));
 }
 
+// Tournament tree over `size` (a power of two) leaves holding the indices [0, n), -1 padding:
+// node 1 holds the index with the largest key, the lowest index on ties (a left subtree holds
+// the lower indices). node: [2 * size].
+DEEPPAR_HD inline int32_t larger_key(const uint64_t* key, int32_t a, int32_t b) {
+  if (b < 0) return a;
+  if (a < 0) return b;
+  return key[b] > key[a] ? b : a;
+}
+
+DEEPPAR_HD inline void tree_build(int32_t* node, int32_t size, int32_t n, const uint64_t* key) {
+  for (int32_t i = 0; i < size; ++i) node[size + i] = i < n ? i : -1;
+  for (int32_t i = size - 1; i >= 1; --i) node[i] = larger_key(key, node[2 * i], node[2 * i + 1]);
+}
+
+DEEPPAR_HD inline void tree_update(int32_t* node, int32_t size, int32_t leaf, const uint64_t* key) {
+  for (int32_t at = (size + leaf) >> 1; at >= 1; at >>= 1) {
+    node[at] = larger_key(key, node[2 * at], node[2 * at + 1]);
+  }
+}
+
+DEEPPAR_HD inline int32_t pow2_at_least(int32_t n) {
+  int32_t size = 1;
+  while (size < n) size <<= 1;
+  return size;
+}
+
 // Replication of n experts into k >= n slots (spec "Replication"): the largest weight/count,
-// then fewer replicas, then the lowest index. key: [n] scratch.
+// then fewer replicas, then the lowest index. key: [n], tree: [2 * pow2_at_least(n)] scratch.
 DEEPPAR_HD inline void spec_replicate(const float* w, int32_t n, int32_t k, int32_t* slot_expert,
-                                      int32_t* slot_rank, int32_t* count, uint64_t* key) {
+                                      int32_t* slot_rank, int32_t* count, uint64_t* key,
+                                      int32_t* tree) {
   for (int32_t i = 0; i < n; ++i) {
     slot_expert[i] = i;
     slot_rank[i] = 0;
     count[i] = 1;
     key[i] = replica_key(w[i], 1);
   }
+  if (k == n) return;
+  const int32_t size = pow2_at_least(n);
+  tree_build(tree, size, n, key);
   for (int32_t j = n; j < k; ++j) {
-    int32_t e = 0;
-    uint64_t best = key[0];
-    for (int32_t i = 1; i < n; ++i) {
-      const bool larger = key[i] > best;
-      e = larger ? i : e;
-      best = larger ? key[i] : best;
-    }
+    const int32_t e = tree[1];
     slot_expert[j] = e;
     slot_rank[j] = count[e];
     const int32_t c = ++count[e];
     key[e] = replica_key(div_rn(w[e], static_cast<float>(c)), c);
+    tree_update(tree, size, e, key);
   }
 }
 
@@ -348,7 +377,7 @@ DEEPPAR_HD inline void replicate_nodes(const float* w, const Sizes& sh, const in
     for (int32_t i = 0; i < epn; ++i) node_w[i] = w[node_log[i]];
     int32_t* se = slot_expert + node * spn;
     int32_t* cnt = count + node * epn;
-    spec_replicate(node_w, epn, spn, se, slot_rank + node * spn, cnt, k.ratio);
+    spec_replicate(node_w, epn, spn, se, slot_rank + node * spn, cnt, k.ratio, k.tree);
     for (int32_t j = 0; j < spn; ++j) {
       replica_load[node * spn + j] = div_rn(node_w[se[j]], static_cast<float>(cnt[se[j]]));
     }
