@@ -95,7 +95,7 @@ struct Layout {
   int64_t slot_expert, count, slot_rank, pack_weight, pack_items;
   int64_t item_class, class_first, item_next, item_at, member, group_member, group_at;
   int64_t best_phy2log, best_logcnt, cand_phy2log, cand_logcnt, cand_replica_load, fill;
-  int64_t node_order, mark, tree, bytes;
+  int64_t node_order, node_sorted, mark, tree, bytes;
 
   int64_t at = 0;
   // Reserves an array of `words` words of `word_bytes` bytes; returns its offset.
@@ -145,6 +145,7 @@ struct Layout {
     cand_replica_load = take(r, 4);
     fill = take(e > p ? e : p, 4);
     node_order = take(n, 4);
+    node_sorted = take(n, 4);
     mark = take(p, 4);
     int64_t leaves = 1;
     while (leaves < e) leaves <<= 1;
@@ -162,7 +163,7 @@ struct Work {
   int32_t *spec_slot_expert, *spec_count, *spec_gpu, *spec_rank_in_gpu;
   int32_t *slot_expert, *count, *slot_rank, *pack_items;
   int32_t *item_class, *class_first, *item_next, *item_at, *member, *group_member, *group_at;
-  int32_t *best_phy2log, *best_logcnt, *cand_phy2log, *cand_logcnt, *fill, *node_order, *mark, *tree;
+  int32_t *best_phy2log, *best_logcnt, *cand_phy2log, *cand_logcnt, *fill, *node_order, *node_sorted, *mark, *tree;
 
   DEEPPAR_HD Work(unsigned char* base, const Layout& l)
       : item_load(reinterpret_cast<double*>(base + l.item_load)),
@@ -203,6 +204,7 @@ struct Work {
         cand_logcnt(reinterpret_cast<int32_t*>(base + l.cand_logcnt)),
         fill(reinterpret_cast<int32_t*>(base + l.fill)),
         node_order(reinterpret_cast<int32_t*>(base + l.node_order)),
+        node_sorted(reinterpret_cast<int32_t*>(base + l.node_sorted)),
         mark(reinterpret_cast<int32_t*>(base + l.mark)),
         tree(reinterpret_cast<int32_t*>(base + l.tree)) {}
 };
@@ -363,15 +365,16 @@ DEEPPAR_HD inline void spec_node_order(const float* w, const Sizes& sh, Work& k)
   }
 }
 
-// Step 3 for every node in the order mlog: slot_expert [R] (node-local expert of each node
+// Step 3 for every node in the order mlog, except nodes flagged in skip (if not null): slot_expert [R] (node-local expert of each node
 // slot), slot_rank [R], count [E] (per node-local expert), replica_load [R] (float32 load of
 // each replica, as the spec packs it).
 DEEPPAR_HD inline void replicate_nodes(const float* w, const Sizes& sh, const int32_t* mlog,
                                        int32_t* slot_expert, int32_t* slot_rank, int32_t* count,
-                                       float* replica_load, Work& k) {
+                                       float* replica_load, const int32_t* skip, Work& k) {
   const int32_t epn = sh.experts / sh.nodes, spn = sh.replicas / sh.nodes;
   for (int32_t node = 0; node < sh.nodes; ++node) {
     const int32_t* node_log = mlog + node * epn;
+    if (skip != nullptr && skip[node]) continue;
     // The node's weights in mlog order (item_load is free here: float32 view of its storage).
     float* node_w = reinterpret_cast<float*>(k.item_load);
     for (int32_t i = 0; i < epn; ++i) node_w[i] = w[node_log[i]];
@@ -642,14 +645,14 @@ DEEPPAR_HD inline Packs node_packs(const Sizes& sh, int32_t node, Work& k) {
 
 // Replicas of every node (from replicate_nodes: slot_expert, count, replica_load) placed on its
 // GPUs: the spec's packing (gpu, rank_in_gpu non-null) or distinct-first filling (heaviest
-// first: the order of each node's replicas is in keys already if keys_sorted), then the swap
+// first: the order of a node's replicas is in keys already if keys_sorted[node]), then the swap
 // search. A candidate that cannot beat `best` (the best max GPU load so far) stops early.
 // Writes phy2log [R] and logcnt [E] (int32) and returns the plan's max GPU load, or -1 when it
 // stopped early.
 DEEPPAR_HD inline double place(const float* w, const Sizes& sh, const int32_t* mlog,
                                const int32_t* slot_expert, const int32_t* count,
                                const float* replica_load, const int32_t* gpu,
-                               const int32_t* rank_in_gpu, bool keys_sorted, double best,
+                               const int32_t* rank_in_gpu, const int32_t* keys_sorted, double best,
                                int32_t* phy2log, int32_t* logcnt, Work& k) {
   const int32_t epn = sh.experts / sh.nodes, spn = sh.replicas / sh.nodes;
   const int32_t gpn = sh.gpus / sh.nodes;
@@ -697,7 +700,7 @@ DEEPPAR_HD inline double place(const float* w, const Sizes& sh, const int32_t* m
       for (int32_t j = 0; j < spn; ++j) pk.put(gpu[node * spn + j], rank_in_gpu[node * spn + j], j);
     } else {
       uint64_t* order = k.keys + node * spn;
-      if (!keys_sorted) sort_heaviest_first(replica_load + node * spn, spn, order);
+      if (!keys_sorted[node]) sort_heaviest_first(replica_load + node * spn, spn, order);
       fill_distinct(order, spn, pk, k.fill, k.mark);
     }
     // Lowering a node's max below the largest max of the layer reached so far cannot lower
@@ -731,7 +734,7 @@ DEEPPAR_HD inline void balanced_layer(const float* w, const Sizes& sh, int64_t* 
   // The spec's plan (the bar to beat, and the fallback), written to the outputs.
   spec_node_order(w, sh, k);
   replicate_nodes(w, sh, k.spec_mlog, k.spec_slot_expert, k.slot_rank, k.spec_count,
-                  k.replica_load, k);
+                  k.replica_load, nullptr, k);
   for (int32_t node = 0; node < sh.nodes; ++node) {
     spec_pack(k.replica_load + node * spn, spn, gpn, k.spec_gpu + node * spn,
               k.spec_rank_in_gpu + node * spn, k.keys + node * spn, k.pack_weight, k.pack_items,
@@ -749,36 +752,53 @@ DEEPPAR_HD inline void balanced_layer(const float* w, const Sizes& sh, int64_t* 
   double best = plan_max_load(w, phy2log, logcnt, sh.replicas, sh.gpus);
   const int32_t* phy = nullptr;  // the chosen candidate's maps; null: the spec's plan
   const int32_t* cnt = nullptr;
-  // Candidate 0: the spec's nodes and packing, improved by swaps (never above the spec's max).
-  double top = place(w, sh, k.spec_mlog, k.spec_slot_expert, k.spec_count, k.replica_load,
-                     k.spec_gpu, k.spec_rank_in_gpu, false, best, k.best_phy2log, k.best_logcnt, k);
-  if (top >= 0.0 && top <= best) {
-    best = top;
-    phy = k.best_phy2log;
-    cnt = k.best_logcnt;
-  }
-  // Candidate 1: nodes balanced by group swaps, distinct-first filling, swaps; it wins ties
-  // (fewer duplicates by construction). Same nodes as the spec's: the same replicas.
+  // Candidate 1: nodes balanced by group swaps, distinct-first filling, swaps. A node with the
+  // spec node's experts in the same order has its replicas and their sorted order already.
   improved_node_order(sh, k);
-  bool same_nodes = true;
-  for (int32_t i = 0; i < sh.experts && same_nodes; ++i) {
-    same_nodes = k.cand_mlog[i] == k.spec_mlog[i];
+  for (int32_t node = 0; node < sh.nodes; ++node) {
+    bool same = true;
+    for (int32_t i = node * epn; i < (node + 1) * epn && same; ++i) {
+      same = k.cand_mlog[i] == k.spec_mlog[i];
+    }
+    k.node_sorted[node] = same;
+    if (!same) continue;
+    for (int32_t j = node * spn; j < (node + 1) * spn; ++j) {
+      k.slot_expert[j] = k.spec_slot_expert[j];
+      k.cand_replica_load[j] = k.replica_load[j];
+    }
+    for (int32_t i = node * epn; i < (node + 1) * epn; ++i) k.count[i] = k.spec_count[i];
   }
-  const int32_t* slot_expert = k.spec_slot_expert;
-  const int32_t* count = k.spec_count;
-  const float* replica_load = k.replica_load;
-  if (!same_nodes) {
-    replicate_nodes(w, sh, k.cand_mlog, k.slot_expert, k.slot_rank, k.count,
-                    k.cand_replica_load, k);
-    slot_expert = k.slot_expert;
-    count = k.count;
-    replica_load = k.cand_replica_load;
-  }
-  top = place(w, sh, k.cand_mlog, slot_expert, count, replica_load, nullptr, nullptr, same_nodes,
-              best, k.cand_phy2log, k.cand_logcnt, k);
-  if (top >= 0.0 && top <= best) {
+  replicate_nodes(w, sh, k.cand_mlog, k.slot_expert, k.slot_rank, k.count, k.cand_replica_load,
+                  k.node_sorted, k);
+  double top = place(w, sh, k.cand_mlog, k.slot_expert, k.count, k.cand_replica_load, nullptr,
+                     nullptr, k.node_sorted, best, k.cand_phy2log, k.cand_logcnt, k);
+  const bool first_won = top >= 0.0 && top <= best;
+  if (first_won) {
+    best = top;
     phy = k.cand_phy2log;
     cnt = k.cand_logcnt;
+  }
+  // Candidate 0: the spec's nodes and packing, improved by swaps (never above the spec's max).
+  // It replaces candidate 1 only with a strictly smaller max (ties: candidate 1, fewer
+  // duplicates by construction), so it is skipped when candidate 1 is already below its lower
+  // bound (a node's mean GPU load or its largest replica; margin for rounding).
+  double bound0 = 0.0;
+  for (int32_t node = 0; node < sh.nodes; ++node) {
+    double total = 0.0, largest = 0.0;
+    for (int32_t j = node * spn; j < (node + 1) * spn; ++j) {
+      const double load = static_cast<double>(k.replica_load[j]);
+      total += load;
+      largest = max_d(largest, load);
+    }
+    bound0 = max_d(bound0, max_d(total / gpn, largest));
+  }
+  if (!(first_won && best < bound0 - mul_rn(bound0, 1e-9))) {
+    top = place(w, sh, k.spec_mlog, k.spec_slot_expert, k.spec_count, k.replica_load, k.spec_gpu,
+                k.spec_rank_in_gpu, k.node_sorted, best, k.best_phy2log, k.best_logcnt, k);
+    if (top >= 0.0 && (first_won ? top < best : top <= best)) {
+      phy = k.best_phy2log;
+      cnt = k.best_logcnt;
+    }
   }
   if (phy == nullptr) return;
   for (int32_t s = 0; s < sh.replicas; ++s) phy2log[s] = phy[s];
