@@ -15,10 +15,18 @@
 //     another node: below that the layer's max cannot change), then duplicate replicas move
 //     away by swaps that keep both GPUs under the layer's max and create no new duplicate;
 //   * the candidate with the smaller max GPU load (float32 replica loads summed in float64,
-//     recomputed from the plan) is kept if it is at most the spec plan's, else the spec's plan.
-// Deterministic: every scan runs in index order, ties keep the first candidate. Arithmetic is
+//     recomputed from the plan; ties: candidate 1) is kept if it is at most the spec plan's,
+//     else the spec's plan. Candidate 1 is planned first; candidate 0 is skipped when
+//     candidate 1 is already below candidate 0's lower bound, and a candidate stops as soon
+//     as one of its nodes cannot beat the best plan so far.
+// Deterministic: every scan runs in index order, ties go to the lowest index. Arithmetic is
 // IEEE on both sides: float32 division and additions of the spec, float64 sums and differences
-// of the search, the one product explicitly rounded (no FMA contraction on the device).
+// of the search, the one product explicitly rounded (no FMA contraction on the device). Every
+// loop is bounded (the swap searches by a round limit), also on malformed input.
+//
+// Cost per layer: the spec's plan, then per candidate and node O(rounds * GPUs * (R/P)^2) for
+// the swaps; scratch: Layout(sizes).bytes per layer (35 KB at V3 prefill, 106 KB at the
+// stress shape).
 #pragma once
 #include <cstdint>
 #include <cstring>
