@@ -8,8 +8,9 @@
 // of one expert on a GPU where that can be avoided. Same replication and node rules as the spec:
 //   * each node replicates its experts with the spec's greedy, so replica counts are the spec's;
 //   * two candidates: (0) the spec's nodes and GPU packing, (1) nodes balanced by swapping
-//     groups between the most loaded node and another, replicas filled heaviest first into the
-//     lightest GPU with room that does not hold the expert yet;
+//     groups between the most loaded node and another (and between any two nodes to even them
+//     out when that stops), replicas filled heaviest first into the lightest GPU with room that
+//     does not hold the expert yet;
 //   * in both, pairwise swaps between the most loaded GPU of a node and another lower its max
 //     while they can (down to the layer's lower bound or the largest max already reached on
 //     another node: below that the layer's max cannot change), then duplicate replicas move
@@ -616,11 +617,52 @@ DEEPPAR_HD inline void fill_distinct(const uint64_t* order, int32_t n, Packs& pk
   }
 }
 
+// Passes of even_out_pairs over the node pairs (it usually settles in two or three).
+constexpr int32_t kEvenOutPasses = 8;
+
+// Swaps between any two packs that bring their loads closer (the sum of squared loads falls,
+// neither pack leaves the range of the two), the best swap of each pair, until a pass over
+// all pairs changes nothing or `passes` passes ran. No duplicate rule (packs of groups).
+DEEPPAR_HD inline void even_out_pairs(Packs& pk, int32_t passes) {
+  for (int32_t pass = 0; pass < passes; ++pass) {
+    bool changed = false;
+    for (int32_t p = 0; p < pk.m; ++p) {
+      for (int32_t q = p + 1; q < pk.m; ++q) {
+        const bool p_heavier = pk.load[p] >= pk.load[q];
+        const int32_t hi = p_heavier ? p : q, lo = p_heavier ? q : p;
+        const double gap = pk.load[hi] - pk.load[lo];
+        double best = gap - mul_rn(gap, 1e-9);  // |new gap| must fall below this
+        int32_t bi = -1, bj = -1;
+        for (int32_t i = 0; i < pk.per; ++i) {
+          for (int32_t j = 0; j < pk.per; ++j) {
+            const double delta = pk.member_load[hi * pk.per + i] - pk.member_load[lo * pk.per + j];
+            if (delta <= 0.0 || delta >= gap) continue;
+            const double left = gap - 2.0 * delta;
+            const double size = left < 0.0 ? -left : left;
+            if (size < best) {
+              best = size;
+              bi = hi * pk.per + i;
+              bj = lo * pk.per + j;
+            }
+          }
+        }
+        if (bi >= 0) {
+          pk.swap(hi, bi, lo, bj);
+          changed = true;
+        }
+      }
+    }
+    if (!changed) return;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The layer.
 
 // Node-major order (as the spec's step 2) after swaps of groups between nodes that lower the
-// largest node load, starting from the spec's group packing; written to k.cand_mlog.
+// largest node load, starting from the spec's group packing; when those stop, swaps that even
+// out any two nodes (so that the most loaded node finds new swaps), then again swaps that lower
+// the largest. Written to k.cand_mlog.
 DEEPPAR_HD inline void improved_node_order(const Sizes& sh, Work& k) {
   const int32_t group_size = sh.experts / sh.groups;
   for (int32_t g = 0; g < sh.groups; ++g) k.group_load_d[g] = static_cast<double>(k.group_load[g]);
@@ -628,7 +670,11 @@ DEEPPAR_HD inline void improved_node_order(const Sizes& sh, Work& k) {
            k.group_at,    k.group_member,       k.group_member_load,     k.node_load};
   gp.start();
   for (int32_t g = 0; g < sh.groups; ++g) gp.put(k.group_pack[g], k.group_rank[g], g);
-  if (sh.nodes > 1 && gp.per > 1) improve_max(gp, 8 * sh.groups + 64, 0.0);
+  if (sh.nodes > 1 && gp.per > 1) {
+    improve_max(gp, 8 * sh.groups + 64, 0.0);
+    even_out_pairs(gp, kEvenOutPasses);
+    improve_max(gp, 8 * sh.groups + 64, 0.0);
+  }
   for (int32_t pos = 0; pos < sh.groups; ++pos) {
     const int32_t g = gp.member[pos];
     for (int32_t i = 0; i < group_size; ++i) k.cand_mlog[pos * group_size + i] = g * group_size + i;
