@@ -104,7 +104,7 @@ struct Layout {
   int64_t slot_expert, count, slot_rank, pack_weight, pack_items;
   int64_t item_class, class_first, item_next, item_at, member, group_member, group_at;
   int64_t best_phy2log, best_logcnt, cand_phy2log, cand_logcnt, cand_replica_load, fill;
-  int64_t node_order, node_sorted, mark, tree, bytes;
+  int64_t node_order, node_sorted, mark, placed, tree, bytes;
 
   int64_t at = 0;
   // Reserves an array of `words` words of `word_bytes` bytes; returns its offset.
@@ -156,6 +156,7 @@ struct Layout {
     node_order = take(n, 4);
     node_sorted = take(n, 4);
     mark = take(p, 4);
+    placed = take(r, 4);
     int64_t leaves = 1;
     while (leaves < e) leaves <<= 1;
     tree = take(2 * leaves, 4);
@@ -172,7 +173,7 @@ struct Work {
   int32_t *spec_slot_expert, *spec_count, *spec_gpu, *spec_rank_in_gpu;
   int32_t *slot_expert, *count, *slot_rank, *pack_items;
   int32_t *item_class, *class_first, *item_next, *item_at, *member, *group_member, *group_at;
-  int32_t *best_phy2log, *best_logcnt, *cand_phy2log, *cand_logcnt, *fill, *node_order, *node_sorted, *mark, *tree;
+  int32_t *best_phy2log, *best_logcnt, *cand_phy2log, *cand_logcnt, *fill, *node_order, *node_sorted, *mark, *placed, *tree;
 
   DEEPPAR_HD Work(unsigned char* base, const Layout& l)
       : item_load(reinterpret_cast<double*>(base + l.item_load)),
@@ -215,6 +216,7 @@ struct Work {
         node_order(reinterpret_cast<int32_t*>(base + l.node_order)),
         node_sorted(reinterpret_cast<int32_t*>(base + l.node_sorted)),
         mark(reinterpret_cast<int32_t*>(base + l.mark)),
+        placed(reinterpret_cast<int32_t*>(base + l.placed)),
         tree(reinterpret_cast<int32_t*>(base + l.tree)) {}
 };
 
@@ -584,9 +586,9 @@ DEEPPAR_HD inline bool remove_duplicates(Packs& pk, double limit) {
 
 // Heaviest item first (keys from sort_heaviest_first), each to the lightest pack with room
 // that holds no item of its class, else to the lightest pack with room; ties: lowest index.
-// fill, mark: [m] scratch.
+// fill, mark: [m], placed: [n] scratch.
 DEEPPAR_HD inline void fill_distinct(const uint64_t* order, int32_t n, Packs& pk, int32_t* fill,
-                                     int32_t* mark) {
+                                     int32_t* mark, int32_t* placed) {
   for (int32_t p = 0; p < pk.m; ++p) {
     fill[p] = 0;
     mark[p] = 0;
@@ -595,7 +597,7 @@ DEEPPAR_HD inline void fill_distinct(const uint64_t* order, int32_t n, Packs& pk
     const int32_t item = static_cast<int32_t>(order[k] & 0xffffffffu);
     const int32_t c = pk.item_class[item];
     for (int32_t it = pk.class_first[c]; it >= 0; it = pk.item_next[it]) {
-      if (pk.item_at[it] >= 0) mark[pk.item_at[it] / pk.per] = 1;  // packs holding class c
+      if (pk.item_at[it] >= 0) mark[placed[it]] = 1;  // packs holding class c
     }
     int32_t any = -1, distinct = -1;  // selects without branches (loads are finite)
     double any_load = kHuge, distinct_load = kHuge;
@@ -610,9 +612,10 @@ DEEPPAR_HD inline void fill_distinct(const uint64_t* order, int32_t n, Packs& pk
       distinct_load = apart ? l : distinct_load;
     }
     for (int32_t it = pk.class_first[c]; it >= 0; it = pk.item_next[it]) {
-      if (pk.item_at[it] >= 0) mark[pk.item_at[it] / pk.per] = 0;
+      if (pk.item_at[it] >= 0) mark[placed[it]] = 0;
     }
     const int32_t p = distinct >= 0 ? distinct : any;
+    placed[item] = p;
     pk.put(p, fill[p]++, item);
   }
 }
@@ -755,7 +758,7 @@ DEEPPAR_HD inline double place(const float* w, const Sizes& sh, const int32_t* m
     } else {
       uint64_t* order = k.keys + node * spn;
       if (!keys_sorted[node]) sort_heaviest_first(replica_load + node * spn, spn, order);
-      fill_distinct(order, spn, pk, k.fill, k.mark);
+      fill_distinct(order, spn, pk, k.fill, k.mark, k.placed);
     }
     // Lowering a node's max below the largest max of the layer reached so far cannot lower
     // the layer's max: stop there.
