@@ -17,8 +17,10 @@
 namespace deeppar {
 namespace {
 
-// Layers per block: each thread plans one layer on its own; small blocks spread layers over SMs.
-constexpr int kLayersPerBlock = 32;
+// Layers per block. Each thread plans one layer with its own data-dependent control flow, so
+// threads of one warp would mostly run one after the other: one thread per block instead,
+// which spreads the layers over the SMs (58 layers at V3 prefill, 128 at the stress shape).
+constexpr int kLayersPerBlock = 1;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_balanced_cuda(
     const at::Tensor& weight,  // [L, E] float32, non-negative, finite
