@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import measure, ratio, write_json  # noqa: E402
 from bench_eplb import SHAPES as SPEC_SHAPES  # noqa: E402
+from bench_eplb import cpu_time  # noqa: E402
 
 import deeppar.eplb as eplb  # noqa: E402
 
@@ -84,7 +85,7 @@ def balancedness_section(args: argparse.Namespace) -> list[dict]:
           "bound)")
     print(f"{'shape':<31} {'loads':<9} {'deepseek':>8} {'balanced':>8} {'bound':>6} "
           f"{'node':>6} {'gap ds':>7} {'gap bal':>7} {'dup ds':>6} {'dup bal':>7} {'t ds':>8} "
-          f"{'t bal':>8} {'bal/ds':>7}")
+          f"{'t bal':>8} {'bal/ds':>7} {'cpu bal':>8}")
     for name, shape, kind, weight in cases(args.quick):
         _, _, replicas, groups, nodes, gpus = shape
         plans = {m: eplb.plan(weight, replicas, groups, nodes, gpus, method=m)
@@ -94,6 +95,9 @@ def balancedness_section(args: argparse.Namespace) -> list[dict]:
                        repeats=args.repeats, warmup=2)
             for m in eplb.METHODS
         }
+        # Single-thread CPU time of balanced: what a call costs when it does not wait for a core.
+        cpu_bal = cpu_time(partial(eplb.rebalance_experts, weight, *shape[2:], method="balanced"),
+                           args.repeats)
         ds, bal = plans["deepseek"], plans["balanced"]
         node_bound = node_rule_bound(weight, groups, nodes)
         row = {
@@ -104,16 +108,19 @@ def balancedness_section(args: argparse.Namespace) -> list[dict]:
             "bound_gap": {m: plans[m].bound_gap for m in eplb.METHODS},
             "duplicate_gpus": {m: plans[m].duplicate_gpus for m in eplb.METHODS},
             "time": {m: times[m] for m in eplb.METHODS},
+            "cpu_time_balanced": cpu_bal,
         }
         rows.append(row)
         print(f"{name:<31} {kind:<9} {ds.balancedness:8.4f} {bal.balancedness:8.4f} "
               f"{ds.balancedness_bound:6.4f} {node_bound:6.4f} {100 * ds.bound_gap:6.2f}% "
               f"{100 * bal.bound_gap:6.2f}% {ds.duplicate_gpus:6d} {bal.duplicate_gpus:7d} "
               f"{times['deepseek'].ms:6.2f}ms {times['balanced'].ms:6.2f}ms "
-              f"{ratio(times['balanced'].median, times['deepseek'].median):>7}")
+              f"{ratio(times['balanced'].median, times['deepseek'].median):>7} "
+              f"{1e3 * cpu_bal:6.2f}ms")
     print("node: upper bound with every group on one node (hierarchical policy); gap: max GPU "
           "load above the spec's lower bound, averaged over layers; dup: (layer, GPU) pairs "
-          "holding one expert twice or more; bal/ds: deepseek's time / balanced's")
+          "holding one expert twice or more; bal/ds: deepseek's time / balanced's; cpu bal: "
+          "balanced's single-thread CPU time (time.thread_time, one intra-op thread)")
     return rows
 
 

@@ -127,3 +127,118 @@ def test_opcheck_and_errors():
         eplb.rebalance_experts(torch.full((2, 16), float("nan")), 24, 4, 2, 8, method="balanced")
     fixed = eplb.rebalance_experts(weight, 24, 4, 2, 8, method="balanced", max_replicas=8)
     assert fixed[1].shape == (3, 16, 8)
+
+
+def test_backend_choice():
+    from deeppar.eplb import _backends
+
+    assert _backends.resolve_balanced(None, "cpu") == "cpu"
+    assert _backends.resolve_balanced("native", "cpu") == "cpu"
+    for backend in ("reference", "triton"):
+        with pytest.raises(eplb.BackendUnavailable, match="does not implement method='balanced'"):
+            _backends.resolve_balanced(backend, "cpu")
+    with pytest.raises(eplb.BackendUnavailable, match="CUDA tensors"):
+        _backends.resolve_balanced("cuda", "cpu")
+    with pytest.raises(ValueError, match="backend must be"):
+        _backends.resolve_balanced("fast", "cpu")
+    with pytest.raises(TypeError, match="backend must be a string"):
+        _backends.resolve_balanced(3, "cpu")
+    if not _native.has_kernel("eplb_rebalance_balanced", "cuda"):
+        # A CUDA tensor goes to a host copy on the CPU kernel where no CUDA kernel is compiled.
+        assert _backends.resolve_balanced(None, "cuda") == "cpu"
+
+
+# ------------------------------------------------------------------------------- CUDA kernel
+# The CUDA op runs the per-layer code of the CPU op (csrc/cuda/eplb_balanced_kernel.cuh), one
+# thread per layer: its plans must be the CPU op's, bit for bit.
+HAS_CUDA_KERNEL = torch.cuda.is_available() and _native.has_kernel(
+    "eplb_rebalance_balanced", "cuda"
+)
+needs_cuda_kernel = pytest.mark.skipif(
+    not HAS_CUDA_KERNEL, reason="needs a GPU and the CUDA eplb_rebalance_balanced kernel"
+)
+MODEL_SHAPES = [(58, 256, 288, 8, 4, 32), (58, 256, 288, 8, 9, 72), (5, 256, 320, 8, 40, 320),
+                (94, 128, 144, 1, 2, 16), (8, 512, 1024, 64, 16, 128), (3, 64, 128, 4, 1, 64),
+                (2, 128, 384, 4, 2, 96)]
+
+
+def _same_op(weight: torch.Tensor, shape) -> None:
+    replicas, groups, nodes, gpus = shape[2:]
+    # The ops plan the hierarchical policy; the global one is it with one group and one node.
+    sizes = (replicas, groups, nodes, gpus) if groups % nodes == 0 else (replicas, 1, 1, gpus)
+    want = torch.ops.deeppar.eplb_rebalance_balanced(weight.float(), *sizes)
+    got = torch.ops.deeppar.eplb_rebalance_balanced(weight.float().cuda(), *sizes)
+    assert all(t.is_cuda for t in got)
+    for name, a, b in zip(("phy2log", "phy_rank", "logcnt"), got, want):
+        assert torch.equal(a.cpu(), b), name
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("kind", KINDS + ["zipf"])
+@pytest.mark.parametrize("shape", SHAPES + MODEL_SHAPES)
+def test_cuda_matches_cpu(shape, kind):
+    if kind == "zipf":
+        weight = _zipf(shape[0], shape[1], seed=3)
+    else:
+        weight = random_weight(shape[0], shape[1], kind, seed=11)
+    _same_op(weight, shape)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(KINDS + ["zipf"]))
+def test_cuda_matches_cpu_random_shapes(seed, kind):
+    shape = random_shape(random.Random(seed))
+    if kind == "zipf":
+        weight = _zipf(shape[0], shape[1], seed)
+    else:
+        weight = random_weight(shape[0], shape[1], kind, seed)
+    _same_op(weight, shape)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_cuda_routing_graphs_and_bad_loads():
+    from deeppar.eplb.api import plan_maps
+
+    weight = _zipf(58, 256, seed=5)
+    *got, _, name = plan_maps(weight.cuda(), 288, 8, 4, 32, method="balanced")
+    assert name == "cuda" and all(t.is_cuda for t in got)
+    want = eplb.rebalance_experts(weight, 288, 8, 4, 32, method="balanced")
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+    # A host copy on the CPU kernel when asked for by name gives the same plan.
+    host = eplb.rebalance_experts(weight.cuda(), 288, 8, 4, 32, method="balanced", backend="cpu")
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(host, want))
+    # Sync-free form inside a CUDA graph.
+    static = weight.cuda()
+    kw = {"method": "balanced", "max_replicas": 34}
+    eplb.rebalance_experts(static, 288, 8, 4, 32, **kw)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = eplb.rebalance_experts(static, 288, 8, 4, 32, **kw)
+    new = _zipf(58, 256, seed=6)
+    static.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = eplb.rebalance_experts(new, 288, 8, 4, 32, **kw)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(out, want))
+    torch.library.opcheck(torch.ops.deeppar.eplb_rebalance_balanced.default,
+                          (weight[:3].cuda(), 288, 8, 4, 32))
+    with pytest.raises(ValueError, match="NaN"):
+        eplb.rebalance_experts(torch.full((2, 16), float("nan")).cuda(), 24, 4, 2, 8,
+                               method="balanced")
+    # The op itself asserts on the device (ends the CUDA context: a fresh process).
+    import subprocess
+    import sys
+
+    code = ("import torch, deeppar.eplb\n"
+            "w = torch.ones(2, 16, device='cuda'); w[1, 3] = -1.0\n"
+            "torch.ops.deeppar.eplb_rebalance_balanced(w, 24, 4, 2, 8); "
+            "torch.cuda.synchronize()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert "finite non-negative" in result.stdout + result.stderr

@@ -3,7 +3,8 @@
 ``import deeppar.eplb as eplb`` then ``eplb.rebalance_experts(weight, R, G, N, P)``; the exact
 rules (ties included) are in ``specs/eplb.md``. Backends: ``reference`` (plain Python, the
 oracle), ``cpu`` (C++), ``cuda`` (CUDA kernel) and ``triton``; all bit-identical.
-``method="balanced"`` plans a better placement with the same replica counts (C++ on the CPU).
+``method="balanced"`` plans a better placement with the same replica counts (one C++ algorithm, run
+on the CPU and, one thread per layer, on the GPU).
 
 Around the planner: ``LoadRecorder`` (per-layer expert loads counted on the device),
 ``migrate`` (a new plan that moves few replicas, with its transfer plan),

@@ -24,7 +24,8 @@ from deeppar.ops import BackendUnavailable
 BACKENDS = ops.BACKENDS
 
 # Planning methods: "deepseek" is the spec's algorithm (every backend); "balanced" improves its
-# placement (C++ CPU kernel only; inputs on another device are planned on a host copy).
+# placement (the C++ CPU kernel and the CUDA kernel, one algorithm: bit-identical plans; CUDA
+# tensors go to the CUDA kernel, or to a host copy where it is not compiled).
 METHODS = ("deepseek", "balanced")
 
 Core = Callable[[torch.Tensor, int, int, int, int], tuple[torch.Tensor, ...]]
@@ -113,21 +114,21 @@ def check_method(method: object) -> str:
     return method  # type: ignore[return-value]
 
 
-def resolve_balanced(backend: str | None) -> str:
-    """The backend of ``method="balanced"``: the C++ CPU kernel (``None``, ``"cpu"`` or
-    ``"native"``; tensors on other devices are planned on a host copy)."""
-    if backend not in (None, "cpu", ops.NATIVE):
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
-        ops.unavailable_reason(ops.EPLB_BALANCED, backend, torch.device("cpu"))  # unknown name
+def resolve_balanced(backend: str | None, device: torch.device | str = "cpu") -> str:
+    """The backend of ``method="balanced"`` for a weight on ``device``: its native kernel
+    (``None``, ``"native"``, ``"cpu"`` or ``"cuda"``, as :func:`deeppar.ops.resolve`; ``None``
+    takes the CUDA kernel for CUDA tensors where it is compiled, else a host copy on the CPU
+    kernel). There is no reference or Triton implementation of it."""
+    if backend in ("reference", "triton"):
         raise BackendUnavailable(
-            f"EPLB backend {backend!r} does not implement method='balanced' (only 'cpu' does; "
-            "tensors on other devices are planned on a host copy)"
+            f"EPLB backend {backend!r} does not implement method='balanced' (only the native "
+            "'cpu' and 'cuda' kernels do; CUDA tensors may also be planned on a host copy)"
         )
-    why = ops.unavailable_reason(ops.EPLB_BALANCED, "cpu", torch.device("cpu"))
-    if why is not None:
+    name = ops.resolve(ops.EPLB_BALANCED, backend, device)
+    if name == "reference":  # no native kernel could run
+        why = ops.unavailable_reason(ops.EPLB_BALANCED, "cpu", torch.device("cpu"))
         raise BackendUnavailable(f"method='balanced' needs the C++ kernel: {why}")
-    return "cpu"
+    return name
 
 
 def _balanced_core(weight: torch.Tensor, *sizes: int) -> tuple[torch.Tensor, ...]:
@@ -137,7 +138,7 @@ def _balanced_core(weight: torch.Tensor, *sizes: int) -> tuple[torch.Tensor, ...
 def core(backend: str, method: str = "deepseek") -> Core:
     """The planner core of a resolved backend."""
     if method == "balanced":
-        return _on_cpu(_balanced_core)
+        return _balanced_core if backend == "cuda" else _on_cpu(_balanced_core)
     if backend == "reference":
         return _on_cpu(reference.rebalance_hierarchical)
     if backend == "cpu":

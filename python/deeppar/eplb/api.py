@@ -65,7 +65,7 @@ def plan_maps(
     if max_replicas is not None:
         max_replicas = as_count(max_replicas, "max_replicas")
     if _backends.check_method(method) == "balanced":
-        name = _backends.resolve_balanced(backend)
+        name = _backends.resolve_balanced(backend, w.device)
     else:
         name = _backends.resolve(backend, w.device, problem)
     sync_free = _sync_free(w, max_replicas)
@@ -138,8 +138,8 @@ def rebalance_experts(
             torch.compile); an error if some expert needs more replicas.
         method: "deepseek" (the spec's algorithm, exact) or "balanced": the same replication
             and node rules with a better placement (max GPU load per layer never above
-            "deepseek"'s, no duplicate replicas on a GPU where avoidable); C++ on the CPU only
-            (``backend`` None or "cpu"; other devices are planned on a host copy).
+            "deepseek"'s, no duplicate replicas on a GPU where avoidable); C++ kernels for CPU
+            and CUDA tensors (``backend`` None, "native", "cpu" or "cuda"; bit-identical plans).
     Returns:
         ``phy2log [L, R]``, ``log2phy [L, E, X]`` (-1 padded), ``logcnt [L, E]``; int64, on the
         input's device. ``X`` is ``max_replicas`` or the largest replica count.
