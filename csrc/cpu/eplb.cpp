@@ -36,6 +36,11 @@ constexpr int64_t kSlotsPerTask = 32768;
 // log2phy elements written per parallel task.
 constexpr int64_t kLog2PhyElementsPerTask = int64_t{1} << 20;
 
+// eplb_rebalance_maps splits its work into chunks that a helper thread may claim (run_chunks):
+// about 40 us of planning (a layer costs ~20 ns per slot), and 2 MiB of log2phy.
+constexpr int64_t kSlotsPerChunk = 2048;
+constexpr int64_t kLog2PhyWordsPerChunk = int64_t{1} << 18;
+
 void check_weight(const at::Tensor& weight, const char* op) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, op,
               ": weight must be a float32 [rows, items] tensor");
@@ -155,9 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_maps_cpu(
   int64_t* cp = logcnt.mutable_data_ptr<int64_t>();
   int64_t* rp = rank.get();
   std::atomic<int64_t> widest{0};
-  at::parallel_for(0, layers, std::max<int64_t>(1, kSlotsPerTask / replicas),
-                   [&](int64_t begin, int64_t end) {
-    thread_local Scratch scratch;
+  eplb_cpu::run_chunks(layers, kSlotsPerChunk / replicas, [&](int64_t begin, int64_t end) {
+    thread_local Scratch scratch;  // kept between calls: planning a row allocates nothing
     for (int64_t l = begin; l < end; ++l) {
       check_row(wp + l * experts, experts, "eplb_rebalance");
       hierarchical_row(wp + l * experts, sh, pp + l * replicas, rp + l * replicas,
@@ -175,8 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_maps_cpu(
   at::Tensor log2phy = at::empty({layers, experts, width}, opts);
   int64_t* lp = log2phy.mutable_data_ptr<int64_t>();
   const int64_t per_layer = experts * width + replicas;
-  at::parallel_for(0, layers, std::max<int64_t>(1, kLog2PhyElementsPerTask / per_layer),
-                   [&](int64_t begin, int64_t end) {
+  eplb_cpu::run_chunks(layers, kLog2PhyWordsPerChunk / per_layer, [&](int64_t begin, int64_t end) {
     fill_log2phy(pp, rp, replicas, experts, width, begin, end, lp);
   });
   return {phy2log, log2phy, logcnt};

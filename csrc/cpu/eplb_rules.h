@@ -91,6 +91,8 @@ struct Scratch {
   Tree<uint64_t, true> packs;        // packs with room: (weight bits, index), smallest wins
   Tree<u128, false> experts;         // (w/count bits, -count, -index), largest wins
   Tree<uint64_t, false> short_experts;  // the same in 64 bits (counts, indices < 2^16)
+  std::vector<u128> next_key;           // each expert's key once it has one more replica
+  std::vector<uint64_t> short_next_key;
   std::vector<int32_t> rep_count;    // replicas of each expert
   // Hierarchical policy.
   std::vector<float> group_load;
@@ -216,19 +218,27 @@ inline int32_t replica_expert(uint64_t key) {
   return static_cast<int32_t>(0xffffu - static_cast<uint32_t>(key & 0xffffu));
 }
 
+// The greedy of the spec's replication over a tournament tree. Each expert's key for its next
+// replica is computed ahead (next_key), so the division w / count runs beside the tree update
+// instead of on the chain from one pick to the next.
 template <class Key, class MakeKey>
 void replicate_greedy(const float* w, int32_t n, int32_t k, int32_t* slot_expert,
                       int32_t* slot_rank, int32_t* count, Tree<Key, false>& experts,
-                      MakeKey make_key) {
+                      std::vector<Key>& next_key, MakeKey make_key) {
   experts.reset(n);
-  for (int32_t i = 0; i < n; ++i) experts.leaf(i) = make_key(w[i], 1, i);
+  next_key.resize(n);
+  for (int32_t i = 0; i < n; ++i) {
+    experts.leaf(i) = make_key(w[i], 1, i);
+    next_key[i] = make_key(w[i] * 0.5f, 2, i);  // w / 2, correctly rounded either way
+  }
   Key best = experts.build();
   for (int32_t j = n; j < k; ++j) {
     const int32_t e = replica_expert(best);
     slot_expert[j] = e;
-    slot_rank[j] = count[e];
-    const int32_t c = ++count[e];
-    best = experts.update(e, make_key(w[e] / static_cast<float>(c), c, e));
+    const int32_t c = count[e]++;
+    slot_rank[j] = c;
+    best = experts.update(e, next_key[e]);
+    next_key[e] = make_key(w[e] / static_cast<float>(c + 2), c + 2, e);
   }
 }
 
@@ -242,9 +252,11 @@ inline void replicate_row(const float* w, int32_t n, int32_t k, int32_t* slot_ex
   }
   if (k == n) return;
   if (k < kShortKeyLimit) {  // counts <= k - n + 1, indices < n
-    replicate_greedy(w, n, k, slot_expert, slot_rank, count, s.short_experts, short_replica_key);
+    replicate_greedy(w, n, k, slot_expert, slot_rank, count, s.short_experts,
+                     s.short_next_key, short_replica_key);
   } else {
-    replicate_greedy(w, n, k, slot_expert, slot_rank, count, s.experts, replica_key);
+    replicate_greedy(w, n, k, slot_expert, slot_rank, count, s.experts, s.next_key,
+                     replica_key);
   }
 }
 
