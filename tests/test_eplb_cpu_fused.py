@@ -150,3 +150,35 @@ def test_opcheck():
     weight = random_weight(3, 16, "real", 0)
     torch.library.opcheck(torch.ops.deeppar.eplb_rebalance_maps.default,
                           (weight, 24, 4, 2, 8, 9))
+
+
+def test_portable_sort_matches_reference():
+    # Where AVX-512 is usable the nodes of <= 64 experts take its rank sort; with torch's CPU
+    # capability lowered (ATEN_CPU_CAPABILITY=default) the portable one runs: both must give
+    # the reference's plans. The capability is read once per process, hence the subprocess.
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+import deeppar.eplb as eplb
+from _eplb_helpers import random_weight
+assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+for layers, experts, replicas, groups, nodes, gpus in [
+        (2, 256, 288, 8, 4, 32), (2, 512, 1024, 64, 16, 128), (3, 64, 72, 8, 1, 8),
+        (3, 24, 72, 3, 3, 3), (2, 12, 16, 4, 2, 8)]:
+    for seed, kind in enumerate(["real", "int", "zero", "sparse"]):
+        w = random_weight(layers, experts, kind, seed)
+        got = eplb.rebalance_experts(w, replicas, groups, nodes, gpus)
+        want = eplb.rebalance_experts(w, replicas, groups, nodes, gpus, backend="reference")
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (experts, kind)
+print("same")
+"""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(__file__),
+                                                       os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "same"
