@@ -93,12 +93,14 @@ def test_fused_fixed_width(extra):
 
 @pytest.mark.parametrize("num_threads", [1, 2])
 @pytest.mark.parametrize(
-    "layers, shape", [(1, (16, 24, 4, 2, 4)), (7, (16, 24, 4, 2, 4)), (300, (16, 24, 4, 2, 4)),
-                      (40, (256, 288, 8, 4, 32)), (9, (512, 1024, 64, 16, 128))]
+    "layers, shape", [(1, (16, 24, 4, 2, 4)), (7, (16, 24, 4, 2, 4)), (3000, (16, 24, 4, 2, 4)),
+                      (40, (256, 288, 8, 4, 32)), (70, (256, 288, 8, 4, 32)),
+                      (64, (512, 1024, 64, 16, 128))]
 )
 def test_threads_and_chunks_do_not_change_the_plan(threads, num_threads, layers, shape):
-    # 300 layers of 24 slots and 40 of 288 make several planning chunks; 9 layers of the
-    # stress size make several log2phy chunks.
+    # From 65536 slots the planning is split into chunks (3000 x 24, 70 x 288, 64 x 1024
+    # slots), from 2^20 log2phy words its construction too (64 layers of the stress size);
+    # smaller batches run in one piece.
     experts, *sizes = shape
     weight = random_weight(layers, experts, "sparse", seed=layers)
     threads(num_threads)
@@ -128,12 +130,16 @@ def test_replication_beyond_16_bit_counts():
 )
 def test_bad_load_in_any_chunk_raises(threads, num_threads, bad, message):
     threads(num_threads)
-    weight = random_weight(300, 16, "real", seed=1)
-    weight[-1, 5] = bad  # in the last planning chunk
+    weight = random_weight(3000, 16, "real", seed=1)
+    weight[-1, 5] = bad  # in the last of several planning chunks
     with pytest.raises(ValueError, match=f"finite non-negative loads; {message}"):
         eplb.rebalance_experts(weight, 24, 4, 2, 4)
     with pytest.raises(ValueError, match=message):
         torch.ops.deeppar.eplb_rebalance_maps(weight, 24, 4, 2, 4, -1)
+    weight[-1, 5] = 1.0
+    weight[0, 0] = bad  # in the first
+    with pytest.raises(ValueError, match=message):
+        eplb.rebalance_experts(weight, 24, 4, 2, 4)
 
 
 def test_too_narrow_max_replicas_raises():

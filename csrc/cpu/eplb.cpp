@@ -37,9 +37,20 @@ constexpr int64_t kSlotsPerTask = 32768;
 constexpr int64_t kLog2PhyElementsPerTask = int64_t{1} << 20;
 
 // eplb_rebalance_maps splits its work into chunks that a helper thread may claim (run_chunks):
-// about 40 us of planning (a layer costs ~20 ns per slot), and 2 MiB of log2phy.
+// about 40 us of planning (a layer costs ~20 ns per slot), and 2 MiB of log2phy. Only batches
+// of at least ~1.3 ms of planning (65536 slots) or 8 MiB of log2phy are split at all: below,
+// a second thread saves at most a fraction of a millisecond, and on a busy machine a helper
+// preempted in the middle of a chunk makes the call wait for it.
 constexpr int64_t kSlotsPerChunk = 2048;
+constexpr int64_t kMinSlotsToSplit = 65536;
 constexpr int64_t kLog2PhyWordsPerChunk = int64_t{1} << 18;
+constexpr int64_t kMinLog2PhyWordsToSplit = int64_t{1} << 20;
+
+// Items per chunk for run_chunks: the whole range when the work is too small to split.
+int64_t chunk_items(int64_t items, int64_t cost_per_item, int64_t chunk_cost, int64_t min_cost) {
+  if (items * cost_per_item < min_cost) return std::max<int64_t>(items, 1);
+  return std::max<int64_t>(chunk_cost / std::max<int64_t>(cost_per_item, 1), 1);
+}
 
 void check_weight(const at::Tensor& weight, const char* op) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, op,
@@ -160,7 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_maps_cpu(
   int64_t* cp = logcnt.mutable_data_ptr<int64_t>();
   int64_t* rp = rank.get();
   std::atomic<int64_t> widest{0};
-  eplb_cpu::run_chunks(layers, kSlotsPerChunk / replicas, [&](int64_t begin, int64_t end) {
+  const int64_t plan_grain = chunk_items(layers, replicas, kSlotsPerChunk, kMinSlotsToSplit);
+  eplb_cpu::run_chunks(layers, plan_grain, [&](int64_t begin, int64_t end) {
     thread_local Scratch scratch;  // kept between calls: planning a row allocates nothing
     for (int64_t l = begin; l < end; ++l) {
       check_row(wp + l * experts, experts, "eplb_rebalance");
@@ -179,7 +191,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_maps_cpu(
   at::Tensor log2phy = at::empty({layers, experts, width}, opts);
   int64_t* lp = log2phy.mutable_data_ptr<int64_t>();
   const int64_t per_layer = experts * width + replicas;
-  eplb_cpu::run_chunks(layers, kLog2PhyWordsPerChunk / per_layer, [&](int64_t begin, int64_t end) {
+  const int64_t fill_grain =
+      chunk_items(layers, per_layer, kLog2PhyWordsPerChunk, kMinLog2PhyWordsToSplit);
+  eplb_cpu::run_chunks(layers, fill_grain, [&](int64_t begin, int64_t end) {
     fill_log2phy(pp, rp, replicas, experts, width, begin, end, lp);
   });
   return {phy2log, log2phy, logcnt};
