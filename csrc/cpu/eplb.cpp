@@ -1,6 +1,8 @@
 // CPU kernels of the EPLB planner (specs/eplb.md): deeppar::eplb_rebalance, eplb_pack,
-// eplb_replicate, eplb_log2phy. Rows are planned in parallel with at::parallel_for; each row
-// runs the spec's rules of eplb_rules.h. This file must not be compiled with -ffast-math.
+// eplb_replicate, eplb_log2phy, and eplb_rebalance_maps (planner and log2phy in one op, the
+// eager path of rebalance_experts). Rows are planned in parallel (at::parallel_for, or
+// run_chunks for eplb_rebalance_maps); each row runs the spec's rules of eplb_rules.h.
+// This file must not be compiled with -ffast-math.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -45,6 +47,9 @@ constexpr int64_t kSlotsPerChunk = 2048;
 constexpr int64_t kMinSlotsToSplit = 65536;
 constexpr int64_t kLog2PhyWordsPerChunk = int64_t{1} << 18;
 constexpr int64_t kMinLog2PhyWordsToSplit = int64_t{1} << 20;
+
+// A thread keeps its planning buffers between calls up to this many slots per layer.
+constexpr int64_t kKeptScratchSlots = int64_t{1} << 16;
 
 // Items per chunk for run_chunks: the whole range when the work is too small to split.
 int64_t chunk_items(int64_t items, int64_t cost_per_item, int64_t chunk_cost, int64_t min_cost) {
@@ -179,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_maps_cpu(
       hierarchical_row(wp + l * experts, sh, pp + l * replicas, rp + l * replicas,
                        cp + l * experts, scratch);
     }
+    if (replicas > kKeptScratchSlots) scratch = Scratch{};  // do not hold huge buffers
     const int64_t most = *std::max_element(cp + begin * experts, cp + end * experts);
     int64_t seen = widest.load(std::memory_order_relaxed);
     while (most > seen && !widest.compare_exchange_weak(seen, most)) {
