@@ -430,24 +430,30 @@ inline void hierarchical_row(const float* w, const Shape& sh, int64_t* phy2log,
     } else {
       // Step 4: each replica, heaviest first, to the lightest GPU of the node with room.
       replica_order(s.node_weight.data(), experts_per_node, slots_per_node, s);
-      s.pack_items.assign(gpus_per_node, 0);
+      // A GPU's key: (weight bits, GPU << rank_bits | replicas it holds). Among equal weights
+      // the lower GPU wins (the count sits below the index bits), and the count is read from
+      // the key rather than from memory, off the chain of dependent choices.
+      int32_t rank_bits = 1;
+      while ((int32_t{1} << rank_bits) < slots_per_gpu) ++rank_bits;  // 2 * R/N < 2^25
       s.packs.reset(gpus_per_node);
-      for (int32_t p = 0; p < gpus_per_node; ++p) s.packs.leaf(p) = static_cast<uint64_t>(p);
+      for (int32_t p = 0; p < gpus_per_node; ++p) {
+        s.packs.leaf(p) = static_cast<uint64_t>(static_cast<uint32_t>(p) << rank_bits);
+      }
       uint64_t best = s.packs.build();
       for (int32_t t = 0; t < slots_per_node; ++t) {
-        // The lightest GPU with room, lowest index on ties: the smallest (weight bits, index)
-        // key; its weight (never -0.0: sums start at +0.0) is read back from the key.
-        const int32_t p = static_cast<int32_t>(best & 0xffffffffu);
+        // The lightest GPU with room, lowest index on ties: the smallest key; its weight
+        // (never -0.0: sums start at +0.0) is read back from the key.
+        const uint32_t low = static_cast<uint32_t>(best);
+        const int32_t p = static_cast<int32_t>(low >> rank_bits);
+        const int32_t rank = static_cast<int32_t>(low & ((uint32_t{1} << rank_bits) - 1));
         const float weight = bits_float(static_cast<uint32_t>(best >> 32)) + s.item_load[t];
-        const int32_t rank = s.pack_items[p]++;
         // Step 5: physical slot node * (R/N) + gpu * (R/P) + rank in GPU.
         const int32_t j = s.item_slot[t];
         node_phy2log[p * slots_per_gpu + rank] = node_log[s.slot_expert[j]];
         node_rank[p * slots_per_gpu + rank] = s.slot_rank[j];
         best = s.packs.update(p, rank + 1 == slots_per_gpu
                                      ? std::numeric_limits<uint64_t>::max()
-                                     : (static_cast<uint64_t>(raw_bits(weight)) << 32) |
-                                           static_cast<uint32_t>(p));
+                                     : (static_cast<uint64_t>(raw_bits(weight)) << 32) | (low + 1));
       }
     }
     for (int32_t i = 0; i < experts_per_node; ++i) logcnt[node_log[i]] = s.rep_count[i];
