@@ -4,7 +4,8 @@
 //
 // Every choice is the best of a tournament tree whose keys hold the whole tie rule, so a
 // choice costs log2(candidates) branch-free comparisons (a heap's comparisons branch on data
-// and mispredict about half the time, which dominated the planner's time).
+// and mispredict about half the time, which dominated the planner's time). Sorts are
+// branch-free too: counted ranks for small rows, an LSD radix sort for larger ones.
 #pragma once
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
@@ -95,6 +96,7 @@ struct Scratch {
   std::vector<int32_t> pack_items;   // items held by each pack
   std::vector<float> pack_weight;    // accumulated weight of each pack
   Tree<uint64_t, true> packs;        // packs with room: (weight bits, index), smallest wins
+                                     // (hierarchical_row: index << bits | items held)
   Tree<u128, false> experts;         // (w/count bits, -count, -index), largest wins
   Tree<uint64_t, false> short_experts;  // the same in 64 bits (counts, indices < 2^16)
   std::vector<u128> next_key;           // each expert's key once it has one more replica
@@ -103,8 +105,8 @@ struct Scratch {
   // Hierarchical policy.
   std::vector<float> group_load;
   std::vector<int32_t> group_pack, group_rank, mlog2log;
-  std::vector<float> node_weight, replica_load;
-  std::vector<int32_t> slot_expert, slot_rank, gpu, rank_in_gpu;
+  std::vector<float> node_weight;
+  std::vector<int32_t> slot_expert, slot_rank;
   // hierarchical_row: each slot's next slot of the same expert, and the packing order.
   std::vector<int32_t> last_slot, next_slot, item_slot;
   std::vector<float> item_load;
