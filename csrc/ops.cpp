@@ -19,6 +19,11 @@ TORCH_LIBRARY(deeppar, m) {
   // (phy2log [L, R], replica rank of each slot [L, R], logcnt [L, E]), all int64.
   m.def("eplb_rebalance(Tensor weight, int num_replicas, int num_groups, int num_nodes, "
         "int num_gpus) -> (Tensor, Tensor, Tensor)");
+  // EPLB planner and log2phy in one call (CPU): weight [L, E] float32 -> (phy2log [L, R],
+  // log2phy [L, E, X], logcnt [L, E]), int64; X = max_replicas, or the largest replica count
+  // when max_replicas is -1; ValueError if an expert needs more than max_replicas.
+  m.def("eplb_rebalance_maps(Tensor weight, int num_replicas, int num_groups, int num_nodes, "
+        "int num_gpus, int max_replicas) -> (Tensor, Tensor, Tensor)");
   // EPLB plans with method="balanced" (csrc/cpu/eplb_balanced.cpp): same signature and outputs
   // as eplb_rebalance; max GPU load per layer never above eplb_rebalance's.
   m.def("eplb_rebalance_balanced(Tensor weight, int num_replicas, int num_groups, "

@@ -1,6 +1,8 @@
 // CPU kernels of the EPLB planner (specs/eplb.md): deeppar::eplb_rebalance, eplb_pack,
-// eplb_replicate, eplb_log2phy. Rows are planned in parallel with at::parallel_for; each row
-// runs the spec's rules of eplb_rules.h. This file must not be compiled with -ffast-math.
+// eplb_replicate, eplb_log2phy, and eplb_rebalance_maps (planner and log2phy in one op, the
+// eager path of rebalance_experts). Rows are planned in parallel (at::parallel_for, or
+// run_chunks for eplb_rebalance_maps); each row runs the spec's rules of eplb_rules.h.
+// This file must not be compiled with -ffast-math.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -34,6 +37,25 @@ constexpr int64_t kSlotsPerTask = 32768;
 
 // log2phy elements written per parallel task.
 constexpr int64_t kLog2PhyElementsPerTask = int64_t{1} << 20;
+
+// eplb_rebalance_maps splits its work into chunks that a helper thread may claim (run_chunks):
+// about 40 us of planning (a layer costs ~20 ns per slot), and 2 MiB of log2phy. Only batches
+// of at least ~1.3 ms of planning (65536 slots) or 8 MiB of log2phy are split at all: below,
+// a second thread saves at most a fraction of a millisecond, and on a busy machine a helper
+// preempted in the middle of a chunk makes the call wait for it.
+constexpr int64_t kSlotsPerChunk = 2048;
+constexpr int64_t kMinSlotsToSplit = 65536;
+constexpr int64_t kLog2PhyWordsPerChunk = int64_t{1} << 18;
+constexpr int64_t kMinLog2PhyWordsToSplit = int64_t{1} << 20;
+
+// A thread keeps its planning buffers between calls up to this many slots per layer.
+constexpr int64_t kKeptScratchSlots = int64_t{1} << 16;
+
+// Items per chunk for run_chunks: the whole range when the work is too small to split.
+int64_t chunk_items(int64_t items, int64_t cost_per_item, int64_t chunk_cost, int64_t min_cost) {
+  if (items * cost_per_item < min_cost) return std::max<int64_t>(items, 1);
+  return std::max<int64_t>(chunk_cost / std::max<int64_t>(cost_per_item, 1), 1);
+}
 
 void check_weight(const at::Tensor& weight, const char* op) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, op,
@@ -108,6 +130,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_replicate_cpu(
   return {phy2log, rank, logcnt};
 }
 
+// Fills log2phy rows [begin, end) ([L, E, width], -1 padded) from phy2log and replica ranks.
+// Returns false if some replica's rank is >= width.
+bool fill_log2phy(const int64_t* phy2log, const int64_t* rank, int64_t replicas, int64_t experts,
+                  int64_t width, int64_t begin, int64_t end, int64_t* log2phy) {
+  bool fits = true;
+  const int64_t row = experts * width;
+  for (int64_t l = begin; l < end; ++l) {
+    int64_t* out = log2phy + l * row;
+    std::memset(out, 0xff, static_cast<size_t>(row) * sizeof(int64_t));  // every word -1
+    const int64_t* p = phy2log + l * replicas;
+    const int64_t* r = rank + l * replicas;
+    for (int64_t s = 0; s < replicas; ++s) {
+      if (r[s] < width) {
+        out[p[s] * width + r[s]] = s;
+      } else {
+        fits = false;
+      }
+    }
+  }
+  return fits;
+}
+
+// rebalance_experts' eager CPU path in one op: plans every layer (checking its loads), then
+// builds log2phy of width max_replicas, or of the largest replica count when max_replicas is
+// -1. One dispatch, no replica-rank tensor and no separate reduction for the width.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_maps_cpu(
+    const at::Tensor& weight,  // [L, E] float32
+    int64_t num_replicas, int64_t num_groups, int64_t num_nodes, int64_t num_gpus,
+    int64_t max_replicas) {
+  check_eplb_rebalance_args(weight, num_replicas, num_groups, num_nodes, num_gpus);
+  TORCH_CHECK(max_replicas == -1 || max_replicas >= 1,
+              "eplb_rebalance_maps: max_replicas must be -1 (the largest count) or positive");
+  const int64_t layers = weight.size(0), experts = weight.size(1), replicas = num_replicas;
+  const at::Tensor w = weight.contiguous();
+  const auto opts = w.options().dtype(at::kLong);
+  at::Tensor phy2log = at::empty({layers, replicas}, opts);
+  at::Tensor logcnt = at::empty({layers, experts}, opts);
+  std::unique_ptr<int64_t[]> rank(new int64_t[static_cast<size_t>(layers * replicas)]);
+  const Shape sh{static_cast<int32_t>(experts), static_cast<int32_t>(replicas),
+                 static_cast<int32_t>(num_groups), static_cast<int32_t>(num_nodes),
+                 static_cast<int32_t>(num_gpus)};
+  const float* wp = w.const_data_ptr<float>();
+  int64_t* pp = phy2log.mutable_data_ptr<int64_t>();
+  int64_t* cp = logcnt.mutable_data_ptr<int64_t>();
+  int64_t* rp = rank.get();
+  std::atomic<int64_t> widest{0};
+  const int64_t plan_grain = chunk_items(layers, replicas, kSlotsPerChunk, kMinSlotsToSplit);
+  eplb_cpu::run_chunks(layers, plan_grain, [&](int64_t begin, int64_t end) {
+    thread_local Scratch scratch;  // kept between calls: planning a row allocates nothing
+    for (int64_t l = begin; l < end; ++l) {
+      check_row(wp + l * experts, experts, "eplb_rebalance");
+      hierarchical_row(wp + l * experts, sh, pp + l * replicas, rp + l * replicas,
+                       cp + l * experts, scratch);
+    }
+    if (replicas > kKeptScratchSlots) scratch = Scratch{};  // do not hold huge buffers
+    const int64_t most = *std::max_element(cp + begin * experts, cp + end * experts);
+    int64_t seen = widest.load(std::memory_order_relaxed);
+    while (most > seen && !widest.compare_exchange_weak(seen, most)) {
+    }
+  });
+  const int64_t needed = widest.load();
+  const int64_t width = max_replicas < 0 ? needed : max_replicas;
+  TORCH_CHECK_VALUE(needed <= width, "max_replicas (", width,
+                    ") is too small: an expert needs ", needed, " replicas");
+  at::Tensor log2phy = at::empty({layers, experts, width}, opts);
+  int64_t* lp = log2phy.mutable_data_ptr<int64_t>();
+  const int64_t per_layer = experts * width + replicas;
+  const int64_t fill_grain =
+      chunk_items(layers, per_layer, kLog2PhyWordsPerChunk, kMinLog2PhyWordsToSplit);
+  eplb_cpu::run_chunks(layers, fill_grain, [&](int64_t begin, int64_t end) {
+    fill_log2phy(pp, rp, replicas, experts, width, begin, end, lp);
+  });
+  return {phy2log, log2phy, logcnt};
+}
+
 at::Tensor eplb_log2phy_cpu(const at::Tensor& phy2log,   // [L, R] int64
                             const at::Tensor& phy_rank,  // [L, R] int64
                             int64_t num_experts, int64_t width) {
@@ -156,6 +253,7 @@ at::Tensor eplb_log2phy_cpu(const at::Tensor& phy2log,   // [L, R] int64
 TORCH_LIBRARY_IMPL(deeppar, CPU, m) {
   m.impl("eplb_log2phy", &eplb_log2phy_cpu);
   m.impl("eplb_rebalance", &eplb_rebalance_cpu);
+  m.impl("eplb_rebalance_maps", &eplb_rebalance_maps_cpu);
   m.impl("eplb_pack", &eplb_pack_cpu);
   m.impl("eplb_replicate", &eplb_replicate_cpu);
 }

@@ -8,7 +8,13 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <tuple>
 
 #include "cpu/eplb_rules.h"
@@ -49,6 +55,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_layers(
     }
   });
   return {phy2log, phy_rank, logcnt};
+}
+
+// Runs body(begin, end) over [0, n) in chunks of `grain` items, on the calling thread and,
+// when there are several chunks, on up to at::get_num_threads() - 1 helpers of the inter-op
+// pool. Chunks are claimed one at a time from a shared counter, so a helper that starts late
+// (the pool's threads must be woken, and on a busy machine may wait for a core) costs nothing:
+// the caller takes the remaining chunks itself and waits only for chunks a helper has claimed,
+// never for a helper to start (unlike a fork-join region, whose join waits for every thread).
+// The first exception thrown by body is rethrown here, once every claimed chunk has ended.
+template <typename Body>
+void run_chunks(int64_t n, int64_t grain, const Body& body) {
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int64_t helpers =
+      at::in_parallel_region() ? 0 : std::min<int64_t>(at::get_num_threads() - 1, chunks - 1);
+  if (helpers <= 0) {
+    if (n > 0) body(0, n);
+    return;
+  }
+  // Shared with the helpers, which may outlive this call (they then claim nothing).
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex error_mutex;
+    std::exception_ptr error;
+  };
+  auto state = std::make_shared<State>();
+  const std::function<void(int64_t, int64_t)> run_one = [&body](int64_t begin, int64_t end) {
+    body(begin, end);
+  };
+  // Claims and runs chunks until none is left; *fn (on this call's stack) is only touched for
+  // a claimed chunk, i.e. while this call still waits for it.
+  auto work = [state, chunks, n, grain](const std::function<void(int64_t, int64_t)>* fn) {
+    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
+      try {
+        (*fn)(c * grain, std::min(n, (c + 1) * grain));
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(state->error_mutex);
+        if (!state->error) state->error = std::current_exception();
+      }
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) at::launch([work, fn = &run_one]() { work(fn); });
+  work(&run_one);
+  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  if (state->error) std::rethrow_exception(state->error);
 }
 
 }  // namespace eplb_cpu

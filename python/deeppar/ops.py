@@ -177,6 +177,13 @@ if _native.has_kernel("eplb_rebalance", "cpu") or _native.has_kernel("eplb_rebal
         counts = weight.new_empty((layers, experts), dtype=torch.int64)
         return slots, torch.empty_like(slots), counts
 
+    @torch.library.register_fake("deeppar::eplb_rebalance_maps")
+    def _rebalance_maps_fake(weight, num_replicas, num_groups, num_nodes, num_gpus,
+                             max_replicas):
+        slots, _, counts = _rebalance_fake(weight, num_replicas, num_groups, num_nodes, num_gpus)
+        width = max_replicas if max_replicas >= 0 else torch.library.get_ctx().new_dynamic_size()
+        return slots, weight.new_empty((*counts.shape, width), dtype=torch.int64), counts
+
     @torch.library.register_fake("deeppar::eplb_rebalance_balanced")
     def _rebalance_balanced_fake(weight, num_replicas, num_groups, num_nodes, num_gpus):
         return _rebalance_fake(weight, num_replicas, num_groups, num_nodes, num_gpus)

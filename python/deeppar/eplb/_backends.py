@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from deeppar import ops
+from deeppar import _native, ops
 from deeppar.eplb import reference
 from deeppar.eplb._validate import Problem
 from deeppar.ops import BackendUnavailable
@@ -93,6 +93,17 @@ def _on_cpu(fn: Core) -> Core:
         return tuple(t.to(weight.device) for t in fn(weight.cpu(), *sizes))
 
     return run
+
+
+# deeppar::eplb_rebalance_maps: planner and log2phy in one CPU op (read once: a constant lookup).
+_FUSED_CPU = _native.has_kernel("eplb_rebalance_maps", "cpu")
+
+
+def fused_cpu(weight: torch.Tensor) -> bool:
+    """Whether the eager CPU path can run as the single op ``eplb_rebalance_maps`` (traced code
+    keeps the planner and log2phy ops apart, so that a sync-free compiled plan needs no
+    data-dependent shape)."""
+    return _FUSED_CPU and weight.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _native_core(weight: torch.Tensor, *sizes: int) -> tuple[torch.Tensor, ...]:

@@ -68,6 +68,12 @@ def plan_maps(
         name = _backends.resolve_balanced(backend, w.device)
     else:
         name = _backends.resolve(backend, w.device, problem)
+        if name == "cpu" and _backends.fused_cpu(w):
+            # Eager CPU: one op plans, checks the loads and builds log2phy.
+            phy2log, log2phy, logcnt = torch.ops.deeppar.eplb_rebalance_maps(
+                w, *problem.kernel_args, -1 if max_replicas is None else max_replicas
+            )
+            return phy2log, log2phy, logcnt, problem, name
     sync_free = _sync_free(w, max_replicas)
     # On CPU the C++ planner checks the loads and eplb_log2phy the width (ValueError), so a
     # compiled plan is only those ops: no Inductor reductions, whose OpenMP regions cost
