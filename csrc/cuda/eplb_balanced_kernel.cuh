@@ -398,30 +398,17 @@ DEEPPAR_HD inline void replicate_nodes(const float* w, const Sizes& sh, const in
   }
 }
 
-// Largest GPU load of a plan: float32 replica loads summed in float64, slot order.
-DEEPPAR_HD inline double plan_max_load(const float* w, const int64_t* phy2log,
-                                       const int64_t* logcnt, int32_t replicas, int32_t gpus) {
+// Largest GPU load of a plan: float32 replica loads summed in float64, slot order. Index is
+// int64_t for the op's outputs and int32_t for the search's own rows.
+template <typename Index>
+DEEPPAR_HD inline double plan_max_load(const float* w, const Index* phy2log, const Index* logcnt,
+                                       int32_t replicas, int32_t gpus) {
   const int32_t per_gpu = replicas / gpus;
   double top = 0.0;
   for (int32_t g = 0; g < gpus; ++g) {
     double sum = 0.0;
     for (int32_t s = 0; s < per_gpu; ++s) {
-      const int64_t e = phy2log[g * per_gpu + s];
-      sum += static_cast<double>(div_rn(w[e], static_cast<float>(logcnt[e])));
-    }
-    top = max_d(top, sum);
-  }
-  return top;
-}
-
-DEEPPAR_HD inline double plan_max_load(const float* w, const int32_t* phy2log,
-                                       const int32_t* logcnt, int32_t replicas, int32_t gpus) {
-  const int32_t per_gpu = replicas / gpus;
-  double top = 0.0;
-  for (int32_t g = 0; g < gpus; ++g) {
-    double sum = 0.0;
-    for (int32_t s = 0; s < per_gpu; ++s) {
-      const int32_t e = phy2log[g * per_gpu + s];
+      const Index e = phy2log[g * per_gpu + s];
       sum += static_cast<double>(div_rn(w[e], static_cast<float>(logcnt[e])));
     }
     top = max_d(top, sum);
