@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
+import warnings
 from collections.abc import Iterator
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -154,6 +157,11 @@ def case_plan_missing_an_expert_and_wrong_shapes(rank: int, world: int) -> None:
     expect_same_error(ValueError, lambda: rearrange.rearrange_expert_weights(
         weights, current, m.phy2log, m.source_slot, transfer_timeout=0 if rank == 0 else 9),
         "rank 0", "transfer_timeout must be a positive number")
+    last = world - 1
+    expect_same_error(ValueError, lambda: rearrange.rearrange_expert_weights(
+        weights, current, m.phy2log, m.source_slot,
+        heartbeat_timeout="5" if rank == last else 5.0),
+        f"rank {last}", "heartbeat_timeout must be a positive number of seconds, got '5'")
     other = [[t.double() if t.is_floating_point() else t for t in layer] for layer in weights]
     expect_same_error(ValueError, lambda: rearrange.rearrange_expert_weights(
         other if rank == 1 else weights, current, m.phy2log, m.source_slot), "layout")
@@ -178,9 +186,107 @@ def case_allocation_failure_changes_nothing(rank: int, world: int) -> None:
     assert_holds(weights, current, rank, world)
 
 
+def case_index_failure_changes_nothing(rank: int, world: int) -> None:
+    """Building the commit's slot indices fails on the last rank (they are built before the
+    decision): every rank raises the same error, nothing changed, and the next call works."""
+    current, _ = problem(world)
+    new, src = shifted(current, world)
+    weights = rank_weights(current, rank, world)
+    original = rearrange._slot_index
+    if rank == world - 1:
+        def fail(slots, device):
+            raise RuntimeError("injected index failure")
+
+        rearrange._slot_index = fail
+    try:
+        expect_same_error(RuntimeError, lambda: rearrange.rearrange_expert_weights(
+            weights, current, new, src), f"aborted, nothing changed (rank {world - 1})",
+            "injected index failure")
+    finally:
+        rearrange._slot_index = original
+    assert_holds(weights, current, rank, world)
+    rearrange.rearrange_expert_weights(weights, current, new, src)
+    assert_holds(weights, new, rank, world)
+
+
+def case_store_keys_bounded(rank: int, world: int) -> None:
+    """After a successful call only its heartbeat, done and decision keys remain; the next
+    call deletes them, so keys do not accumulate over calls."""
+    current, _ = problem(world)
+    new, src = shifted(current, world)
+    weights = rank_weights(current, rank, world)
+    store = default_store()
+    root = rearrange.key_prefix("eplb-rearrange", None, "")
+    for plan in ((current, new, src), (new, current, torch.argsort(src, dim=1))):
+        number = rearrange._calls.get(root, 0)
+        rearrange.rearrange_expert_weights(weights, *plan)
+        prefix = f"{root}{number}"
+        dist.barrier()  # every rank has left the call
+        for r in range(world):
+            assert store.check([f"{prefix}/beat/{r}", f"{prefix}/done/{r}"])
+            assert not store.check([f"{prefix}/valid/{r}"]) and \
+                not store.check([f"{prefix}/allocated/{r}"])
+        assert store.check([f"{prefix}/decision"])
+        if number:
+            earlier = f"{root}{number - 1}"
+            assert not any(store.check([f"{earlier}/{k}/{r}"]) for k in ("beat", "done")
+                           for r in range(world))
+            assert not store.check([f"{earlier}/decision"])
+    assert_holds(weights, current, rank, world)
+    assert not any(t.name.startswith("deeppar-eplb") for t in threading.enumerate())
+
+
+def case_default_group_never_aborted(rank: int, world: int) -> None:
+    """Giving up with device transfers in flight aborts an explicit group only: aborting the
+    default group would abort every group of the process."""
+    aborted = []
+    original = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    dist.distributed_c10d._abort_process_group = aborted.append
+    sub = dist.new_group(list(range(world)))
+    try:
+        for group in (None, dist.GroupMember.WORLD, sub):
+            call = rearrange._Call(group, rank, world, 1.0, 1.0, on_device=True)
+            call.transferring = True
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                error = call._give_up("rank 0: RuntimeError: x")
+            call.close()
+            assert "nothing changed: rank 0: RuntimeError: x" in str(error)
+            assert (group is sub) == (not caught), caught
+    finally:
+        dist.distributed_c10d._abort_process_group = original
+    assert aborted == [sub], aborted
+    dist.destroy_process_group(sub)
+
+
 # ----------------------------------------------------------------------------- transfer failures
 
-FAIL_BOUND_S = 5.0  # a failure reaches every rank well within this (measured: tenths of a second)
+#: slack over what a failure needs by construction: a loaded 2-core machine running 3 ranks
+SLACK_S = 5.0
+#: a posted failure reaches every rank within a look or two (measured: tenths of a second)
+FAIL_BOUND_S = 2 * rearrange.HEARTBEAT_S + SLACK_S
+#: timeouts of the hang and death cases
+TRANSFER_TIMEOUT_S = 1.0
+HEARTBEAT_TIMEOUT_S = 2.0
+#: process group (store) timeout of those cases: far above the bounds, so that a wait that ends
+#: only at it is told apart from a failure seen fast
+GROUP_TIMEOUT_S = 120.0
+
+
+def deadline_bound(timeout: float) -> float:
+    """Longest time to give up after ``timeout``: deadlines are checked every HEARTBEAT_S."""
+    return timeout + 2 * rearrange.HEARTBEAT_S + SLACK_S
+
+
+@contextlib.contextmanager
+def group_timeout(seconds: float) -> Iterator[None]:
+    store = default_store()
+    before = store.timeout
+    store.set_timeout(timedelta(seconds=seconds))
+    try:
+        yield
+    finally:
+        store.set_timeout(before)
 
 
 @contextlib.contextmanager
@@ -263,15 +369,29 @@ def case_two_ranks_raise(rank: int, world: int) -> None:
 
 
 def case_hung_rank_times_out(rank: int, world: int) -> None:
-    """Rank 1 stalls 2.5 s before its last layer; with ``transfer_timeout=1`` the others give
-    up after about a second naming it, and it raises the same error once it resumes."""
+    """Rank 1 stalls before its last layer until both others have given up (so they do at
+    ``transfer_timeout`` without it), naming it; it raises the same error once it resumes."""
     weights, current, new, src, per_layer = shifted_problem(rank, world)
+    store = default_store()
+    gave_up = [f"test/hung/gave-up/{r}" for r in range(world) if r != 1]
+
+    def stall() -> None:
+        store.wait(gave_up)  # the others' give-up comes first (store timeout: GROUP_TIMEOUT_S)
+
+    def call() -> None:
+        try:
+            rearrange.rearrange_expert_weights(weights, current, new, src,
+                                               transfer_timeout=TRANSFER_TIMEOUT_S)
+        finally:
+            if rank != 1:
+                store.set(gave_up[0 if rank == 0 else 1], "1")
+
     times: list[float] = []
-    with on_send(per_layer + 1 if rank == 1 else 0, lambda: time.sleep(2.5)):
-        expect_same_error(RuntimeError, timed(lambda: rearrange.rearrange_expert_weights(
-            weights, current, new, src, transfer_timeout=1.0), times),
-            "nothing changed: rank 1: ", "transfer_timeout=1 s")
-    assert times[0] < (3.5 if rank == 1 else 2.0), f"failed after {times[0]:.2f} s"
+    with group_timeout(GROUP_TIMEOUT_S), on_send(per_layer + 1 if rank == 1 else 0, stall):
+        expect_same_error(RuntimeError, timed(call, times), "nothing changed: rank 1: ",
+                          f"transfer_timeout={TRANSFER_TIMEOUT_S:g} s")
+    if rank != 1:
+        assert times[0] < deadline_bound(TRANSFER_TIMEOUT_S), f"failed after {times[0]:.2f} s"
     assert_holds(weights, current, rank, world)
 
 
@@ -302,8 +422,9 @@ def case_posting_failure_abandons(rank: int, world: int) -> None:
     assert_holds(weights, current, rank, world)
 
 
-def expect_survivors_fail(rank: int, world: int, victim: int, fn, *words: str) -> None:
-    """``fn`` raises a RuntimeError within :data:`FAIL_BOUND_S` on this survivor of
+def expect_survivors_fail(rank: int, world: int, victim: int, fn, *words: str,
+                          bound: float = FAIL_BOUND_S) -> None:
+    """``fn`` raises a RuntimeError within ``bound`` seconds on this survivor of
     ``victim``'s death, naming it and ``words``, the same on every survivor (compared through
     the store: a collective would need the victim)."""
     times: list[float] = []
@@ -317,7 +438,7 @@ def expect_survivors_fail(rank: int, world: int, victim: int, fn, *words: str) -
         f"expert weight rearrangement failed, nothing changed: rank {victim}: "), message
     for w in words:
         assert w in message, f"{message!r} does not mention {w!r}"
-    assert times[0] < FAIL_BOUND_S, f"failed after {times[0]:.2f} s"
+    assert times[0] < bound, f"failed after {times[0]:.2f} s"
     store = default_store()
     store.set(f"test/survivor/{rank}", message)
     for other in range(world):
@@ -343,14 +464,30 @@ def case_killed_rank(rank: int, world: int) -> None:
 
 def case_killed_while_allocating(rank: int, world: int) -> None:
     """Rank 1 is killed before any transfer (allocating its buffers), when no transfer of a
-    peer can notice: its silent heartbeat does (timeout lowered to 2 s here)."""
+    peer can notice: its silent heartbeat does, long before the group's timeout."""
     weights, current, new, src, _ = shifted_problem(rank, world)
-    rearrange.HEARTBEAT_TIMEOUT_S = 2.0
     if rank == 1:
         def allocate(like, count):
             kill_self()
 
         rearrange._allocate_buffers = allocate
-    expect_survivors_fail(rank, world, 1, lambda: rearrange.rearrange_expert_weights(
-        weights, current, new, src), "no heartbeat for 2 s")
+    with group_timeout(GROUP_TIMEOUT_S):
+        expect_survivors_fail(rank, world, 1, lambda: rearrange.rearrange_expert_weights(
+            weights, current, new, src, heartbeat_timeout=HEARTBEAT_TIMEOUT_S),
+            f"no heartbeat for {HEARTBEAT_TIMEOUT_S:g} s", bound=deadline_bound(
+                HEARTBEAT_TIMEOUT_S))
+    assert_holds(weights, current, rank, world)
+
+
+def case_killed_before_entering(rank: int, world: int) -> None:
+    """Rank 1 dies before entering the call, so it never beats: the others take it for dead
+    after ``heartbeat_timeout``, long before the group's timeout."""
+    weights, current, new, src, _ = shifted_problem(rank, world)
+    if rank == 1:
+        kill_self()
+    with group_timeout(GROUP_TIMEOUT_S):
+        expect_survivors_fail(rank, world, 1, lambda: rearrange.rearrange_expert_weights(
+            weights, current, new, src, heartbeat_timeout=HEARTBEAT_TIMEOUT_S),
+            f"no heartbeat for {HEARTBEAT_TIMEOUT_S:g} s", "never entered the call",
+            bound=deadline_bound(HEARTBEAT_TIMEOUT_S))
     assert_holds(weights, current, rank, world)

@@ -20,6 +20,9 @@ CASES = [
     "case_ranks_disagree",
     "case_plan_missing_an_expert_and_wrong_shapes",
     "case_allocation_failure_changes_nothing",
+    "case_index_failure_changes_nothing",
+    "case_store_keys_bounded",
+    "case_default_group_never_aborted",
     "case_raise_mid_transfer",
     "case_raise_at_last_send",
     "case_two_ranks_raise",
@@ -56,10 +59,11 @@ def test_stalled_rank_and_posting_failure() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("case", ["case_killed_rank", "case_killed_while_allocating"])
+@pytest.mark.parametrize("case", ["case_killed_rank", "case_killed_while_allocating",
+                                  "case_killed_before_entering"])
 def test_killed_rank(case: str) -> None:
-    """3 ranks, rank 1 killed mid-transfer or before: ranks 0 and 2 raise the same error
-    naming it."""
+    """3 ranks, rank 1 killed mid-transfer, before its transfers or before the call: ranks 0
+    and 2 raise the same error naming it."""
     res = h.run_cases(3, [f"_eplb_dist_cases:{case}"], timeout=45)
     per_rank = res[f"_eplb_dist_cases:{case}"]
     assert per_rank[1] == "timeout (no report)", per_rank[1]  # it died before reporting

@@ -13,13 +13,17 @@ Phases; nothing is written into a slot unless every rank got everything:
    placement covers every expert, and that every rank has the same plan (a digest) and the same
    per-slot tensor layout; every rank's verdict is shared (below), so every rank raises the
    same ``ValueError`` together;
-2. allocate: receive buffers for the slots that come from another rank, and a staged copy of
-   the slots refilled from another slot of the same rank; shared the same way;
+2. allocate: receive buffers for the slots that come from another rank, a staged copy of
+   the slots refilled from another slot of the same rank, and the slot index tensors of the
+   commit; shared the same way;
 3. transfer, layer by layer: one ``dist.batch_isend_irecv`` of the layer's sends (read from the
    old slots) and receives, waited for on a thread of this call; then every rank marks itself
    done and waits for the others' marks, and the first rank to see them all records the
    decision (below);
-4. commit: copy the buffers and staged copies into their slots (no communication).
+4. commit: ``index_copy_`` of the buffers and staged copies into their slots (no
+   communication, no allocation: everything the commit uses exists before the decision).
+   Only a device fault during these copies could still fail on one rank after the others
+   committed; it is raised as it is, not as a notice.
 
 Ranks coordinate through the c10d store (:mod:`deeppar._coordination`), never with a blocking
 collective, so no rank blocks on a peer that failed. Each call's keys are named by the call's
@@ -36,11 +40,26 @@ naming the failing rank, and every rank raises the same ``RuntimeError`` with it
 - a rank that dies is seen, on gloo, by each peer whose transfer with it fails (gloo reports
   the closed connection to ``wait``), which names it and finishes its own transfers; on any
   backend and in any phase, by the ranks waiting for it once its heartbeat has been silent for
-  :data:`HEARTBEAT_TIMEOUT_S` seconds;
+  ``heartbeat_timeout`` seconds, or has not beaten at all within ``heartbeat_timeout`` of the
+  waiting rank's first look at it (so a rank that enters the call that much later than its
+  peers is taken for dead too);
 - a rank that cannot finish its messages (posting them failed, or an unexpected error) marks
   the call abandoned: the others stop within :data:`LOOK_S`;
 - a rank that neither finishes nor fails but keeps its heartbeat (hung in a transfer) makes
   the others give up after ``transfer_timeout``, naming it.
+
+A rank that gives up with device (NCCL) transfers in flight would wait for them forever: it
+aborts the communicator of an explicit ``group`` (unusable after). It never aborts the default
+group (``group=None``): that would abort every group of the process; it raises the same error
+with a warning, and the default group must then be destroyed and initialised again (in
+practice, the job restarted) before it carries other traffic.
+
+Store keys: each rank deletes its key of a shared verdict once every rank has posted the next
+one (all have read it). What remains after a call, a few bytes each: per rank its heartbeat
+and done keys, and the decision (after a failure, also the keys of the phase that failed and
+the abandon mark); each rank deletes its own at the first verdict of its next call on the same
+group, so they do not accumulate. After the last call they stay until the store goes with the
+process group (keys of a rank that died stay too).
 
 Extra memory on a rank: one slot's bytes (the sum over its per-slot tensors) times the number
 of its slots that are received or refilled locally; sends read the slots in place (a copy of
@@ -56,6 +75,7 @@ import pickle
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,13 +92,16 @@ Weights = Sequence[Sequence[torch.Tensor] | Mapping[str, torch.Tensor]]
 LOOK_S = 0.05
 #: seconds between two heartbeats of a rank inside a call
 HEARTBEAT_S = 0.5
-#: seconds of heartbeat silence after which a rank that others wait for is taken for dead
-HEARTBEAT_TIMEOUT_S = 5.0
+#: default ``heartbeat_timeout`` (seconds): heartbeat silence after which a rank that others
+#: wait for is taken for dead
+DEFAULT_HEARTBEAT_TIMEOUT_S = 30.0
 #: default ``transfer_timeout`` (seconds): bound of the transfer phase when a rank hangs
 DEFAULT_TRANSFER_TIMEOUT_S = 300.0
 #: longest pause between two looks at keys of the store that a rank waits for: bounds the
 #: load on the store's host while many ranks wait
 _STORE_PAUSE_S = 0.01
+#: longest wait for a thread of the call to end when the call ends
+_JOIN_S = 1.0
 _OK = "ok"  # the decision once every rank finished its transfers and none posted a failure
 _STORE_LOST = ("the process group's store is unreachable (its host, rank 0 unless set "
                "otherwise, may have died)")
@@ -178,6 +201,25 @@ def _send_tensor(tensors: torch.Tensor, local_slot: int) -> torch.Tensor:
     return tensors[local_slot].contiguous()
 
 
+def _check_seconds(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _seconds_or(value: object, default: float) -> float:
+    """``value`` if valid, else ``default`` (used until the shared verdict rejects it)."""
+    try:
+        _check_seconds("", value)
+    except ValueError:
+        return default
+    return float(value)  # type: ignore[arg-type]
+
+
+def _slot_index(slots: list[int], device: torch.device) -> torch.Tensor:
+    """Index tensor of local ``slots`` for the commit's ``index_copy_``."""
+    return torch.tensor(slots, dtype=torch.int64, device=device)
+
+
 def _error(notice: str) -> RuntimeError:
     return RuntimeError(f"expert weight rearrangement failed, nothing changed: {notice}")
 
@@ -196,10 +238,15 @@ class _Heartbeat:
                     if self._stop.wait(HEARTBEAT_S):
                         return
 
-        threading.Thread(target=beat, name="deeppar-eplb-heartbeat", daemon=True).start()
+        self._thread = threading.Thread(target=beat, name="deeppar-eplb-heartbeat",
+                                        daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
+        """Stop beating; waits briefly for the thread (a store operation that hangs on a lost
+        store keeps it, as a daemon, until the store times out)."""
         self._stop.set()
+        self._thread.join(timeout=_JOIN_S)
 
 
 class _Waiter:
@@ -235,7 +282,11 @@ class _Waiter:
         return sorted({p for peers in self._peers[self.finished:] for p in peers})
 
     def close(self) -> None:
+        """End the thread once the works queued are finished, and wait for it if they are
+        (one waiting for a work that never ends stays, as a daemon: see the class doc)."""
         self._queue.put(None)
+        if self.idle():
+            self._thread.join(timeout=_JOIN_S)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -255,9 +306,10 @@ class _Call:
     makes every rank raise the same error (:meth:`together` marks those)."""
 
     def __init__(self, group: dist.ProcessGroup | None, rank: int, world: int,
-                 transfer_timeout: float, on_device: bool) -> None:
+                 transfer_timeout: float, heartbeat_timeout: float, on_device: bool) -> None:
         self.group, self.rank, self.world = group, rank, world
         self.transfer_timeout, self.on_device = transfer_timeout, on_device
+        self.heartbeat_timeout = _seconds_or(heartbeat_timeout, DEFAULT_HEARTBEAT_TIMEOUT_S)
         self.root = key_prefix("eplb-rearrange", group, "")
         number = _calls.get(self.root, 0)
         _calls[self.root] = number + 1
@@ -279,6 +331,7 @@ class _Call:
         self.transferring = False
         self.waiter: _Waiter | None = None
         self.reported = 0  # waiter errors already posted
+        self.shared_key: str | None = None  # this rank's key of the last verdict shared
         self.heartbeat = _Heartbeat(self.store, self.beat_keys[rank])
 
     def together(self, exc: Exception) -> Exception:
@@ -292,6 +345,14 @@ class _Call:
             self.waiter.close()
         _keys_to_delete.setdefault(self.root, []).extend(self.own_keys)
 
+    def _drop_shared_key(self) -> None:
+        """Delete this rank's key of the last verdict: called once every rank has posted a
+        later key, so every rank has read it."""
+        if self.shared_key is not None:
+            self.store.delete_key(self.shared_key)
+            self.own_keys.remove(self.shared_key)
+            self.shared_key = None
+
     # ------------------------------------------------------------------ verdicts
     def share(self, name: str, payload: Any) -> list[Any]:
         """Every rank's ``payload``: an all-gather through the store that never blocks on a
@@ -303,6 +364,8 @@ class _Call:
                    lambda: [r for r, k in enumerate(keys) if not self.store.check([k])], True)
         for key in _keys_to_delete.pop(self.root, []):  # every rank has left the last call
             self.store.delete_key(key)
+        self._drop_shared_key()
+        self.shared_key = keys[self.rank]
         return [pickle.loads(v) for v in self.store.multi_get(keys)]
 
     # ------------------------------------------------------------------ transfers
@@ -335,6 +398,7 @@ class _Call:
         self.store.set(done[self.rank], "1")
         self._wait(lambda: self.store.check(done),
                    lambda: [r for r, k in enumerate(done) if not self.store.check([k])], True)
+        self._drop_shared_key()
         decision = self.decision.post(_OK)
         if decision != _OK:
             raise self.together(_error(decision)) from self.cause
@@ -370,10 +434,17 @@ class _Call:
 
     def _give_up(self, notice: str) -> Exception:
         """The error of a rank that stops waiting. Device transfers would wait forever: abort
-        the communicator then (the group is unusable after)."""
-        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        if self.transferring and self.on_device and abort is not None:
-            abort(self.group)
+        the communicator then, of an explicit group only (aborting the default group aborts
+        every group of the process); the group is unusable after."""
+        if self.transferring and self.on_device:
+            abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+            if _is_default_group(self.group) or abort is None:
+                warnings.warn("expert weight rearrangement gave up with device transfers in "
+                              "flight on the default process group, which is not aborted: "
+                              "destroy and initialise it again before further use",
+                              RuntimeWarning, stacklevel=3)
+            else:
+                abort(self.group)
         return self.together(_error(notice))
 
     def _wait(self, done: Callable[[], bool], awaited: Callable[[], list[int]],
@@ -399,8 +470,8 @@ class _Call:
         if silent:
             notice = self.decision.post(
                 f"rank {', '.join(map(str, silent))}: no heartbeat for "
-                f"{HEARTBEAT_TIMEOUT_S:g} s (the process died or is stuck), seen by rank "
-                f"{self.rank}")
+                f"{self.heartbeat_timeout:g} s (the process died, is stuck or never entered "
+                f"the call), seen by rank {self.rank}")
         elif now > self.deadline and ranks:
             notice = self.decision.post(f"rank {', '.join(map(str, ranks))}: {self.late}, "
                                         f"seen by rank {self.rank}")
@@ -410,13 +481,18 @@ class _Call:
             raise self._give_up(notice) from self.cause
 
     def _silent(self, rank: int, now: float) -> bool:
-        """Whether ``rank`` beat once, then not for :data:`HEARTBEAT_TIMEOUT_S` seconds."""
+        """Whether ``rank``'s heartbeat count has not changed for ``heartbeat_timeout``
+        seconds since this rank first looked at it (a rank that never beat included)."""
         count = self.store.add(self.beat_keys[rank], 0)
         last = self.beats.get(rank)
         if last is None or count != last[0]:
             self.beats[rank] = (count, now)
             return False
-        return count > 0 and now - last[1] > HEARTBEAT_TIMEOUT_S
+        return now - last[1] > self.heartbeat_timeout
+
+
+def _is_default_group(group: dist.ProcessGroup | None) -> bool:
+    return group is None or group is dist.GroupMember.WORLD
 
 
 def _on_device(weights: Weights) -> bool:
@@ -435,6 +511,7 @@ def rearrange_expert_weights(
     *,
     group: dist.ProcessGroup | None = None,
     transfer_timeout: float = DEFAULT_TRANSFER_TIMEOUT_S,
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
 ) -> RearrangeStats:
     """Rewrite this rank's expert ``weights`` in place from ``current_phy2log [L, R]`` to
     ``new_phy2log [L, R]``; a collective: every rank of ``group`` calls it with the same plan.
@@ -442,16 +519,21 @@ def rearrange_expert_weights(
     ``source_slot [L, R]``: old slot whose weights each new slot receives (``Migration``'s).
     Raises the same ValueError on every rank (nothing moved) for a bad or disagreeing plan, and
     the same RuntimeError on every rank (nothing changed), naming the failing rank, if a rank
-    fails to allocate or transfer, or dies (see the module doc); ``transfer_timeout``
-    (seconds) bounds the transfer phase for a rank that hangs.
+    fails to allocate or transfer, or dies (see the module doc). ``transfer_timeout``
+    (seconds) bounds the transfer phase for a rank that hangs; ``heartbeat_timeout``
+    (seconds) is how long a silent rank (dead, or not in the call yet) is waited for.
+    On a device, giving up with transfers in flight aborts an explicit ``group``; the default
+    group is not aborted and must be initialised again (see the module doc).
     """
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    call = _Call(group, rank, world, transfer_timeout, _on_device(weights))
+    call = _Call(group, rank, world, transfer_timeout, heartbeat_timeout, _on_device(weights))
     try:
-        return _rearrange(call, weights, current_phy2log, new_phy2log, source_slot)
+        return _rearrange(call, weights, current_phy2log, new_phy2log, source_slot,
+                          heartbeat_timeout)
     except Exception as exc:
-        if call.failed_together or call.decided:  # (a commit cannot fail on a sane device)
+        # decided: only the commit's copies ran (a device fault), not a failure to share
+        if call.failed_together or call.decided:
             raise
         if isinstance(exc, (dist.DistNetworkError, dist.DistStoreError)):
             raise _error(_STORE_LOST) from exc
@@ -469,16 +551,14 @@ def rearrange_expert_weights(
 
 
 def _rearrange(call: _Call, weights: Weights, current_phy2log: torch.Tensor,
-               new_phy2log: torch.Tensor, source_slot: torch.Tensor) -> RearrangeStats:
+               new_phy2log: torch.Tensor, source_slot: torch.Tensor,
+               heartbeat_timeout: float) -> RearrangeStats:
     rank, world = call.rank, call.world
     error = None
     digest = layout = ""
     try:
-        timeout = call.transfer_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
-                not timeout > 0:
-            raise ValueError(f"transfer_timeout must be a positive number of seconds, got "
-                             f"{timeout!r}")
+        _check_seconds("transfer_timeout", call.transfer_timeout)
+        _check_seconds("heartbeat_timeout", heartbeat_timeout)
         old, new, src = _check_local(weights, current_phy2log, new_phy2log, source_slot, world)
         digest, layout = _digest(old, new, src), _layout(weights)
     except (ValueError, TypeError) as exc:
@@ -494,7 +574,6 @@ def _rearrange(call: _Call, weights: Weights, current_phy2log: torch.Tensor,
                              "dtypes differ between ranks)")
     except ValueError as exc:
         raise call.together(exc) from None
-
 
     layers, replicas = new.shape
     per_rank = replicas // world
@@ -515,22 +594,36 @@ def _rearrange(call: _Call, weights: Weights, current_phy2log: torch.Tensor,
                 outgoing.append((from_slot - rank * per_rank, dr))
         plans.append((incoming, local, outgoing))
 
-    # Phase 2: buffers for what arrives and staged copies of what is refilled locally.
+    # Phase 2: buffers for what arrives, staged copies of what is refilled locally, and the
+    # commit's copies (slot index, destination, source), so the commit allocates nothing.
     error = None
     buffers: list[list[torch.Tensor]] = []
-    staged: list[list[torch.Tensor]] = []
-    extra = 0
+    commits: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    stats = None
     try:
+        extra = 0
+        slot_bytes = []
         for layer, (incoming, local, _) in enumerate(plans):
             tensors = _tensors(weights[layer])
             buffers.append(_allocate_buffers(tensors, len(incoming)))
-            index = [f for _, f in local]
-            staged.append([t[index] for t in tensors])  # advanced indexing: a copy
-            per_slot = sum(t[0].numel() * t.element_size() for t in tensors)
-            extra += per_slot * (len(incoming) + len(local))
+            staged = [t[[f for _, f in local]] for t in tensors]  # advanced indexing: a copy
+            for slots, sources in ((incoming, buffers[-1]), (local, staged)):
+                if slots:
+                    index = _slot_index([d for d, _ in slots], tensors[0].device)
+                    commits += [(index, t, s) for t, s in zip(tensors, sources)]
+            slot_bytes.append(sum(t[0].numel() * t.element_size() for t in tensors))
+            extra += slot_bytes[-1] * (len(incoming) + len(local))
+        stats = RearrangeStats(
+            sent=sum(len(p[2]) for p in plans),
+            received=sum(len(p[0]) for p in plans),
+            local_copies=sum(len(p[1]) for p in plans),
+            bytes_sent=sum(b * len(p[2]) for b, p in zip(slot_bytes, plans)),
+            bytes_received=sum(b * len(p[0]) for b, p in zip(slot_bytes, plans)),
+            extra_bytes=extra,
+        )
     except Exception as exc:  # noqa: BLE001 - any failure (OOM, device error) aborts all ranks
         error = f"{type(exc).__name__}: {exc}"
-        buffers = staged = []
+        buffers, commits = [], []
     errors = call.share("allocated", error)
     try:
         _first_error(errors, "expert weight rearrangement aborted, nothing changed",
@@ -554,27 +647,11 @@ def _rearrange(call: _Call, weights: Weights, current_phy2log: torch.Tensor,
 
     call.transfer(layers, layer_ops)
 
-    # Phase 4: commit.
-    for layer, (incoming, local, _) in enumerate(plans):
-        tensors = _tensors(weights[layer])
-        if incoming:
-            index = torch.tensor([d for d, _ in incoming], device=tensors[0].device)
-            for t, buf in zip(tensors, buffers[layer]):
-                t.index_copy_(0, index, buf)
-        if local:
-            index = torch.tensor([d for d, _ in local], device=tensors[0].device)
-            for t, copy in zip(tensors, staged[layer]):
-                t.index_copy_(0, index, copy)
-    slot_bytes = [sum(t[0].numel() * t.element_size() for t in _tensors(held))
-                  for held in weights]
-    return RearrangeStats(
-        sent=sum(len(p[2]) for p in plans),
-        received=sum(len(p[0]) for p in plans),
-        local_copies=sum(len(p[1]) for p in plans),
-        bytes_sent=sum(b * len(p[2]) for b, p in zip(slot_bytes, plans)),
-        bytes_received=sum(b * len(p[0]) for b, p in zip(slot_bytes, plans)),
-        extra_bytes=extra,
-    )
+    # Phase 4: commit, copies into existing storage only.
+    for index, dst, source in commits:
+        dst.index_copy_(0, index, source)
+    assert stats is not None  # (set whenever the allocation verdict passed)
+    return stats
 
 
 def _layer_ops(plan, tensors, buffers, src_row, rank, per_rank, group,
