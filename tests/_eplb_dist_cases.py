@@ -162,6 +162,10 @@ def case_plan_missing_an_expert_and_wrong_shapes(rank: int, world: int) -> None:
         weights, current, m.phy2log, m.source_slot,
         heartbeat_timeout="5" if rank == last else 5.0),
         f"rank {last}", "heartbeat_timeout must be a positive number of seconds, got '5'")
+    expect_same_error(ValueError, lambda: rearrange.rearrange_expert_weights(
+        weights, current, m.phy2log, m.source_slot,
+        heartbeat_timeout=0.2 if rank == 0 else 5.0),
+        "rank 0", "heartbeat_timeout must be at least 1 s (two heartbeat periods), got 0.2")
     other = [[t.double() if t.is_floating_point() else t for t in layer] for layer in weights]
     expect_same_error(ValueError, lambda: rearrange.rearrange_expert_weights(
         other if rank == 1 else weights, current, m.phy2log, m.source_slot), "layout")

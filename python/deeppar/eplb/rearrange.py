@@ -201,17 +201,25 @@ def _send_tensor(tensors: torch.Tensor, local_slot: int) -> torch.Tensor:
     return tensors[local_slot].contiguous()
 
 
-def _check_seconds(name: str, value: object) -> None:
+def _check_seconds(name: str, value: object, at_least: float = 0.0) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    if value < at_least:
+        raise ValueError(f"{name} must be at least {at_least:g} s (two heartbeat periods), got "
+                         f"{value!r}")
 
 
-def _seconds_or(value: object, default: float) -> float:
-    """``value`` if valid, else ``default`` (used until the shared verdict rejects it)."""
+def _check_heartbeat_timeout(value: object) -> None:
+    """Below two heartbeat periods a live rank could be taken for dead."""
+    _check_seconds("heartbeat_timeout", value, at_least=2 * HEARTBEAT_S)
+
+
+def _heartbeat_timeout_or_default(value: object) -> float:
+    """``value`` if valid, else the default (used until the shared verdict rejects it)."""
     try:
-        _check_seconds("", value)
+        _check_heartbeat_timeout(value)
     except ValueError:
-        return default
+        return DEFAULT_HEARTBEAT_TIMEOUT_S
     return float(value)  # type: ignore[arg-type]
 
 
@@ -309,7 +317,7 @@ class _Call:
                  transfer_timeout: float, heartbeat_timeout: float, on_device: bool) -> None:
         self.group, self.rank, self.world = group, rank, world
         self.transfer_timeout, self.on_device = transfer_timeout, on_device
-        self.heartbeat_timeout = _seconds_or(heartbeat_timeout, DEFAULT_HEARTBEAT_TIMEOUT_S)
+        self.heartbeat_timeout = _heartbeat_timeout_or_default(heartbeat_timeout)
         self.root = key_prefix("eplb-rearrange", group, "")
         number = _calls.get(self.root, 0)
         _calls[self.root] = number + 1
@@ -440,9 +448,9 @@ class _Call:
             abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
             if _is_default_group(self.group) or abort is None:
                 warnings.warn("expert weight rearrangement gave up with device transfers in "
-                              "flight on the default process group, which is not aborted: "
-                              "destroy and initialise it again before further use",
-                              RuntimeWarning, stacklevel=3)
+                              "flight; the process group was not aborted (the default group, "
+                              "or no abort in this torch): destroy and initialise it again "
+                              "before further use", RuntimeWarning, stacklevel=3)
             else:
                 abort(self.group)
         return self.together(_error(notice))
@@ -521,7 +529,8 @@ def rearrange_expert_weights(
     the same RuntimeError on every rank (nothing changed), naming the failing rank, if a rank
     fails to allocate or transfer, or dies (see the module doc). ``transfer_timeout``
     (seconds) bounds the transfer phase for a rank that hangs; ``heartbeat_timeout``
-    (seconds) is how long a silent rank (dead, or not in the call yet) is waited for.
+    (seconds, at least two heartbeat periods) is how long a silent rank (dead, or not in the
+    call yet) is waited for.
     On a device, giving up with transfers in flight aborts an explicit ``group``; the default
     group is not aborted and must be initialised again (see the module doc).
     """
@@ -558,7 +567,7 @@ def _rearrange(call: _Call, weights: Weights, current_phy2log: torch.Tensor,
     digest = layout = ""
     try:
         _check_seconds("transfer_timeout", call.transfer_timeout)
-        _check_seconds("heartbeat_timeout", heartbeat_timeout)
+        _check_heartbeat_timeout(heartbeat_timeout)
         old, new, src = _check_local(weights, current_phy2log, new_phy2log, source_slot, world)
         digest, layout = _digest(old, new, src), _layout(weights)
     except (ValueError, TypeError) as exc:
