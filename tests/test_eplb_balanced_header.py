@@ -1,7 +1,9 @@
 """The per-layer code of method="balanced" (csrc/cuda/eplb_balanced_kernel.cuh), which the CUDA
 op runs on the device, compiled alone with the host compiler under AddressSanitizer and
 UndefinedBehaviorSanitizer: no torch needed, no access outside a workspace of exactly
-``Layout(sizes).bytes``, and the same plans as the CPU op bit for bit."""
+``Layout(sizes).bytes``, and the same plans as the CPU op bit for bit. Its own copy of the
+spec's plan (spec_layer, the bar balanced_layer must beat and its fallback) must equal
+method="deepseek" bit for bit, ties included."""
 
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ import torch
 from _eplb_helpers import random_shape, random_weight
 
 from deeppar import _native
+from deeppar.eplb import rebalance_experts
+from deeppar.eplb._validate import check_problem
+from deeppar.eplb.api import build_log2phy
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX = shutil.which("c++") or shutil.which("g++")
@@ -29,17 +34,21 @@ pytestmark = [
     ),
 ]
 
-# Reads cases (int32 layers, E, R, G, N, P, then float32 [layers, E]) from argv[1] and writes
-# each case's phy2log, phy_rank and logcnt (int64) to argv[2]; one exact-size workspace per case,
-# reused by its layers as the CPU op does.
+# Runs argv[1] ("balanced": balanced_layer, "spec": spec_layer) on cases (int32 layers, E, R, G,
+# N, P, then float32 [layers, E]) read from argv[2] and writes each case's phy2log, phy_rank and
+# logcnt (int64) to argv[3]; one exact-size workspace per case, reused by its layers as the CPU
+# op does.
 DRIVER = r"""
 #include <cstdio>
+#include <cstring>
 #include <vector>
 #include "cuda/eplb_balanced_kernel.cuh"
 using namespace deeppar::eplb_balanced;
 int main(int argc, char** argv) {
-  FILE* in = std::fopen(argv[1], "rb");
-  FILE* out = std::fopen(argv[2], "wb");
+  if (argc != 4) return 2;
+  const bool spec = std::strcmp(argv[1], "spec") == 0;
+  FILE* in = std::fopen(argv[2], "rb");
+  FILE* out = std::fopen(argv[3], "wb");
   int32_t cases = 0;
   if (std::fread(&cases, 4, 1, in) != 1) return 2;
   for (int32_t c = 0; c < cases; ++c) {
@@ -54,8 +63,10 @@ int main(int argc, char** argv) {
     std::vector<int64_t> phy(static_cast<size_t>(h[0]) * sh.replicas), rank(phy.size());
     std::vector<int64_t> cnt(w.size());
     for (int32_t l = 0; l < h[0]; ++l) {
-      balanced_layer(w.data() + l * sh.experts, sh, phy.data() + l * sh.replicas,
-                     rank.data() + l * sh.replicas, cnt.data() + l * sh.experts, work);
+      (spec ? spec_layer : balanced_layer)(w.data() + l * sh.experts, sh,
+                                           phy.data() + l * sh.replicas,
+                                           rank.data() + l * sh.replicas,
+                                           cnt.data() + l * sh.experts, work);
     }
     std::fwrite(phy.data(), 8, phy.size(), out);
     std::fwrite(rank.data(), 8, rank.size(), out);
@@ -84,31 +95,97 @@ def _cases() -> list[tuple[tuple[int, ...], torch.Tensor]]:
     return cases
 
 
-def test_header_alone_under_sanitizers_matches_cpu_op(tmp_path):
-    source = tmp_path / "driver.cpp"
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory) -> Path:
+    """The driver, compiled once for the module under ASan and UBSan."""
+    where = tmp_path_factory.mktemp("eplb_balanced_header")
+    source = where / "driver.cpp"
     source.write_text(DRIVER)
-    binary = tmp_path / "driver"
+    binary = where / "driver"
     subprocess.run([CXX, "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined",
                     "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
                     f"-I{ROOT / 'csrc'}", str(source), "-o", str(binary)],
                    check=True, capture_output=True, timeout=300)
-    cases = _cases()
-    with open(tmp_path / "in.bin", "wb") as f:
+    return binary
+
+
+def _run(driver: Path, mode: str, cases, where: Path):
+    """Each case's (phy2log, phy_rank, logcnt) from the driver, as tensors of the cases' shapes;
+    a case's sizes are the kernel's (R, G, N, P)."""
+    with open(where / "in.bin", "wb") as f:
         f.write(np.int32(len(cases)).tobytes())
-        for shape, weight in cases:
-            f.write(np.asarray(shape, dtype=np.int32).tobytes())
+        for sizes, weight in cases:
+            header = [*weight.shape, *sizes]
+            f.write(np.asarray(header, dtype=np.int32).tobytes())
             f.write(weight.numpy().astype(np.float32).tobytes())
-    run = subprocess.run([str(binary), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
+    run = subprocess.run([str(driver), mode, str(where / "in.bin"), str(where / "out.bin")],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
-    out = np.fromfile(tmp_path / "out.bin", dtype=np.int64)
-    at = 0
-    for shape, weight in cases:
-        layers, experts, replicas = shape[:3]
-        want = torch.ops.deeppar.eplb_rebalance_balanced(weight, *shape[2:])
-        for name, t, size in zip(("phy2log", "phy_rank", "logcnt"), want,
-                                 (layers * replicas, layers * replicas, layers * experts)):
-            got = torch.from_numpy(out[at:at + size].copy()).view(t.shape)
+    out = torch.from_numpy(np.fromfile(where / "out.bin", dtype=np.int64))
+    plans, at = [], 0
+    for sizes, weight in cases:
+        (layers, experts), replicas = weight.shape, sizes[0]
+        plan = []
+        for size, cols in ((layers * replicas, replicas), (layers * replicas, replicas),
+                           (layers * experts, experts)):
+            plan.append(out[at:at + size].view(layers, cols))
             at += size
-            assert torch.equal(got, t), (shape, name)
-    assert at == out.size
+        plans.append(tuple(plan))
+    assert at == out.numel()
+    return plans
+
+
+def test_header_alone_under_sanitizers_matches_cpu_op(driver, tmp_path):
+    cases = [(shape[2:], weight) for shape, weight in _cases()]
+    for (sizes, weight), got in zip(cases, _run(driver, "balanced", cases, tmp_path)):
+        want = torch.ops.deeppar.eplb_rebalance_balanced(weight, *sizes)
+        for name, g, t in zip(("phy2log", "phy_rank", "logcnt"), got, want):
+            assert torch.equal(g, t), (weight.shape, sizes, name)
+
+
+def _spec_cases() -> list[tuple[tuple[int, ...], torch.Tensor]]:
+    """(layers, E, R, G, N, P) and float32 loads: random shapes of both policies, shapes that
+    only the global policy accepts (groups and nodes ignored), one GPU, one node, and loads with
+    many ties (small integers, all equal, all zero)."""
+    rng = random.Random(1234)
+    shapes = [random_shape(rng) for _ in range(120)]
+    shapes += [
+        (2, 7, 10, 3, 2, 5),  # global: 7 % 3 and 5 % 2 != 0
+        (3, 13, 26, 4, 3, 13),
+        (2, 9, 12, 2, 4, 3),
+        (2, 6, 6, 1, 1, 1), (3, 5, 12, 1, 1, 1), (2, 8, 16, 4, 1, 4), (2, 8, 8, 2, 2, 8),
+        (2, 16, 32, 8, 4, 8), (2, 64, 80, 8, 4, 16), (2, 256, 288, 8, 4, 32),
+    ]
+    kinds = ["real", "int", "zero", "sparse", "half", "ones", "ties"]
+    cases = []
+    for i, shape in enumerate(shapes):
+        layers, experts = shape[:2]
+        kind = kinds[i % len(kinds)]
+        if kind == "ones":
+            weight = torch.ones(layers, experts)
+        elif kind == "ties":  # a few distinct integers, large enough to tie after division
+            g = torch.Generator().manual_seed(i)
+            weight = torch.randint(1, 4, (layers, experts), generator=g).float() * 6
+        else:
+            weight = random_weight(layers, experts, kind, i).float()
+        cases.append((shape, weight))
+    return cases
+
+
+def test_header_spec_plan_equals_deepseek_method(driver, tmp_path):
+    cases = _spec_cases()
+    policies = set()
+    runs = []
+    for shape, weight in cases:
+        problem = check_problem(weight, *shape[2:])
+        policies.add(problem.policy)
+        runs.append((problem.kernel_args, weight))
+    assert policies == {"hierarchical", "global"}
+    for (shape, weight), (phy2log, phy_rank, logcnt) in zip(
+            cases, _run(driver, "spec", runs, tmp_path)):
+        want_phy2log, want_log2phy, want_logcnt = rebalance_experts(
+            weight, *shape[2:], method="deepseek", backend="cpu")
+        assert torch.equal(phy2log, want_phy2log), (shape, "phy2log")
+        assert torch.equal(logcnt, want_logcnt), (shape, "logcnt")
+        log2phy = build_log2phy(phy2log, phy_rank, shape[1], want_log2phy.shape[2])
+        assert torch.equal(log2phy, want_log2phy), (shape, "phy_rank")

@@ -770,12 +770,15 @@ DEEPPAR_HD inline double place(const float* w, const Sizes& sh, const int32_t* m
   return plan_max_load(w, phy2log, logcnt, sh.replicas, sh.gpus);
 }
 
-// One layer: w [E] (finite, non-negative) -> phy2log [R], phy_rank [R], logcnt [E].
-DEEPPAR_HD inline void balanced_layer(const float* w, const Sizes& sh, int64_t* phy2log,
-                                      int64_t* phy_rank, int64_t* logcnt, Work& k) {
+// The spec's plan of one layer (method="deepseek", the bar to beat and the fallback of
+// balanced_layer): w [E] -> phy2log [R], phy_rank [R], logcnt [E]; leaves its steps in k
+// (spec_mlog, group_pack, group_rank, spec_slot_expert, spec_count, replica_load, spec_gpu,
+// spec_rank_in_gpu, each node's replicas sorted in keys). Must equal eplb_rebalance's plan bit
+// for bit (tests/test_eplb_balanced_header.py).
+DEEPPAR_HD inline void spec_layer(const float* w, const Sizes& sh, int64_t* phy2log,
+                                  int64_t* phy_rank, int64_t* logcnt, Work& k) {
   const int32_t epn = sh.experts / sh.nodes, spn = sh.replicas / sh.nodes;
   const int32_t gpn = sh.gpus / sh.nodes, per_gpu = sh.replicas / sh.gpus;
-  // The spec's plan (the bar to beat, and the fallback), written to the outputs.
   spec_node_order(w, sh, k);
   replicate_nodes(w, sh, k.spec_mlog, k.spec_slot_expert, k.slot_rank, k.spec_count,
                   k.replica_load, nullptr, k);
@@ -792,6 +795,15 @@ DEEPPAR_HD inline void balanced_layer(const float* w, const Sizes& sh, int64_t* 
     }
     for (int32_t i = 0; i < epn; ++i) logcnt[node_log[i]] = k.spec_count[node * epn + i];
   }
+}
+
+// One layer: w [E] (finite, non-negative) -> phy2log [R], phy_rank [R], logcnt [E].
+DEEPPAR_HD inline void balanced_layer(const float* w, const Sizes& sh, int64_t* phy2log,
+                                      int64_t* phy_rank, int64_t* logcnt, Work& k) {
+  const int32_t epn = sh.experts / sh.nodes, spn = sh.replicas / sh.nodes;
+  const int32_t gpn = sh.gpus / sh.nodes, per_gpu = sh.replicas / sh.gpus;
+  // The spec's plan, written to the outputs.
+  spec_layer(w, sh, phy2log, phy_rank, logcnt, k);
   if (per_gpu == 1) return;  // one replica per GPU: no placement choice, no duplicates
   double best = plan_max_load(w, phy2log, logcnt, sh.replicas, sh.gpus);
   const int32_t* phy = nullptr;  // the chosen candidate's maps; null: the spec's plan
