@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -48,7 +49,10 @@ constexpr int64_t kMinSlotsToSplit = 65536;
 constexpr int64_t kLog2PhyWordsPerChunk = int64_t{1} << 18;
 constexpr int64_t kMinLog2PhyWordsToSplit = int64_t{1} << 20;
 
-// A thread keeps its planning buffers between calls up to this many slots per layer.
+// A thread keeps its planning buffers (Scratch) between calls up to this many slots per layer:
+// every thread that ran eplb_rebalance_maps (the caller and the inter-op pool's threads) then
+// holds, for as long as it lives, about two dozen vectors of one to four words per expert or
+// slot of the largest layer it planned, a few MiB at most. Larger layers free them after use.
 constexpr int64_t kKeptScratchSlots = int64_t{1} << 16;
 
 // Items per chunk for run_chunks: the whole range when the work is too small to split.
@@ -160,8 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_maps_cpu(
     int64_t num_replicas, int64_t num_groups, int64_t num_nodes, int64_t num_gpus,
     int64_t max_replicas) {
   check_eplb_rebalance_args(weight, num_replicas, num_groups, num_nodes, num_gpus);
-  TORCH_CHECK(max_replicas == -1 || max_replicas >= 1,
-              "eplb_rebalance_maps: max_replicas must be -1 (the largest count) or positive");
+  TORCH_CHECK_VALUE(max_replicas == -1 || max_replicas >= 1,
+                    "eplb_rebalance_maps: max_replicas must be -1 (the largest count) or positive, "
+                    "got ", max_replicas);
   const int64_t layers = weight.size(0), experts = weight.size(1), replicas = num_replicas;
   const at::Tensor w = weight.contiguous();
   const auto opts = w.options().dtype(at::kLong);
@@ -249,6 +254,13 @@ at::Tensor eplb_log2phy_cpu(const at::Tensor& phy2log,   // [L, R] int64
 }
 
 }  // namespace
+
+std::string eplb_cpu_features() {
+#ifdef DEEPPAR_EPLB_AVX512
+  if (eplb_cpu::avx512_rank_sort()) return "avx512";
+#endif
+  return "portable";
+}
 
 TORCH_LIBRARY_IMPL(deeppar, CPU, m) {
   m.impl("eplb_log2phy", &eplb_log2phy_cpu);

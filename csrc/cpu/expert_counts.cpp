@@ -1,5 +1,6 @@
-// CPU kernel of deeppar::expert_counts_add_ (the load recorder's count): one pass over each
-// row's ids, checking and counting them, rows in parallel.
+// CPU kernel of deeppar::expert_counts_add_ (the load recorder's count): a first pass checks
+// every id (nothing is added if one is bad), a second adds each row's ids straight into its row
+// of counts, rows in parallel for large inputs (rows are disjoint: no scratch, no merge).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -8,7 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
-#include <vector>
+#include <cstdint>
 
 #include "op_checks.h"
 
@@ -19,37 +20,39 @@ namespace {
 // ids) stay on the calling thread, where a thread-pool round trip costs more than the count.
 constexpr int64_t kIdsPerTask = 65536;
 
-// Counts each row of ids (viewed as [R, numel / R]) into a scratch table first, so that ids
-// outside [0, E) raise before anything is added (counts stay untouched), then adds it.
+// Adds each row of ids (viewed as [R, numel / R]) into the same row of counts, once every id
+// is known to be in [0, E): ids outside it raise with counts untouched.
 void expert_counts_add_cpu(const at::Tensor& counts,     // [R, E] int64, contiguous
                            const at::Tensor& topk_ids) {  // integer, numel a multiple of R
   check_expert_counts_add_args(counts, topk_ids);
   const at::Tensor ids = topk_ids.contiguous();
-  const int64_t rows = counts.size(0), experts = counts.size(1), n = ids.numel() / rows;
-  if (ids.numel() == 0) return;
-  std::vector<int64_t> scratch(rows * experts, 0);
+  const int64_t rows = counts.size(0), experts = counts.size(1), numel = ids.numel();
+  if (numel == 0) return;
+  const int64_t n = numel / rows;
+  int64_t* out = counts.mutable_data_ptr<int64_t>();
   AT_DISPATCH_INTEGRAL_TYPES(ids.scalar_type(), "expert_counts_add_", [&] {
     const scalar_t* id = ids.const_data_ptr<scalar_t>();
+    // Pass 1: branch-free range check (one unsigned compare per id, vectorisable).
     std::atomic<bool> bad{false};
+    at::parallel_for(0, numel, kIdsPerTask, [&](int64_t begin, int64_t end) {
+      bool outside = false;
+      for (int64_t i = begin; i < end; ++i) {
+        outside |= static_cast<uint64_t>(static_cast<int64_t>(id[i])) >=
+                   static_cast<uint64_t>(experts);
+      }
+      if (outside) bad.store(true, std::memory_order_relaxed);
+    });
+    if (bad.load()) throw_expert_id_out_of_range(id, numel, experts);
+    // Pass 2: each task counts whole rows into their own rows of counts.
     const int64_t grain = std::max<int64_t>(1, kIdsPerTask / n);
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = id + r * n;
-        int64_t* count = scratch.data() + r * experts;
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t e = static_cast<int64_t>(row[i]);
-          if (e < 0 || e >= experts) {
-            bad.store(true, std::memory_order_relaxed);
-            return;
-          }
-          ++count[e];
-        }
+        int64_t* count = out + r * experts;
+        for (int64_t i = 0; i < n; ++i) ++count[static_cast<int64_t>(row[i])];
       }
     });
-    if (bad.load()) throw_expert_id_out_of_range(id, ids.numel(), experts);
   });
-  int64_t* out = counts.mutable_data_ptr<int64_t>();
-  for (int64_t i = 0; i < rows * experts; ++i) out[i] += scratch[i];
 }
 
 }  // namespace
