@@ -62,10 +62,10 @@ int64_t chunk_items(int64_t items, int64_t cost_per_item, int64_t chunk_cost, in
 }
 
 void check_weight(const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, op,
-              ": weight must be a float32 [rows, items] tensor");
-  TORCH_CHECK(weight.size(1) >= 1 && weight.size(1) < kMaxRowItems, op,
-              ": the number of items must be in [1, 2^24)");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == at::kFloat, op,
+                    ": weight must be a float32 [rows, items] tensor");
+  TORCH_CHECK_VALUE(weight.size(1) >= 1 && weight.size(1) < kMaxRowItems, op,
+                    ": the number of items must be in [1, 2^24)");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_cpu(
@@ -82,8 +82,8 @@ std::tuple<at::Tensor, at::Tensor> eplb_pack_cpu(const at::Tensor& weight,  // [
                                                  int64_t num_packs) {
   check_weight(weight, "eplb_pack");
   const int64_t rows = weight.size(0), n = weight.size(1);
-  TORCH_CHECK(num_packs > 0 && n % num_packs == 0,
-              "eplb_pack: the number of items must be a positive multiple of num_packs");
+  TORCH_CHECK_VALUE(num_packs > 0 && n % num_packs == 0,
+                    "eplb_pack: the number of items must be a positive multiple of num_packs");
   const at::Tensor w = weight.contiguous();
   const auto opts = w.options().dtype(at::kLong);
   at::Tensor pack = at::empty({rows, n}, opts), rank = at::empty({rows, n}, opts);
@@ -109,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_replicate_cpu(
     int64_t num_phy) {
   check_weight(weight, "eplb_replicate");
   const int64_t rows = weight.size(0), n = weight.size(1);
-  TORCH_CHECK(num_phy >= n && num_phy < kMaxRowItems,
-              "eplb_replicate: num_phy must be in [items, 2^24)");
+  TORCH_CHECK_VALUE(num_phy >= n && num_phy < kMaxRowItems,
+                    "eplb_replicate: num_phy must be in [items, 2^24)");
   const at::Tensor w = weight.contiguous();
   const auto opts = w.options().dtype(at::kLong);
   at::Tensor phy2log = at::empty({rows, num_phy}, opts), rank = at::empty({rows, num_phy}, opts);
@@ -213,10 +213,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_maps_cpu(
 at::Tensor eplb_log2phy_cpu(const at::Tensor& phy2log,   // [L, R] int64
                             const at::Tensor& phy_rank,  // [L, R] int64
                             int64_t num_experts, int64_t width) {
-  TORCH_CHECK(phy2log.dim() == 2 && phy2log.scalar_type() == at::kLong &&
-                  phy_rank.sizes() == phy2log.sizes() && phy_rank.scalar_type() == at::kLong,
-              "eplb_log2phy: phy2log and phy_rank must be int64 [layers, replicas] tensors");
-  TORCH_CHECK(num_experts >= 1 && width >= 0, "eplb_log2phy: bad sizes");
+  TORCH_CHECK_VALUE(phy2log.dim() == 2 && phy2log.scalar_type() == at::kLong &&
+                        phy_rank.sizes() == phy2log.sizes() && phy_rank.scalar_type() == at::kLong,
+                    "eplb_log2phy: phy2log and phy_rank must be int64 [layers, replicas] tensors");
+  TORCH_CHECK_VALUE(num_experts >= 1 && width >= 0, "eplb_log2phy: num_experts (", num_experts,
+                    ") must be >= 1 and width (", width, ") >= 0");
   const at::Tensor p = phy2log.contiguous(), r = phy_rank.contiguous();
   const int64_t layers = p.size(0), replicas = p.size(1), row = num_experts * width;
   at::Tensor out = at::empty({layers, num_experts, width}, p.options());
@@ -245,7 +246,7 @@ at::Tensor eplb_log2phy_cpu(const at::Tensor& phy2log,   // [L, R] int64
       }
     }
   });
-  TORCH_CHECK(!invalid.load(), "eplb_log2phy: phy2log/phy_rank hold an invalid slot entry");
+  TORCH_CHECK_VALUE(!invalid.load(), "eplb_log2phy: phy2log/phy_rank hold an invalid slot entry");
   // Checked here rather than by the caller, so that a compiled sync-free plan on CPU needs no
   // extra reduction (Inductor would run it as an OpenMP region).
   TORCH_CHECK_VALUE(!too_narrow.load(), "an expert needs more replicas than max_replicas (",
