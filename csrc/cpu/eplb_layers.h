@@ -15,6 +15,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <tuple>
 
 #include "cpu/eplb_rules.h"
@@ -65,8 +66,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_layers(
 // wait for a core) costs nothing: the caller takes the remaining chunks itself and waits only
 // for chunks a helper has claimed, never for a helper to start (unlike a fork-join region,
 // whose join waits for every thread). That wait is at most one chunk's work per helper (callers
-// size chunks to ~0.1 ms) and blocks on a condition variable instead of spinning.
+// size chunks to ~0.1 ms or less): a bounded number of yields, then a condition variable.
 // The first exception thrown by body is rethrown here, once every claimed chunk has ended.
+constexpr int kYieldsBeforeSleep = 64;
+
 template <typename Body>
 void run_chunks(int64_t n, int64_t grain, const Body& body) {
   grain = std::max<int64_t>(grain, 1);
@@ -106,8 +109,13 @@ void run_chunks(int64_t n, int64_t grain, const Body& body) {
   };
   for (int64_t h = 0; h < helpers; ++h) at::launch([work, fn = &run_one]() { work(fn); });
   work(&run_one);
+  const auto all_done = [&] { return state->done.load(std::memory_order_acquire) >= chunks; };
+  // A chunk a helper holds usually ends within microseconds: a few yields first, then sleep.
+  for (int spins = 0; spins < kYieldsBeforeSleep && !all_done(); ++spins) {
+    std::this_thread::yield();
+  }
   std::unique_lock<std::mutex> lock(state->mutex);
-  state->all_done.wait(lock, [&] { return state->done.load(std::memory_order_acquire) >= chunks; });
+  state->all_done.wait(lock, all_done);
   if (state->error) std::rethrow_exception(state->error);
 }
 
