@@ -134,6 +134,9 @@ def format_info(data: dict[str, Any]) -> str:
             lines.append(f"  {label}: {state}")
         lines.append("  kernel num_sms: yes")
     lines.append(f"cpu threads: {data['cpu_threads']}")
+    sort = data["backends"]["cpu"].get("eplb_sort")
+    if sort:
+        lines.append(f"eplb cpu sort (nodes of <= 64 experts): {sort}")
     if data["gpus"]:
         for g in data["gpus"]:
             lines.append(
