@@ -14,36 +14,47 @@ namespace deeppar {
 // deeppar.eplb._validate.PlannerLimits, checked in Python before any kernel runs.
 constexpr int64_t kMaxRowItems = int64_t{1} << 24;
 
+// Memory bound of the migration kernels (eplb_migrate.h): the search keeps four dense
+// [gpus, experts] int32 tables per thread and the relabelling a [gpus, gpus] one, so
+// gpus * max(experts, gpus) stays below 2^24 (at most 256 MiB of tables per thread).
+// deeppar.eplb._validate.PlannerLimits.migration_table_below is the same limit, checked first.
+constexpr int64_t kMaxMigrationTableItems = int64_t{1} << 24;
+
 // slot_loads(weight [L, E] float32, phy2log [L, R] int64, logcnt [L, E] int64)
 inline void check_slot_loads_args(const at::Tensor& weight, const at::Tensor& phy2log,
                                   const at::Tensor& logcnt) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
-              "slot_loads: weight must be a float32 [layers, experts] tensor");
-  TORCH_CHECK(phy2log.dim() == 2 && phy2log.scalar_type() == at::kLong &&
-                  phy2log.size(0) == weight.size(0),
-              "slot_loads: phy2log must be an int64 [layers, replicas] tensor");
-  TORCH_CHECK(logcnt.sizes() == weight.sizes() && logcnt.scalar_type() == at::kLong,
-              "slot_loads: logcnt must be an int64 tensor shaped like weight");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
+                    "slot_loads: weight must be a float32 [layers, experts] tensor");
+  TORCH_CHECK_VALUE(phy2log.dim() == 2 && phy2log.scalar_type() == at::kLong &&
+                        phy2log.size(0) == weight.size(0),
+                    "slot_loads: phy2log must be an int64 [layers, replicas] tensor");
+  TORCH_CHECK_VALUE(logcnt.sizes() == weight.sizes() && logcnt.scalar_type() == at::kLong,
+                    "slot_loads: logcnt must be an int64 tensor shaped like weight");
 }
 
 // eplb_rebalance(weight [L, E] float32, R, G, N, P): the spec's divisibility rules, and row
 // sizes below kMaxRowItems.
 inline void check_eplb_rebalance_args(const at::Tensor& weight, int64_t num_replicas,
                                       int64_t num_groups, int64_t num_nodes, int64_t num_gpus) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
-              "eplb_rebalance: weight must be a float32 [layers, experts] tensor");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
+                    "eplb_rebalance: weight must be a float32 [layers, experts] tensor");
   const int64_t experts = weight.size(1);
-  TORCH_CHECK(experts >= 1 && experts < kMaxRowItems,
-              "eplb_rebalance: the number of experts must be in [1, 2^24)");
-  TORCH_CHECK(num_groups > 0 && num_nodes > 0 && num_gpus > 0 && num_replicas > 0,
-              "eplb_rebalance: counts must be positive");
-  TORCH_CHECK(experts % num_groups == 0, "eplb_rebalance: experts must be a multiple of groups");
-  TORCH_CHECK(num_groups % num_nodes == 0, "eplb_rebalance: groups must be a multiple of nodes");
-  TORCH_CHECK(num_gpus % num_nodes == 0, "eplb_rebalance: gpus must be a multiple of nodes");
-  TORCH_CHECK(num_replicas % num_gpus == 0, "eplb_rebalance: replicas must be a multiple of gpus");
-  TORCH_CHECK(num_replicas >= experts && num_replicas < kMaxRowItems,
-              "eplb_rebalance: replicas must be in [experts, 2^24)");
-  TORCH_CHECK(weight.size(0) < (int64_t{1} << 31), "eplb_rebalance: too many layers");
+  TORCH_CHECK_VALUE(experts >= 1 && experts < kMaxRowItems,
+                    "eplb_rebalance: the number of experts must be in [1, 2^24)");
+  TORCH_CHECK_VALUE(num_groups > 0 && num_nodes > 0 && num_gpus > 0 && num_replicas > 0,
+                    "eplb_rebalance: num_replicas, num_groups, num_nodes and num_gpus must be "
+                    "positive");
+  TORCH_CHECK_VALUE(experts % num_groups == 0, "eplb_rebalance: experts (", experts,
+                    ") must be a multiple of num_groups (", num_groups, ")");
+  TORCH_CHECK_VALUE(num_groups % num_nodes == 0, "eplb_rebalance: num_groups (", num_groups,
+                    ") must be a multiple of num_nodes (", num_nodes, ")");
+  TORCH_CHECK_VALUE(num_gpus % num_nodes == 0, "eplb_rebalance: num_gpus (", num_gpus,
+                    ") must be a multiple of num_nodes (", num_nodes, ")");
+  TORCH_CHECK_VALUE(num_replicas % num_gpus == 0, "eplb_rebalance: num_replicas (", num_replicas,
+                    ") must be a multiple of num_gpus (", num_gpus, ")");
+  TORCH_CHECK_VALUE(num_replicas >= experts && num_replicas < kMaxRowItems,
+                    "eplb_rebalance: num_replicas (", num_replicas, ") must be in [experts, 2^24)");
+  TORCH_CHECK_VALUE(weight.size(0) < (int64_t{1} << 31), "eplb_rebalance: too many layers");
 }
 
 }  // namespace deeppar

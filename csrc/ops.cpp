@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 extern "C" {
 // Importing deeppar._C only needs to run the static registrations below; the module itself is
 // empty (ops are reached through torch.ops.deeppar).
@@ -12,7 +14,14 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace deeppar {
+std::string eplb_cpu_features();  // csrc/cpu/eplb.cpp
+}  // namespace deeppar
+
 TORCH_LIBRARY(deeppar, m) {
+  // Which sort the CPU planner uses for nodes of <= 64 experts: "avx512" (the CPU has AVX-512
+  // and torch's CPU capability, lowered by ATEN_CPU_CAPABILITY, allows it) or "portable".
+  m.def("eplb_cpu_features() -> str", &deeppar::eplb_cpu_features);
   // Load carried by each physical expert slot: weight[l, phy2log[l, s]] / logcnt[l, phy2log[l, s]].
   m.def("slot_loads(Tensor weight, Tensor phy2log, Tensor logcnt) -> Tensor");
   // EPLB planner (specs/eplb.md), hierarchical policy for every row: weight [L, E] float32 ->

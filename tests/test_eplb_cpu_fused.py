@@ -10,6 +10,7 @@ import torch
 from _eplb_helpers import check_invariants
 from _eplb_helpers import random_weight as _random_weight
 
+import deeppar
 import deeppar.eplb as eplb
 from deeppar import _native
 from deeppar.eplb._validate import check_problem
@@ -18,6 +19,9 @@ pytestmark = pytest.mark.skipif(
     not _native.has_kernel("eplb_rebalance_maps", "cpu"), reason="no fused CPU EPLB op"
 )
 KINDS = ["real", "int", "zero", "sparse"]
+# The sort the CPU planner uses for nodes of <= 64 experts here ("avx512" or "portable").
+SORT_PATH = (torch.ops.deeppar.eplb_cpu_features()
+             if hasattr(torch.ops.deeppar, "eplb_cpu_features") else None)
 
 # (layers, experts, replicas, groups, nodes, gpus): the spec's sizes with few layers; nodes of
 # 64 experts (rank sort) and of 65, 128, 130 (radix sort); one replica per GPU; a single GPU
@@ -148,7 +152,7 @@ def test_too_narrow_max_replicas_raises():
     with pytest.raises(ValueError, match=rf"max_replicas \({width - 1}\) is too small: an expert "
                                          rf"needs {width} replicas"):
         eplb.rebalance_experts(weight, 32, 4, 2, 8, max_replicas=width - 1)
-    with pytest.raises(RuntimeError, match="max_replicas must be -1"):
+    with pytest.raises(ValueError, match="max_replicas must be -1 .* got 0"):
         torch.ops.deeppar.eplb_rebalance_maps(weight, 32, 4, 2, 8, 0)
 
 
@@ -158,27 +162,47 @@ def test_opcheck():
                           (weight, 24, 4, 2, 8, 9))
 
 
+# Nodes of <= 64 experts (the rank sorts) and above (radix sort), four kinds of loads.
+SORT_SHAPES = [(2, 256, 288, 8, 4, 32), (2, 512, 1024, 64, 16, 128), (3, 64, 72, 8, 1, 8),
+               (3, 24, 72, 3, 3, 3), (2, 12, 16, 4, 2, 8)]
+
+
+def check_sort_parity() -> None:
+    """The CPU planner's plans equal the reference's on SORT_SHAPES, whichever sort runs."""
+    for layers, experts, replicas, groups, nodes, gpus in SORT_SHAPES:
+        for seed, kind in enumerate(KINDS):
+            w = _random_weight(layers, experts, kind, seed)
+            got = eplb.rebalance_experts(w, replicas, groups, nodes, gpus)
+            want = eplb.rebalance_experts(w, replicas, groups, nodes, gpus, backend="reference")
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (experts, kind)
+
+
+def test_sort_path_is_reported():
+    assert SORT_PATH in ("avx512", "portable")
+    assert deeppar.info()["backends"]["cpu"]["eplb_sort"] == SORT_PATH
+
+
+@pytest.mark.skipif(SORT_PATH != "avx512",
+                    reason="the AVX-512 rank sort is not active here (no AVX-512 CPU, or "
+                           "torch's CPU capability below AVX512)")
+def test_avx512_sort_matches_reference():
+    check_sort_parity()
+
+
 def test_portable_sort_matches_reference():
-    # Where AVX-512 is usable the nodes of <= 64 experts take its rank sort; with torch's CPU
-    # capability lowered (ATEN_CPU_CAPABILITY=default) the portable one runs: both must give
-    # the reference's plans. The capability is read once per process, hence the subprocess.
+    # With torch's CPU capability lowered (ATEN_CPU_CAPABILITY=default) the portable sort runs
+    # even on an AVX-512 CPU, and must give the reference's plans. The capability is read once
+    # per process, hence the subprocess.
     import os
     import subprocess
     import sys
 
     code = """
 import torch
-import deeppar.eplb as eplb
-from _eplb_helpers import random_weight
+from test_eplb_cpu_fused import check_sort_parity
 assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
-for layers, experts, replicas, groups, nodes, gpus in [
-        (2, 256, 288, 8, 4, 32), (2, 512, 1024, 64, 16, 128), (3, 64, 72, 8, 1, 8),
-        (3, 24, 72, 3, 3, 3), (2, 12, 16, 4, 2, 8)]:
-    for seed, kind in enumerate(["real", "int", "zero", "sparse"]):
-        w = random_weight(layers, experts, kind, seed)
-        got = eplb.rebalance_experts(w, replicas, groups, nodes, gpus)
-        want = eplb.rebalance_experts(w, replicas, groups, nodes, gpus, backend="reference")
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), (experts, kind)
+assert torch.ops.deeppar.eplb_cpu_features() == "portable", torch.ops.deeppar.eplb_cpu_features()
+check_sort_parity()
 print("same")
 """
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default",

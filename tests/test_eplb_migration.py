@@ -10,6 +10,7 @@ from _eplb_helpers import check_invariants, random_weight
 import deeppar.eplb as eplb
 from deeppar import _native
 from deeppar.eplb import migration_reference
+from deeppar.eplb._validate import LIMITS
 from deeppar.eplb.migration import (
     max_load_target,
     migrate,
@@ -286,14 +287,35 @@ def test_opcheck_and_op_errors():
                           (w, current, fresh, target, cap, groups, regions, gpus, 100))
     torch.library.opcheck(torch.ops.deeppar.eplb_relabel.default, (current, fresh, gpus, 2))
     torch.library.opcheck(torch.ops.deeppar.eplb_source_slots.default, (current, fresh, gpus, 2))
-    with pytest.raises(RuntimeError, match="target and cap must be float64"):
+    with pytest.raises(ValueError, match="target and cap must be float64"):
         torch.ops.deeppar.eplb_migrate(w, current, fresh, target.float(), cap, groups, regions,
                                        gpus, 100)
-    with pytest.raises(RuntimeError, match="placements must hold experts"):
+    with pytest.raises(ValueError, match="placements must hold experts"):
         torch.ops.deeppar.eplb_migrate(w, current + 100, fresh, target, cap, groups, regions,
                                        gpus, 100)
-    with pytest.raises(RuntimeError, match="does not hold"):
+    with pytest.raises(ValueError, match="does not hold"):
         torch.ops.deeppar.eplb_source_slots(torch.zeros_like(current), fresh, gpus, 1)
+    with pytest.raises(ValueError, match=r"replicas \(\d+\) must be a multiple of num_gpus"):
+        torch.ops.deeppar.eplb_relabel(current, fresh, current.shape[1] + 1, 1)
+
+
+def test_sizes_above_the_migration_limit_are_rejected():
+    # 4096 GPUs x 4096 experts: 2^24 entries per dense table, the smallest size rejected.
+    gpus = experts = 4096
+    assert gpus * experts == LIMITS.migration_table_below
+    weight = torch.ones(1, experts)
+    current = torch.arange(experts).unsqueeze(0)
+    message = r"num_gpus=4096, experts=4096"
+    with pytest.raises(ValueError, match=message):
+        migrate(weight, current, experts, 1, 1, gpus)
+    if _native.has_kernel("eplb_migrate", "cpu"):
+        native_message = r"num_gpus \(4096\) \* max\(experts \(4096\), num_gpus\)"
+        for op in (torch.ops.deeppar.eplb_relabel, torch.ops.deeppar.eplb_source_slots):
+            with pytest.raises(ValueError, match=native_message):
+                op(current, current, gpus, 1)
+        with pytest.raises(ValueError, match=native_message):
+            one = torch.ones(1, dtype=torch.float64)
+            torch.ops.deeppar.eplb_migrate(weight, current, current, one, one, 1, 1, gpus, 10)
 
 
 @pytest.mark.parametrize("method", METHODS)

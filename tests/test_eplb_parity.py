@@ -92,7 +92,7 @@ def test_native_ops_reject_bad_values():
         torch.ops.deeppar.eplb_rebalance(-torch.ones(1, 4), 4, 1, 1, 1)
     with pytest.raises(ValueError, match="found an infinite value"):
         torch.ops.deeppar.eplb_rebalance(torch.full((1, 4), float("-inf")), 4, 1, 1, 1)
-    with pytest.raises(RuntimeError, match="multiple of gpus"):
+    with pytest.raises(ValueError, match=r"num_replicas \(6\) must be a multiple of num_gpus"):
         torch.ops.deeppar.eplb_rebalance(torch.ones(1, 4), 6, 1, 1, 4)
 
 

@@ -99,6 +99,27 @@ def test_expert_counts_add_op_passes_opcheck_and_rejects_bad_input():
         op(counts.float(), ids)
 
 
+@pytest.mark.skipif(not HAS_NATIVE, reason="deeppar._C has no expert_counts_add_")
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("bad_rows", [[0], [5], [57], [3, 40]])
+def test_expert_counts_add_leaves_counts_unchanged_on_a_bad_id(num_threads, bad_rows):
+    # Large enough (58 x 4096 x 8 ids) for rows to be counted in parallel; the bad ids sit in
+    # the middle of their rows, after ids that were already counted.
+    ids = random_ids(58, 4096, 8, 256, seed=1)
+    for row in bad_rows:
+        ids[row, 2000, 3] = 256 + row
+    counts = torch.arange(58 * 256, dtype=torch.long).reshape(58, 256)
+    before = counts.clone()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        with pytest.raises(ValueError, match=rf"expert id {256 + max(bad_rows)}, outside"):
+            torch.ops.deeppar.expert_counts_add_(counts, ids)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(counts, before)
+
+
 def test_window_keeps_the_last_steps():
     layers, experts, window = 2, 5, 3
     steps = [random_ids(layers, 7, 2, experts, seed=s) for s in range(8)]

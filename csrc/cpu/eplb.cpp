@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -48,7 +49,10 @@ constexpr int64_t kMinSlotsToSplit = 65536;
 constexpr int64_t kLog2PhyWordsPerChunk = int64_t{1} << 18;
 constexpr int64_t kMinLog2PhyWordsToSplit = int64_t{1} << 20;
 
-// A thread keeps its planning buffers between calls up to this many slots per layer.
+// A thread keeps its planning buffers (Scratch) between calls up to this many slots per layer:
+// every thread that ran eplb_rebalance_maps (the caller and the inter-op pool's threads) then
+// holds, for as long as it lives, about two dozen vectors of one to four words per expert or
+// slot of the largest layer it planned, a few MiB at most. Larger layers free them after use.
 constexpr int64_t kKeptScratchSlots = int64_t{1} << 16;
 
 // Items per chunk for run_chunks: the whole range when the work is too small to split.
@@ -58,10 +62,10 @@ int64_t chunk_items(int64_t items, int64_t cost_per_item, int64_t chunk_cost, in
 }
 
 void check_weight(const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, op,
-              ": weight must be a float32 [rows, items] tensor");
-  TORCH_CHECK(weight.size(1) >= 1 && weight.size(1) < kMaxRowItems, op,
-              ": the number of items must be in [1, 2^24)");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == at::kFloat, op,
+                    ": weight must be a float32 [rows, items] tensor");
+  TORCH_CHECK_VALUE(weight.size(1) >= 1 && weight.size(1) < kMaxRowItems, op,
+                    ": the number of items must be in [1, 2^24)");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_cpu(
@@ -78,8 +82,8 @@ std::tuple<at::Tensor, at::Tensor> eplb_pack_cpu(const at::Tensor& weight,  // [
                                                  int64_t num_packs) {
   check_weight(weight, "eplb_pack");
   const int64_t rows = weight.size(0), n = weight.size(1);
-  TORCH_CHECK(num_packs > 0 && n % num_packs == 0,
-              "eplb_pack: the number of items must be a positive multiple of num_packs");
+  TORCH_CHECK_VALUE(num_packs > 0 && n % num_packs == 0,
+                    "eplb_pack: the number of items must be a positive multiple of num_packs");
   const at::Tensor w = weight.contiguous();
   const auto opts = w.options().dtype(at::kLong);
   at::Tensor pack = at::empty({rows, n}, opts), rank = at::empty({rows, n}, opts);
@@ -105,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_replicate_cpu(
     int64_t num_phy) {
   check_weight(weight, "eplb_replicate");
   const int64_t rows = weight.size(0), n = weight.size(1);
-  TORCH_CHECK(num_phy >= n && num_phy < kMaxRowItems,
-              "eplb_replicate: num_phy must be in [items, 2^24)");
+  TORCH_CHECK_VALUE(num_phy >= n && num_phy < kMaxRowItems,
+                    "eplb_replicate: num_phy must be in [items, 2^24)");
   const at::Tensor w = weight.contiguous();
   const auto opts = w.options().dtype(at::kLong);
   at::Tensor phy2log = at::empty({rows, num_phy}, opts), rank = at::empty({rows, num_phy}, opts);
@@ -160,8 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_maps_cpu(
     int64_t num_replicas, int64_t num_groups, int64_t num_nodes, int64_t num_gpus,
     int64_t max_replicas) {
   check_eplb_rebalance_args(weight, num_replicas, num_groups, num_nodes, num_gpus);
-  TORCH_CHECK(max_replicas == -1 || max_replicas >= 1,
-              "eplb_rebalance_maps: max_replicas must be -1 (the largest count) or positive");
+  TORCH_CHECK_VALUE(max_replicas == -1 || max_replicas >= 1,
+                    "eplb_rebalance_maps: max_replicas must be -1 (the largest count) or positive, "
+                    "got ", max_replicas);
   const int64_t layers = weight.size(0), experts = weight.size(1), replicas = num_replicas;
   const at::Tensor w = weight.contiguous();
   const auto opts = w.options().dtype(at::kLong);
@@ -208,10 +213,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_maps_cpu(
 at::Tensor eplb_log2phy_cpu(const at::Tensor& phy2log,   // [L, R] int64
                             const at::Tensor& phy_rank,  // [L, R] int64
                             int64_t num_experts, int64_t width) {
-  TORCH_CHECK(phy2log.dim() == 2 && phy2log.scalar_type() == at::kLong &&
-                  phy_rank.sizes() == phy2log.sizes() && phy_rank.scalar_type() == at::kLong,
-              "eplb_log2phy: phy2log and phy_rank must be int64 [layers, replicas] tensors");
-  TORCH_CHECK(num_experts >= 1 && width >= 0, "eplb_log2phy: bad sizes");
+  TORCH_CHECK_VALUE(phy2log.dim() == 2 && phy2log.scalar_type() == at::kLong &&
+                        phy_rank.sizes() == phy2log.sizes() && phy_rank.scalar_type() == at::kLong,
+                    "eplb_log2phy: phy2log and phy_rank must be int64 [layers, replicas] tensors");
+  TORCH_CHECK_VALUE(num_experts >= 1 && width >= 0, "eplb_log2phy: num_experts (", num_experts,
+                    ") must be >= 1 and width (", width, ") >= 0");
   const at::Tensor p = phy2log.contiguous(), r = phy_rank.contiguous();
   const int64_t layers = p.size(0), replicas = p.size(1), row = num_experts * width;
   at::Tensor out = at::empty({layers, num_experts, width}, p.options());
@@ -240,7 +246,7 @@ at::Tensor eplb_log2phy_cpu(const at::Tensor& phy2log,   // [L, R] int64
       }
     }
   });
-  TORCH_CHECK(!invalid.load(), "eplb_log2phy: phy2log/phy_rank hold an invalid slot entry");
+  TORCH_CHECK_VALUE(!invalid.load(), "eplb_log2phy: phy2log/phy_rank hold an invalid slot entry");
   // Checked here rather than by the caller, so that a compiled sync-free plan on CPU needs no
   // extra reduction (Inductor would run it as an OpenMP region).
   TORCH_CHECK_VALUE(!too_narrow.load(), "an expert needs more replicas than max_replicas (",
@@ -249,6 +255,13 @@ at::Tensor eplb_log2phy_cpu(const at::Tensor& phy2log,   // [L, R] int64
 }
 
 }  // namespace
+
+std::string eplb_cpu_features() {
+#ifdef DEEPPAR_EPLB_AVX512
+  if (eplb_cpu::avx512_rank_sort()) return "avx512";
+#endif
+  return "portable";
+}
 
 TORCH_LIBRARY_IMPL(deeppar, CPU, m) {
   m.impl("eplb_log2phy", &eplb_log2phy_cpu);

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -58,18 +59,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_layers(
 }
 
 // Runs body(begin, end) over [0, n) in chunks of `grain` items, on the calling thread and,
-// when there are several chunks, on up to at::get_num_threads() - 1 helpers of the inter-op
-// pool. Chunks are claimed one at a time from a shared counter, so a helper that starts late
-// (the pool's threads must be woken, and on a busy machine may wait for a core) costs nothing:
-// the caller takes the remaining chunks itself and waits only for chunks a helper has claimed,
-// never for a helper to start (unlike a fork-join region, whose join waits for every thread).
+// when there are several chunks, on helpers of the inter-op pool (at::launch): as many as that
+// pool has threads, and no more than at::get_num_threads() - 1, so that torch.set_num_threads
+// still caps the threads one call uses. Chunks are claimed one at a time from a shared counter,
+// so a helper that starts late (the pool's threads must be woken, and on a busy machine may
+// wait for a core) costs nothing: the caller takes the remaining chunks itself and waits only
+// for chunks a helper has claimed, never for a helper to start (unlike a fork-join region,
+// whose join waits for every thread). That wait is at most one chunk's work per helper (callers
+// size chunks to ~0.1 ms or less): a bounded number of yields, then a condition variable.
 // The first exception thrown by body is rethrown here, once every claimed chunk has ended.
+constexpr int kYieldsBeforeSleep = 64;
+
 template <typename Body>
 void run_chunks(int64_t n, int64_t grain, const Body& body) {
   grain = std::max<int64_t>(grain, 1);
   const int64_t chunks = (n + grain - 1) / grain;
-  const int64_t helpers =
-      at::in_parallel_region() ? 0 : std::min<int64_t>(at::get_num_threads() - 1, chunks - 1);
+  const int64_t pool = std::min<int64_t>(at::get_num_interop_threads(), at::get_num_threads() - 1);
+  const int64_t helpers = at::in_parallel_region() ? 0 : std::min<int64_t>(pool, chunks - 1);
   if (helpers <= 0) {
     if (n > 0) body(0, n);
     return;
@@ -77,7 +83,8 @@ void run_chunks(int64_t n, int64_t grain, const Body& body) {
   // Shared with the helpers, which may outlive this call (they then claim nothing).
   struct State {
     std::atomic<int64_t> next{0}, done{0};
-    std::mutex error_mutex;
+    std::mutex mutex;  // guards error, and orders the last `done` with the caller's wait
+    std::condition_variable all_done;
     std::exception_ptr error;
   };
   auto state = std::make_shared<State>();
@@ -91,15 +98,24 @@ void run_chunks(int64_t n, int64_t grain, const Body& body) {
       try {
         (*fn)(c * grain, std::min(n, (c + 1) * grain));
       } catch (...) {
-        std::lock_guard<std::mutex> lock(state->error_mutex);
+        std::lock_guard<std::mutex> lock(state->mutex);
         if (!state->error) state->error = std::current_exception();
       }
-      state->done.fetch_add(1, std::memory_order_release);
+      if (state->done.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(state->mutex);  // the caller is waiting or not yet
+        state->all_done.notify_all();
+      }
     }
   };
   for (int64_t h = 0; h < helpers; ++h) at::launch([work, fn = &run_one]() { work(fn); });
   work(&run_one);
-  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  const auto all_done = [&] { return state->done.load(std::memory_order_acquire) >= chunks; };
+  // A chunk a helper holds usually ends within microseconds: a few yields first, then sleep.
+  for (int spins = 0; spins < kYieldsBeforeSleep && !all_done(); ++spins) {
+    std::this_thread::yield();
+  }
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->all_done.wait(lock, all_done);
   if (state->error) std::rethrow_exception(state->error);
 }
 

@@ -158,7 +158,8 @@ __attribute__((target("avx512f,popcnt"))) inline void rank_sort_avx512(uint64_t*
 // mispredicts about half its branches). tmp: n words; high: n ints.
 inline void sort_weight_keys(uint64_t* keys, uint64_t* tmp, int32_t* high, int32_t n) {
 #ifdef DEEPPAR_EPLB_AVX512
-  if (n <= 64 && n <= kRankSortMaxItems && avx512_rank_sort()) {
+  static_assert(kRankSortMaxItems <= 64, "rank_sort_avx512 holds at most 64 keys");
+  if (n <= kRankSortMaxItems && avx512_rank_sort()) {
     rank_sort_avx512(keys, tmp, n);
     return;
   }

@@ -32,6 +32,17 @@ def _moe_info(cuda_available: bool) -> dict[str, Any]:
     }
 
 
+def _eplb_cpu_sort() -> str | None:
+    """The CPU planner's sort for small nodes ("avx512" or "portable"); None without the op."""
+    import torch
+
+    from deeppar import _native
+
+    if not _native.NATIVE_LOADED or not hasattr(torch.ops.deeppar, "eplb_cpu_features"):
+        return None
+    return str(torch.ops.deeppar.eplb_cpu_features())
+
+
 def collect_info() -> dict[str, Any]:
     """Versions, native extension state, backends (compiled / usable), and the GPU if any."""
     import torch
@@ -71,6 +82,7 @@ def collect_info() -> dict[str, Any]:
                 "compiled": bool(_native.native_ops("cpu")),
                 "usable": bool(_native.native_ops("cpu")),
                 "ops": _native.native_ops("cpu"),
+                "eplb_sort": _eplb_cpu_sort(),
             },
             "cuda": {
                 "compiled": bool(_native.native_ops("cuda")),
@@ -122,6 +134,9 @@ def format_info(data: dict[str, Any]) -> str:
             lines.append(f"  {label}: {state}")
         lines.append("  kernel num_sms: yes")
     lines.append(f"cpu threads: {data['cpu_threads']}")
+    sort = data["backends"]["cpu"].get("eplb_sort")
+    if sort:
+        lines.append(f"eplb cpu sort (nodes of <= 64 experts): {sort}")
     if data["gpus"]:
         for g in data["gpus"]:
             lines.append(

@@ -20,6 +20,10 @@ class PlannerLimits:
 
     experts_below: int = 1 << 24  # experts per layer
     replicas_below: int = 1 << 24  # physical slots per layer
+    # Migration (deeppar.eplb.migration): num_gpus * max(experts, num_gpus). The native search
+    # keeps dense [gpus, experts] and [gpus, gpus] int32 tables per thread; this keeps them
+    # below 2^24 entries each (kMaxMigrationTableItems in csrc/op_checks.h).
+    migration_table_below: int = 1 << 24
 
     def check_experts(self, experts: int, name: str = "weight") -> None:
         if experts >= self.experts_below:
@@ -30,6 +34,15 @@ class PlannerLimits:
     def check_replicas(self, replicas: int, name: str = "num_replicas") -> None:
         if replicas >= self.replicas_below:
             raise ValueError(f"{name} ({replicas}) must be below {self.replicas_below}")
+
+
+    def check_migration(self, gpus: int, experts: int) -> None:
+        size = gpus * max(experts, gpus)
+        if size >= self.migration_table_below:
+            raise ValueError(
+                f"migration needs num_gpus * max(experts, num_gpus) below "
+                f"{self.migration_table_below}, got num_gpus={gpus}, experts={experts} ({size})"
+            )
 
 
 LIMITS = PlannerLimits()

@@ -43,7 +43,7 @@ import torch
 
 from deeppar import _native
 from deeppar.eplb import api, migration_reference
-from deeppar.eplb._validate import as_count, as_weight, check_problem, check_values
+from deeppar.eplb._validate import LIMITS, as_count, as_weight, check_problem, check_values
 from deeppar.eplb.planning import balancedness, gpu_loads
 
 _ROUNDING = 1e-6  # relative float32 rounding slack when comparing balancedness
@@ -335,6 +335,7 @@ def migrate(
     """
     w = as_weight(weight)
     problem = check_problem(w, num_replicas, num_groups, num_nodes, num_gpus)
+    LIMITS.check_migration(problem.gpus, w.shape[1])
     check_values(w)
     layers, experts = w.shape
     old = check_placement(current, layers, experts, problem.replicas)
