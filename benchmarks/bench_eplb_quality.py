@@ -119,7 +119,7 @@ def balancedness_section(args: argparse.Namespace) -> list[dict]:
               f"{1e3 * cpu_bal:6.2f}ms")
     print("node: upper bound with every group on one node (hierarchical policy); gap: max GPU "
           "load above the spec's lower bound, averaged over layers; dup: (layer, GPU) pairs "
-          "holding one expert twice or more; bal/ds: deepseek's time / balanced's; cpu bal: "
+          "holding one expert twice or more; bal/ds: balanced's time / deepseek's; cpu bal: "
           "balanced's single-thread CPU time (time.thread_time, one intra-op thread)")
     return rows
 
