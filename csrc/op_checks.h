@@ -65,32 +65,33 @@ namespace deeppar {
 // by the kernels themselves (CPU) or by the Python wrapper (GPU).
 inline void check_moe_permute_args(const at::Tensor& x, const at::Tensor& topk_ids,
                                    int64_t num_experts, int64_t num_ranks, int64_t num_sms) {
-  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()),
-              "moe_permute: x must be a floating-point [tokens, hidden] tensor");
-  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.scalar_type() == at::kLong &&
-                  topk_ids.size(0) == x.size(0),
-              "moe_permute: topk_ids must be an int64 [tokens, top_k] tensor matching x");
-  TORCH_CHECK(num_experts >= 1 && num_experts < (int64_t{1} << 31),
-              "moe_permute: num_experts must be in [1, 2^31)");
-  TORCH_CHECK(num_ranks >= 1 && num_experts % num_ranks == 0,
-              "moe_permute: num_ranks must divide num_experts");
-  TORCH_CHECK(num_sms >= 0, "moe_permute: num_sms must be >= 0");
-  TORCH_CHECK(x.device() == topk_ids.device(), "moe_permute: x and topk_ids on different devices");
+  TORCH_CHECK_VALUE(x.dim() == 2 && at::isFloatingType(x.scalar_type()),
+                    "moe_permute: x must be a floating-point [tokens, hidden] tensor");
+  TORCH_CHECK_VALUE(topk_ids.dim() == 2 && topk_ids.scalar_type() == at::kLong &&
+                        topk_ids.size(0) == x.size(0),
+                    "moe_permute: topk_ids must be an int64 [tokens, top_k] tensor matching x");
+  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts < (int64_t{1} << 31),
+                    "moe_permute: num_experts must be in [1, 2^31)");
+  TORCH_CHECK_VALUE(num_ranks >= 1 && num_experts % num_ranks == 0,
+                    "moe_permute: num_ranks must divide num_experts");
+  TORCH_CHECK_VALUE(num_sms >= 0, "moe_permute: num_sms must be >= 0");
+  TORCH_CHECK_VALUE(x.device() == topk_ids.device(),
+                    "moe_permute: x and topk_ids on different devices");
 }
 
 // moe_unpermute(y [T*k, H] floating, pos [T, k] int64, weights [T, k] floating, num_sms)
 inline void check_moe_unpermute_args(const at::Tensor& y, const at::Tensor& pos,
                                      const at::Tensor& weights, int64_t num_sms) {
-  TORCH_CHECK(y.dim() == 2 && at::isFloatingType(y.scalar_type()),
-              "moe_unpermute: y must be a floating-point [tokens * top_k, hidden] tensor");
-  TORCH_CHECK(pos.dim() == 2 && pos.scalar_type() == at::kLong && pos.numel() == y.size(0),
-              "moe_unpermute: pos must be an int64 [tokens, top_k] tensor with one entry per "
-              "row of y");
-  TORCH_CHECK(weights.sizes() == pos.sizes() && at::isFloatingType(weights.scalar_type()),
-              "moe_unpermute: weights must be a floating-point tensor shaped like pos");
-  TORCH_CHECK(num_sms >= 0, "moe_unpermute: num_sms must be >= 0");
-  TORCH_CHECK(y.device() == pos.device() && y.device() == weights.device(),
-              "moe_unpermute: y, pos and weights on different devices");
+  TORCH_CHECK_VALUE(y.dim() == 2 && at::isFloatingType(y.scalar_type()),
+                    "moe_unpermute: y must be a floating-point [tokens * top_k, hidden] tensor");
+  TORCH_CHECK_VALUE(pos.dim() == 2 && pos.scalar_type() == at::kLong && pos.numel() == y.size(0),
+                    "moe_unpermute: pos must be an int64 [tokens, top_k] tensor with one entry per "
+                    "row of y");
+  TORCH_CHECK_VALUE(weights.sizes() == pos.sizes() && at::isFloatingType(weights.scalar_type()),
+                    "moe_unpermute: weights must be a floating-point tensor shaped like pos");
+  TORCH_CHECK_VALUE(num_sms >= 0, "moe_unpermute: num_sms must be >= 0");
+  TORCH_CHECK_VALUE(y.device() == pos.device() && y.device() == weights.device(),
+                    "moe_unpermute: y, pos and weights on different devices");
 }
 
 }  // namespace deeppar
@@ -113,8 +114,8 @@ inline void check_route_replicas_args(const at::Tensor& topk_ids, const at::Tens
                     "route_replicas: logcnt must be an int64 [experts] tensor");
   TORCH_CHECK_VALUE(local_gpu < 0 || slots_per_gpu >= 1,
                     "route_replicas: slots_per_gpu must be positive with local_gpu");
-  TORCH_CHECK(topk_ids.device() == log2phy.device() && topk_ids.device() == logcnt.device(),
-              "route_replicas: topk_ids, log2phy and logcnt on different devices");
+  TORCH_CHECK_VALUE(topk_ids.device() == log2phy.device() && topk_ids.device() == logcnt.device(),
+                    "route_replicas: topk_ids, log2phy and logcnt on different devices");
 }
 
 // expert_counts_add_(counts [R, E] int64 contiguous, topk_ids integer with R rows' worth of ids):
@@ -128,8 +129,8 @@ inline void check_expert_counts_add_args(const at::Tensor& counts, const at::Ten
   TORCH_CHECK_VALUE(topk_ids.numel() % counts.size(0) == 0,
                     "expert_counts_add_: topk_ids must hold the same number of ids per row of "
                     "counts");
-  TORCH_CHECK(counts.device() == topk_ids.device(),
-              "expert_counts_add_: counts and topk_ids on different devices");
+  TORCH_CHECK_VALUE(counts.device() == topk_ids.device(),
+                    "expert_counts_add_: counts and topk_ids on different devices");
 }
 
 // The error of route_replicas and expert_counts_add_ for host ids [numel] outside [0, experts), once a

@@ -222,7 +222,7 @@ def test_slot_loads_native_rejects_out_of_range_expert():
     for bad in (4, -1):
         broken = phy2log.clone()
         broken[1, 2] = bad
-        with pytest.raises(RuntimeError, match="invalid expert id"):
+        with pytest.raises(ValueError, match="invalid expert id"):
             ops.slot_loads(weight, broken, logcnt)
 
 

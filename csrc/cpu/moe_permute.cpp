@@ -48,8 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute_cpu(
       int64_t* count = offsets.data() + c * experts;
       for (int64_t i = c * per_chunk, stop = std::min(pairs, (c + 1) * per_chunk); i < stop; ++i) {
         const int64_t e = id[i];
-        TORCH_CHECK(e >= 0 && e < experts, "moe_permute: topk_ids holds an expert id ", e,
-                    " outside [0, ", experts, ")");
+        TORCH_CHECK_VALUE(e >= 0 && e < experts, "moe_permute: topk_ids holds an expert id ", e,
+                          " outside [0, ", experts, ")");
         ++count[e];
       }
     }
@@ -124,8 +124,8 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& y,        // [T*k, H] floating
   if (top_k == 0) return out.zero_();
   const int64_t* p = pc.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < pc.numel(); ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < yc.size(0), "moe_unpermute: pos holds a row ", p[i],
-                " outside [0, ", yc.size(0), ")");
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < yc.size(0), "moe_unpermute: pos holds a row ", p[i],
+                      " outside [0, ", yc.size(0), ")");
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, yc.scalar_type(), "moe_unpermute", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -25,7 +25,8 @@ at::Tensor slot_loads_cpu(const at::Tensor& weight,   // [L, E] float32
     for (int64_t l = begin; l < end; ++l) {
       for (int64_t s = 0; s < replicas; ++s) {
         const int64_t e = pp[l * replicas + s];
-        TORCH_CHECK(e >= 0 && e < experts, "slot_loads: phy2log holds an invalid expert id ", e);
+        TORCH_CHECK_VALUE(e >= 0 && e < experts, "slot_loads: phy2log holds an invalid expert id ",
+                          e);
         op[l * replicas + s] = wp[l * experts + e] / static_cast<float>(cp[l * experts + e]);
       }
     }
