@@ -237,26 +237,42 @@ def case_store_keys_bounded(rank: int, world: int) -> None:
                            for r in range(world))
             assert not store.check([f"{earlier}/decision"])
     assert_holds(weights, current, rank, world)
-    assert not any(t.name.startswith("deeppar-eplb") for t in threading.enumerate())
+    deadline = time.monotonic() + 10.0  # a heartbeat may be inside a store round trip
+    while any(t.name.startswith("deeppar-eplb") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a deeppar-eplb thread outlived its call"
+        time.sleep(0.05)
+
+
+class _BusyWaiter:
+    """A transfer waiter with transfers still in flight."""
+
+    def idle(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
 
 
 def case_default_group_never_aborted(rank: int, world: int) -> None:
     """Giving up with device transfers in flight aborts an explicit group only: aborting the
-    default group would abort every group of the process."""
+    default group would abort every group of the process. With none in flight, nothing is
+    aborted and nothing warns."""
     aborted = []
     original = getattr(dist.distributed_c10d, "_abort_process_group", None)
     dist.distributed_c10d._abort_process_group = aborted.append
     sub = dist.new_group(list(range(world)))
     try:
         for group in (None, dist.GroupMember.WORLD, sub):
-            call = rearrange._Call(group, rank, world, 1.0, 1.0, on_device=True)
-            call.transferring = True
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                error = call._give_up("rank 0: RuntimeError: x")
-            call.close()
-            assert "nothing changed: rank 0: RuntimeError: x" in str(error)
-            assert (group is sub) == (not caught), caught
+            for in_flight in (False, True):
+                call = rearrange._Call(group, rank, world, 1.0, 1.0, on_device=True)
+                call.transferring = True
+                call.waiter = _BusyWaiter() if in_flight else None
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    error = call._give_up("rank 0: RuntimeError: x")
+                call.close()
+                assert "nothing changed: rank 0: RuntimeError: x" in str(error)
+                assert (group is sub or not in_flight) == (not caught), caught
     finally:
         dist.distributed_c10d._abort_process_group = original
     assert aborted == [sub], aborted
@@ -494,4 +510,42 @@ def case_killed_before_entering(rank: int, world: int) -> None:
             weights, current, new, src, heartbeat_timeout=HEARTBEAT_TIMEOUT_S),
             f"no heartbeat for {HEARTBEAT_TIMEOUT_S:g} s", "never entered the call",
             bound=deadline_bound(HEARTBEAT_TIMEOUT_S))
+    assert_holds(weights, current, rank, world)
+
+
+
+def case_late_rank_sees_the_failure(rank: int, world: int) -> None:
+    """Rank 1 enters only after its peers gave up on it (no heartbeat within
+    ``heartbeat_timeout``): it raises their error at its first verdict, before allocating
+    anything, and every rank keeps its old weights."""
+    weights, current, new, src, _ = shifted_problem(rank, world)
+    store = default_store()
+    allocations: list[int] = []
+    allocate = rearrange._allocate_buffers
+
+    def counted(like: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+        allocations.append(count)
+        return allocate(like, count)
+
+    rearrange._allocate_buffers = counted
+    try:
+        if rank == 1:
+            store.wait(["test/late/gave_up"], timedelta(seconds=60))
+        try:
+            rearrange.rearrange_expert_weights(weights, current, new, src, heartbeat_timeout=1.0)
+        except RuntimeError as exc:
+            message = str(exc)
+        else:
+            raise AssertionError("no RuntimeError")
+        if rank == 0:
+            store.set("test/late/gave_up", "1")
+    finally:
+        rearrange._allocate_buffers = allocate
+    assert "rank 1" in message and "never entered the call" in message, message
+    store.set(f"test/late/{rank}", message)
+    for other in range(world):
+        store.wait([f"test/late/{other}"])
+        assert store.get(f"test/late/{other}").decode() == message
+    if rank == 1:
+        assert allocations == [], allocations
     assert_holds(weights, current, rank, world)

@@ -23,6 +23,7 @@ CASES = [
     "case_index_failure_changes_nothing",
     "case_store_keys_bounded",
     "case_default_group_never_aborted",
+    "case_late_rank_sees_the_failure",
     "case_raise_mid_transfer",
     "case_raise_at_last_send",
     "case_two_ranks_raise",

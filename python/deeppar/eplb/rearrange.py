@@ -370,6 +370,9 @@ class _Call:
         self.store.set(keys[self.rank], pickle.dumps(payload))
         self._wait(lambda: self.store.check(keys),
                    lambda: [r for r, k in enumerate(keys) if not self.store.check([k])], True)
+        notice = self.decision.read()  # a late rank: the peers may have given up already
+        if notice is not None and notice != _OK:
+            raise self.together(_error(notice))
         for key in _keys_to_delete.pop(self.root, []):  # every rank has left the last call
             self.store.delete_key(key)
         self._drop_shared_key()
@@ -444,7 +447,8 @@ class _Call:
         """The error of a rank that stops waiting. Device transfers would wait forever: abort
         the communicator then, of an explicit group only (aborting the default group aborts
         every group of the process); the group is unusable after."""
-        if self.transferring and self.on_device:
+        in_flight = self.waiter is not None and not self.waiter.idle()
+        if self.transferring and self.on_device and in_flight:
             abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
             if _is_default_group(self.group) or abort is None:
                 warnings.warn("expert weight rearrangement gave up with device transfers in "
