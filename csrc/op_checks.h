@@ -2,14 +2,17 @@
 // with the same messages.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <tuple>
 
 namespace deeppar {
 
 // Memory safety only: the EPLB kernels index rows with int32 and compute sizes up to about 16
-// words per item (the CUDA shared-memory layout) and 8 * slots + 64 (eplb_balanced.cpp), so rows
+// words per item (the CUDA shared-memory layout) and 8 * slots + 64 (the round limit of
+// cuda/eplb_balanced_kernel.cuh), so rows
 // stay below 2^24 items, far from int32 overflow. The planner's size limits, and why, are
 // deeppar.eplb._validate.PlannerLimits, checked in Python before any kernel runs.
 constexpr int64_t kMaxRowItems = int64_t{1} << 24;
@@ -55,6 +58,16 @@ inline void check_eplb_rebalance_args(const at::Tensor& weight, int64_t num_repl
   TORCH_CHECK_VALUE(num_replicas >= experts && num_replicas < kMaxRowItems,
                     "eplb_rebalance: num_replicas (", num_replicas, ") must be in [experts, 2^24)");
   TORCH_CHECK_VALUE(weight.size(0) < (int64_t{1} << 31), "eplb_rebalance: too many layers");
+}
+
+// The outputs of every eplb_rebalance backend, int64 on weight's device: phy2log [L, R],
+// replica rank [L, R] and logcnt [L, E].
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_plan_maps(const at::Tensor& weight,
+                                                                      int64_t num_replicas) {
+  const int64_t layers = weight.size(0), experts = weight.size(1);
+  const auto opts = weight.options().dtype(at::kLong);
+  return {at::empty({layers, num_replicas}, opts), at::empty({layers, num_replicas}, opts),
+          at::empty({layers, experts}, opts)};
 }
 
 }  // namespace deeppar

@@ -35,10 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_layers(
   check_eplb_rebalance_args(weight, num_replicas, num_groups, num_nodes, num_gpus);
   const int64_t layers = weight.size(0), experts = weight.size(1);
   const at::Tensor w = weight.contiguous();
-  const auto opts = w.options().dtype(at::kLong);
-  at::Tensor phy2log = at::empty({layers, num_replicas}, opts);   // [L, R]
-  at::Tensor phy_rank = at::empty({layers, num_replicas}, opts);  // [L, R]
-  at::Tensor logcnt = at::empty({layers, experts}, opts);         // [L, E]
+  auto [phy2log, phy_rank, logcnt] = empty_plan_maps(w, num_replicas);
   const Shape sh{static_cast<int32_t>(experts), static_cast<int32_t>(num_replicas),
                  static_cast<int32_t>(num_groups), static_cast<int32_t>(num_nodes),
                  static_cast<int32_t>(num_gpus)};

@@ -481,6 +481,23 @@ struct MigrateRow {
     return add_cost(g, y) + add_cost(h, x) - drop_gain(g, x) - drop_gain(h, y);
   }
 
+  // The first GPU of [g0, g1) with the largest load.
+  int32_t most_loaded(int32_t g0, int32_t g1) const {
+    int32_t g = g0;
+    for (int32_t q = g0 + 1; q < g1; ++q) {
+      if (m.load[q] > m.load[g]) g = q;
+    }
+    return g;
+  }
+
+  // Whether every GPU of [g0, g1) is at most the target.
+  bool within_target(int32_t g0, int32_t g1) const {
+    for (int32_t q = g0; q < g1; ++q) {
+      if (m.load[q] > target) return false;
+    }
+    return true;
+  }
+
   // Lowers the most loaded GPU of a region until every GPU is at most the target: swaps with
   // another GPU of the region that leave both at most the target (fewest receptions, then the
   // partner with the least room left), else that bring the top GPU under it (fewest
@@ -489,10 +506,7 @@ struct MigrateRow {
   bool search(int32_t region, int32_t rounds) {
     const int32_t g0 = region * gpn, g1 = g0 + gpn;
     for (int32_t round = 0; round < rounds; ++round) {
-      int32_t g = g0;
-      for (int32_t q = g0 + 1; q < g1; ++q) {
-        if (m.load[q] > m.load[g]) g = q;
-      }
+      const int32_t g = most_loaded(g0, g1);
       const double top = m.load[g];
       if (top <= target) return true;
       int32_t best_kind = 3, best_cost = 0, best_a = -1, best_b = -1;
@@ -526,10 +540,7 @@ struct MigrateRow {
       if (best_a < 0) return false;
       swap_slots(best_a, best_b);
     }
-    for (int32_t q = g0; q < g1; ++q) {
-      if (m.load[q] > target) return false;
-    }
-    return true;
+    return within_target(g0, g1);
   }
 
   // Where search() stops with GPUs above the target by a little: for the most loaded GPU g,
@@ -540,10 +551,7 @@ struct MigrateRow {
   bool finish(int32_t region, int32_t rounds) {
     const int32_t g0 = region * gpn, g1 = g0 + gpn;
     for (int32_t round = 0; round < rounds; ++round) {
-      int32_t g = g0;
-      for (int32_t q = g0 + 1; q < g1; ++q) {
-        if (m.load[q] > m.load[g]) g = q;
-      }
+      const int32_t g = most_loaded(g0, g1);
       if (m.load[g] <= target) return true;
       int32_t best_cost = std::numeric_limits<int32_t>::max();
       double best_key = 0.0;
@@ -589,10 +597,7 @@ struct MigrateRow {
       swap_slots(best[0], best[1]);
       swap_slots(best[2], best[3]);
     }
-    for (int32_t q = g0; q < g1; ++q) {
-      if (m.load[q] > target) return false;
-    }
-    return true;
+    return within_target(g0, g1);
   }
 
   // Swaps that undo receptions while every GPU stays at most the target, until none is left.

@@ -29,10 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eplb_rebalance_balanced_cuda(
   const int64_t layers = weight.size(0), experts = weight.size(1);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous();
-  const auto opts = w.options().dtype(at::kLong);
-  at::Tensor phy2log = at::empty({layers, num_replicas}, opts);
-  at::Tensor phy_rank = at::empty({layers, num_replicas}, opts);
-  at::Tensor logcnt = at::empty({layers, experts}, opts);
+  auto [phy2log, phy_rank, logcnt] = empty_plan_maps(w, num_replicas);
   if (layers == 0) return {phy2log, phy_rank, logcnt};
   const eplb_balanced::Sizes sizes{static_cast<int32_t>(experts),
                                    static_cast<int32_t>(num_replicas),
