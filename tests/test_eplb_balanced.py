@@ -54,14 +54,18 @@ def test_valid_and_never_worse(shape, kind):
     _check_balanced(weight, shape)
 
 
+def _drawn_weight(shape, kind: str, seed: int) -> torch.Tensor:
+    """Loads of ``kind`` (one of KINDS, or "zipf") for a hypothesis-drawn shape."""
+    if kind == "zipf":
+        return _zipf(shape[0], shape[1], seed)
+    return random_weight(shape[0], shape[1], kind, seed)
+
+
 @settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(KINDS + ["zipf"]))
 def test_never_worse_random_shapes(seed, kind):
     shape = random_shape(random.Random(seed))
-    if kind == "zipf":
-        weight = _zipf(shape[0], shape[1], seed)
-    else:
-        weight = random_weight(shape[0], shape[1], kind, seed)
+    weight = _drawn_weight(shape, kind, seed)
     _check_balanced(weight, shape)
 
 
@@ -191,10 +195,7 @@ def test_cuda_matches_cpu(shape, kind):
 @given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(KINDS + ["zipf"]))
 def test_cuda_matches_cpu_random_shapes(seed, kind):
     shape = random_shape(random.Random(seed))
-    if kind == "zipf":
-        weight = _zipf(shape[0], shape[1], seed)
-    else:
-        weight = random_weight(shape[0], shape[1], kind, seed)
+    weight = _drawn_weight(shape, kind, seed)
     _same_op(weight, shape)
 
 
